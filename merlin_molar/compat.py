@@ -1,0 +1,154 @@
+"""Every override that makes Transformers4Rec 23.12 / Merlin 23.08 run on the project's pinned stack.
+
+Merlin's last releases declare ``transformers<4.31`` and ``pandas<1.6``; the project runs them next to
+transformers 4.57, torch 2.13, numpy 2, pandas 2.3 and dask 2024.12 (see ``requirements/``). Each override
+below is guarded by a feature check (it does nothing where upstream still works), names the upstream
+version where the break appeared, and has a test in ``tests/unit/test_compat.py`` that fails without it.
+
+:func:`apply` is idempotent and runs when :mod:`merlin_molar` is imported, before anything imports
+``transformers4rec.torch``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+_APPLIED = False
+LOG = logging.getLogger(__name__)
+
+
+def _patch_dask_string_conversion() -> None:
+    # dask >= 2023.7 with pandas 2: nvt.Dataset(pandas frame holding a list column) turns every list into a
+    # string like "[np.int64(138), ...]"; Categorify then encodes one code per row and nothing fails.
+    import dask
+
+    if dask.config.get("dataframe.convert-string", None) is not False:
+        dask.config.set({"dataframe.convert-string": False})
+
+
+def _patch_sequence_summary() -> None:
+    # transformers 4.53 removed transformers.modeling_utils.SequenceSummary, which
+    # transformers4rec.torch.model.base imports at module level; XLNet kept the identical class.
+    import transformers.modeling_utils as modeling_utils
+
+    if not hasattr(modeling_utils, "SequenceSummary"):
+        from transformers.models.xlnet.modeling_xlnet import XLNetSequenceSummary
+
+        modeling_utils.SequenceSummary = XLNetSequenceSummary
+
+
+def _patch_trainer() -> None:
+    import numpy as np
+    import torch
+    from transformers import Trainer as HFTrainer
+    from transformers4rec.torch import trainer as t4r_trainer
+
+    T4RecTrainer = t4r_trainer.Trainer
+
+    # transformers 4.31 removed Trainer._pad_across_processes (T4Rec's evaluation_loop calls it).
+    if not hasattr(HFTrainer, "_pad_across_processes") and "_pad_across_processes" not in vars(T4RecTrainer):
+
+        def _pad_across_processes(self, tensor, pad_index=-100):
+            return self.accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_index)
+
+        T4RecTrainer._pad_across_processes = _pad_across_processes
+
+    # transformers 4.35 removed Trainer.use_amp / use_cuda_amp, so T4Rec's _use_cuda_amp property raises
+    # AttributeError in evaluate. Mixed precision now lives in accelerate, which wraps model.forward in
+    # autocast when the Trainer prepares the model, so T4Rec's own torch.cuda.amp block is not needed.
+    if not hasattr(HFTrainer, "use_amp") and not hasattr(HFTrainer, "use_cuda_amp"):
+        T4RecTrainer._use_cuda_amp = property(lambda self: False)
+
+    # transformers 4.46 passes compute_loss(..., num_items_in_batch=...); T4Rec's signature lacks it.
+    original_compute_loss = T4RecTrainer.compute_loss
+    if not getattr(original_compute_loss, "_merlin_molar_compat", False):
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            return original_compute_loss(self, model, inputs, return_outputs=return_outputs)
+
+        compute_loss._merlin_molar_compat = True
+        T4RecTrainer.compute_loss = compute_loss
+
+    # transformers 4.47 calls log(logs, start_time) and defines _save_checkpoint(model, trial) without
+    # the `metrics` argument that T4Rec's _save_model_and_checkpoint passes.
+    original_log = T4RecTrainer.log
+    if not getattr(original_log, "_merlin_molar_compat", False):
+
+        def log(self, logs, start_time=None):
+            return original_log(self, logs)
+
+        log._merlin_molar_compat = True
+        T4RecTrainer.log = log
+
+    if "_save_checkpoint" not in vars(T4RecTrainer):
+
+        def _save_checkpoint(self, model, trial, metrics=None):
+            return HFTrainer._save_checkpoint(self, model, trial)
+
+        T4RecTrainer._save_checkpoint = _save_checkpoint
+
+    # transformers 4.35 saves safetensors by default, which refuses the tied item-embedding / output
+    # weights of a weight-tied T4Rec model; T4Rec's own reload reads pytorch_model.bin anyway.
+    original_init = T4RecTrainer.__init__
+    if not getattr(original_init, "_merlin_molar_compat", False):
+
+        def __init__(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            if getattr(self.args, "save_safetensors", False):
+                self.args.save_safetensors = False
+
+        __init__._merlin_molar_compat = True
+        T4RecTrainer.__init__ = __init__
+
+    # torch 2.6 made torch.load(weights_only=True) the default: T4Rec's reload of the RNG state (numpy
+    # arrays) fails; and it restores CUDA RNG states for every saved device even when the device count
+    # differs (or there is no GPU at all).
+    original_load = T4RecTrainer.load_model_trainer_states_from_checkpoint
+    if not getattr(original_load, "_merlin_molar_compat", False):
+
+        def load_model_trainer_states_from_checkpoint(self, checkpoint_path, model=None):
+            if model is None:
+                import cloudpickle
+
+                with open(os.path.join(checkpoint_path, "t4rec_model_class.pkl"), "rb") as f:
+                    model = cloudpickle.load(f)
+            self.model = model
+            weights = torch.load(
+                os.path.join(checkpoint_path, "pytorch_model.bin"), map_location="cpu", weights_only=True
+            )
+            self.model.load_state_dict(weights)
+            rng_file = os.path.join(checkpoint_path, "rng_state.pth")
+            if os.path.exists(rng_file):
+                state = torch.load(rng_file, weights_only=False)
+                random.setstate(state["python"])
+                np.random.set_state(state["numpy"])
+                torch.random.set_rng_state(state["cpu"])
+                cuda_states = state.get("cuda")
+                if cuda_states is not None and torch.cuda.is_available():
+                    if not isinstance(cuda_states, (list, tuple)):
+                        cuda_states = [cuda_states]
+                    if len(cuda_states) == torch.cuda.device_count():
+                        torch.cuda.random.set_rng_state_all(cuda_states)
+                    else:
+                        LOG.warning(
+                            "Checkpoint %s has CUDA RNG states for %d devices but %d are visible; "
+                            "CUDA RNG not restored.",
+                            checkpoint_path,
+                            len(cuda_states),
+                            torch.cuda.device_count(),
+                        )
+
+        load_model_trainer_states_from_checkpoint._merlin_molar_compat = True
+        T4RecTrainer.load_model_trainer_states_from_checkpoint = load_model_trainer_states_from_checkpoint
+
+
+def apply() -> None:
+    """Apply every override once. Safe to call repeatedly."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _patch_dask_string_conversion()
+    _patch_sequence_summary()
+    _patch_trainer()
+    _APPLIED = True

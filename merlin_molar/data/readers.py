@@ -1,0 +1,269 @@
+"""Readers that turn real-world inputs into the two canonical tables every later step consumes.
+
+* interactions: ``user_id``, ``item_id``, ``timestamp`` (int64 seconds or any monotone integer)
+* items: ``item_id`` plus text columns (``title``, ``genres``, ...) and an optional ``image`` column
+  holding an absolute image path (``None`` where the item has no image)
+
+One reader per input format; :func:`read_dataset` picks one from what the directory holds.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+
+from merlin_molar.errors import MolarDataError
+
+INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp"]
+
+
+@dataclass
+class RawDataset:
+    """Canonical interactions + items, and where they came from."""
+
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    source: str
+    text_columns: List[str] = field(default_factory=list)
+
+    @property
+    def has_images(self) -> bool:
+        return "image" in self.items and self.items["image"].notna().any()
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise MolarDataError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise MolarDataError(path, "file is empty")
+    return path
+
+
+def _require_columns(df: pd.DataFrame, columns, source) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise MolarDataError(source, f"missing column(s) {missing}; found {list(df.columns)}")
+
+
+def validate_interactions(df: pd.DataFrame, source) -> pd.DataFrame:
+    """Check and normalise an interactions frame to the canonical columns and dtypes."""
+    _require_columns(df, INTERACTION_COLUMNS, source)
+    df = df[INTERACTION_COLUMNS].copy()
+    if df.empty:
+        raise MolarDataError(source, "no interactions (empty table)")
+    for col in ("user_id", "item_id"):
+        if df[col].isna().any():
+            raise MolarDataError(source, f"{int(df[col].isna().sum())} rows have an empty {col}")
+    ts = pd.to_numeric(df["timestamp"], errors="coerce")
+    if ts.isna().any():
+        bad = df.loc[ts.isna(), "timestamp"].head(3).tolist()
+        raise MolarDataError(source, f"non-numeric timestamp(s), e.g. {bad}")
+    df["timestamp"] = ts.astype("int64")
+    for col in ("user_id", "item_id"):
+        df[col] = _as_id(df[col])
+    return df.reset_index(drop=True)
+
+
+def validate_items(df: pd.DataFrame, source, text_columns: List[str]) -> pd.DataFrame:
+    """Check an item table: an ``item_id`` column, unique ids, and at least one content column."""
+    _require_columns(df, ["item_id"], source)
+    if df.empty:
+        raise MolarDataError(source, "no items (empty table)")
+    df = df.copy()
+    df["item_id"] = _as_id(df["item_id"])
+    dup = df["item_id"][df["item_id"].duplicated()]
+    if len(dup):
+        raise MolarDataError(source, f"{len(dup)} duplicate item id(s), e.g. {dup.head(3).tolist()}")
+    content = [c for c in text_columns if c in df.columns] + (["image"] if "image" in df else [])
+    if not content:
+        raise MolarDataError(source, f"no content columns: expected some of {text_columns + ['image']}")
+    if "image" not in df:
+        df["image"] = None
+    return df.reset_index(drop=True)
+
+
+def _as_id(col: pd.Series) -> pd.Series:
+    """Integer ids stay int64; anything else becomes a string id."""
+    if pd.api.types.is_integer_dtype(col):
+        return col.astype("int64")
+    numeric = pd.to_numeric(col, errors="coerce")
+    if numeric.notna().all() and (numeric == np.floor(numeric)).all():
+        return numeric.astype("int64")
+    return col.astype(str)
+
+
+def _resolve_images(items: pd.DataFrame, root: Path) -> pd.DataFrame:
+    def resolve(p):
+        if p is None or (isinstance(p, float) and np.isnan(p)) or str(p).strip() == "":
+            return None
+        p = Path(str(p))
+        return str(p if p.is_absolute() else (root / p).resolve())
+
+    items = items.copy()
+    items["image"] = items["image"].map(resolve)
+    return items
+
+
+def read_csv_layout(root: Path) -> RawDataset:
+    """The ``interactions.csv`` + ``items.csv`` layout (e.g. ``../shared/data/ml-1m``)."""
+    inter_path = _require_file(root / "interactions.csv")
+    items_path = _require_file(root / "items.csv")
+    interactions = validate_interactions(pd.read_csv(inter_path), inter_path)
+    items = pd.read_csv(items_path, dtype={"year": "string"}, keep_default_na=False, na_values={"image": [""]})
+    text = [c for c in ("clean_title", "title", "year", "genres") if c in items.columns]
+    if "clean_title" in text and "title" in text:
+        text.remove("title")  # the clean title without the year; the year is its own field
+    items = validate_items(items, items_path, text)
+    return RawDataset(interactions, _resolve_images(items, root), str(root), text)
+
+
+def read_movielens_dat(root: Path) -> RawDataset:
+    """Original GroupLens MovieLens-1M files: ``ratings.dat`` and ``movies.dat`` (``::``-separated)."""
+    ratings = _require_file(root / "ratings.dat")
+    movies = _require_file(root / "movies.dat")
+    inter = pd.read_csv(
+        ratings, sep="::", engine="python", names=["user_id", "item_id", "rating", "timestamp"], encoding="latin-1"
+    )
+    items = pd.read_csv(movies, sep="::", engine="python", names=["item_id", "title", "genres"], encoding="latin-1")
+    items["genres"] = items["genres"].str.replace("|", ", ", regex=False)
+    images = root / "images"
+    if images.is_dir():
+        items["image"] = [str(images / f"{i}.jpg") if (images / f"{i}.jpg").exists() else None for i in items.item_id]
+    text = ["title", "genres"]
+    return RawDataset(validate_interactions(inter, ratings), validate_items(items, movies, text), str(root), text)
+
+
+def _read_atomic(path: Path) -> pd.DataFrame:
+    """RecBole atomic file: tab-separated, header fields written ``name:type``."""
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    df.columns = [c.split(":")[0] for c in df.columns]
+    return df
+
+
+def read_recbole(root: Path) -> RawDataset:
+    """RecBole atomic files: ``<name>.inter`` (+ ``<name>.item``) in one directory."""
+    inters = sorted(root.glob("*.inter"))
+    if not inters:
+        raise MolarDataError(root, "no RecBole .inter file")
+    inter_path = _require_file(inters[0])
+    inter = _read_atomic(inter_path)
+    inter = inter.rename(columns={"timestamp": "timestamp"})
+    item_path = inter_path.with_suffix(".item")
+    if item_path.exists():
+        items = _read_atomic(item_path)
+        text = [c for c in items.columns if c not in ("item_id",) and not c.endswith("_id")]
+    else:
+        raise MolarDataError(item_path, "file not found (a RecBole .item file with item content is required)")
+    return RawDataset(validate_interactions(inter, inter_path), validate_items(items, item_path, text), str(root), text)
+
+
+def _read_json_lines(path: Path) -> List[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise MolarDataError(path, f"line {n} is not JSON ({e.msg})") from None
+    return rows
+
+
+def read_amazon(reviews: Path, meta: Path, image_dir: Optional[Path] = None) -> RawDataset:
+    """Amazon review JSON lines (``reviewerID``/``user_id``, ``asin``/``parent_asin``, ``unixReviewTime``/
+    ``timestamp``) with product metadata JSON lines (``asin``/``parent_asin``, ``title``, ``description``,
+    ``categories``/``category``, ``brand``, ``price``). Images are read from ``image_dir/<asin>.jpg``."""
+    _require_file(reviews)
+    _require_file(meta)
+    inter = pd.DataFrame(_read_json_lines(reviews))
+    inter = inter.rename(
+        columns={"reviewerID": "user_id", "asin": "item_id", "parent_asin": "item_id", "unixReviewTime": "timestamp"}
+    )
+    inter = inter.loc[:, ~inter.columns.duplicated()]
+    items = pd.DataFrame(_read_json_lines(meta))
+    items = items.rename(columns={"asin": "item_id", "parent_asin": "item_id", "category": "categories"})
+    items = items.loc[:, ~items.columns.duplicated()]
+    for col in ("description", "categories", "features", "feature"):
+        if col in items:
+            items[col] = items[col].map(_flatten_text)
+    text = [c for c in ("title", "brand", "categories", "price", "description") if c in items.columns]
+    if image_dir is not None:
+        items["image"] = [
+            str(image_dir / f"{i}.jpg") if (image_dir / f"{i}.jpg").exists() else None for i in items.item_id
+        ]
+    inter = validate_interactions(inter, reviews)
+    if inter["timestamp"].max() > 10**11:  # the 2023 dump stores milliseconds
+        inter["timestamp"] //= 1000
+    return RawDataset(inter, validate_items(items, meta, text), str(reviews.parent), text)
+
+
+def _flatten_text(value) -> str:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ", ".join(_flatten_text(v) for v in value if v is not None and str(v).strip())
+    return "" if value is None else str(value)
+
+
+def read_table(
+    interactions: Path,
+    items: Path,
+    column_map: Optional[Dict[str, str]] = None,
+    text_columns: Optional[List[str]] = None,
+    image_root: Optional[Path] = None,
+) -> RawDataset:
+    """Generic CSV or parquet files; ``column_map`` renames source columns to the canonical names,
+    e.g. ``{"uid": "user_id", "sku": "item_id", "ts": "timestamp", "img": "image"}``."""
+    column_map = column_map or {}
+    inter = _read_any(interactions).rename(columns=column_map)
+    item_df = _read_any(items).rename(columns=column_map)
+    text = text_columns or [c for c in item_df.columns if c not in ("item_id", "image") and item_df[c].dtype == object]
+    item_df = validate_items(item_df, items, text)
+    if image_root is not None or "image" in item_df:
+        item_df = _resolve_images(item_df, image_root or items.parent)
+    return RawDataset(validate_interactions(inter, interactions), item_df, str(interactions.parent), text)
+
+
+def _read_any(path: Path) -> pd.DataFrame:
+    _require_file(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix in (".csv", ".txt"):
+        return pd.read_csv(path)
+    if path.suffix == ".tsv":
+        return pd.read_csv(path, sep="\t")
+    raise MolarDataError(path, f"unsupported file type {path.suffix!r} (use .csv, .tsv or .parquet)")
+
+
+_DETECTORS: List[tuple] = [
+    ("csv", lambda r: (r / "interactions.csv").exists(), read_csv_layout),
+    ("movielens-dat", lambda r: (r / "ratings.dat").exists(), read_movielens_dat),
+    ("recbole", lambda r: any(r.glob("*.inter")), read_recbole),
+]
+
+
+def read_dataset(path, fmt: str = "auto") -> RawDataset:
+    """Read a dataset directory in one of the supported layouts (``auto`` detects it)."""
+    root = Path(os.path.expanduser(str(path)))
+    if not root.exists():
+        raise MolarDataError(root, "dataset directory not found")
+    if not root.is_dir():
+        raise MolarDataError(root, "expected a dataset directory")
+    readers: Dict[str, Callable] = {name: fn for name, _, fn in _DETECTORS}
+    if fmt != "auto":
+        if fmt not in readers:
+            raise MolarDataError(root, f"unknown format {fmt!r}; choose one of {sorted(readers)}")
+        return readers[fmt](root)
+    for _, detect, reader in _DETECTORS:
+        if detect(root):
+            return reader(root)
+    raise MolarDataError(
+        root, "no known layout: expected interactions.csv + items.csv, ratings.dat + movies.dat, or a RecBole .inter"
+    )

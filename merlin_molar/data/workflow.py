@@ -1,0 +1,202 @@
+"""NVTabular preprocessing: Categorify item ids, group each user's history by time, leave-one-out splits.
+
+The same NVTabular graph runs on CPU (pandas) or GPU (cuDF) and on a ``dask.distributed`` cluster; this
+project's tests run it in CPU mode.
+
+Output directory layout written by :func:`prepare`::
+
+    workflow/          fitted NVTabular workflow (Categorify mapping reused by serving and the item table)
+    train/ valid/ test/  parquet + schema.pbtxt, column ``item_id-list`` (ITEM_ID/LIST/CATEGORICAL)
+    items.parquet      item content table in Categorify id order (column ``item_id`` = encoded id)
+    molar_manifest.json  what this directory was made from (a different dataset is refused)
+
+Leave-one-out (chronological): for a user history ``s``, ``test`` holds ``s`` (the model predicts its last
+item from the rest), ``valid`` holds ``s[:-1]`` and ``train`` holds ``s[:-2]``, each truncated to its
+last ``max_length`` items.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import nvtabular as nvt
+import pandas as pd
+from merlin.io import Dataset
+from merlin.schema import Schema, Tags
+
+from merlin_molar.data.readers import RawDataset
+from merlin_molar.errors import MolarDataError
+from merlin_molar.io import atomic_path, claim_output_dir, read_json, write_json
+
+ITEM_SEQUENCE = "item_id-list"
+SPLITS = ("train", "valid", "test")
+# Categorify reserves 0 (padding), 1 (null) and 2 (out-of-vocabulary); real items start here.
+FIRST_ITEM_ID = 3
+MIN_HISTORY = 3  # one train item + one validation target + one test target
+
+
+def sequence_workflow(min_history: int = MIN_HISTORY, cat_path: Optional[str] = None) -> nvt.Workflow:
+    """Categorify item ids and group interactions into time-ordered per-user item lists."""
+    item_id = ["item_id"] >> nvt.ops.Categorify(out_path=cat_path) >> nvt.ops.AddTags([Tags.ITEM_ID, Tags.ITEM])
+    grouped = (item_id + ["user_id", "timestamp"]) >> nvt.ops.Groupby(
+        groupby_cols=["user_id"], sort_cols=["timestamp"], aggs={"item_id": ["list", "count"]}, name_sep="-"
+    )
+    long_enough = grouped >> nvt.ops.Filter(f=lambda df: df["item_id-count"] >= min_history)
+    return nvt.Workflow(long_enough[["user_id", ITEM_SEQUENCE]])
+
+
+def split_workflow(split: str, max_length: int) -> nvt.Workflow:
+    """Leave-one-out slice of the grouped histories for one split, truncated to ``max_length``."""
+    drop_last = {"train": 2, "valid": 1, "test": 0}[split]
+    if drop_last:
+        sliced = [ITEM_SEQUENCE] >> nvt.ops.ListSlice(-(max_length + drop_last), -drop_last)
+    else:
+        sliced = [ITEM_SEQUENCE] >> nvt.ops.ListSlice(-max_length)
+    return nvt.Workflow(sliced + ["user_id"])
+
+
+def k_core(interactions: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Iteratively keep users and items with at least ``k`` interactions (NVTabular JoinGroupby + Filter)."""
+    if k <= 1:
+        return interactions
+    current = interactions
+    while True:
+        counted = (
+            ["user_id", "item_id", "timestamp"]
+            + (["item_id"] >> nvt.ops.JoinGroupby(stats=["count"]))
+            + (["user_id"] >> nvt.ops.JoinGroupby(stats=["count"]))
+        )
+        kept = counted >> nvt.ops.Filter(f=lambda df: (df["item_id_count"] >= k) & (df["user_id_count"] >= k))
+        out = nvt.Workflow(kept[["user_id", "item_id", "timestamp"]]).fit_transform(Dataset(current)).to_ddf()
+        out = out.compute().reset_index(drop=True)
+        if len(out) == len(current):
+            return out
+        if out.empty:
+            raise MolarDataError("k-core filter", f"k={k} removes every interaction")
+        current = out
+
+
+def _fingerprint(raw: RawDataset) -> str:
+    h = hashlib.sha256()
+    h.update(pd.util.hash_pandas_object(raw.interactions, index=False).values.tobytes())
+    h.update(pd.util.hash_pandas_object(raw.items["item_id"].astype(str), index=False).values.tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class PreparedData:
+    """Paths and schema of a prepared output directory."""
+
+    root: Path
+
+    def split_path(self, split: str) -> Path:
+        return self.root / split
+
+    @property
+    def workflow_path(self) -> Path:
+        return self.root / "workflow"
+
+    @property
+    def items_path(self) -> Path:
+        return self.root / "items.parquet"
+
+    @property
+    def manifest(self) -> dict:
+        return read_json(self.root / "molar_manifest.json")
+
+    @property
+    def schema(self) -> Schema:
+        return Dataset(str(self.split_path("train")), engine="parquet").schema.select_by_name([ITEM_SEQUENCE])
+
+    @property
+    def item_cardinality(self) -> int:
+        return int(self.manifest["item_cardinality"])
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest["max_length"])
+
+    def items(self) -> pd.DataFrame:
+        return pd.read_parquet(self.items_path)
+
+    def split_frame(self, split: str) -> pd.DataFrame:
+        return Dataset(str(self.split_path(split)), engine="parquet").to_ddf().compute()
+
+
+def load_prepared(root) -> PreparedData:
+    root = Path(root)
+    for required in ["molar_manifest.json", "workflow", *SPLITS, "items.parquet"]:
+        if not (root / required).exists():
+            raise MolarDataError(root / required, "missing: run `merlin-molar prepare` for this directory first")
+    return PreparedData(root)
+
+
+def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0) -> PreparedData:
+    """Run the NVTabular workflows on ``raw`` and write the splits, item table and fitted workflow."""
+    output_dir = Path(output_dir)
+    identity = {
+        "source": raw.source,
+        "fingerprint": _fingerprint(raw),
+        "max_length": max_length,
+        "k_core": k,
+    }
+    claim_output_dir(output_dir, {**identity, "stage": "prepare"})
+    interactions = k_core(raw.interactions, k)
+
+    wf = sequence_workflow(cat_path=str(output_dir / ".categories"))
+    grouped = wf.fit_transform(Dataset(interactions)).to_ddf().compute()
+    if grouped.empty:
+        raise MolarDataError(raw.source, f"no user has at least {MIN_HISTORY} interactions")
+    with atomic_path(output_dir / "workflow", is_dir=True) as tmp:
+        wf.save(str(tmp))
+
+    for split in SPLITS:
+        out = split_workflow(split, max_length).fit_transform(Dataset(grouped, schema=wf.output_schema))
+        with atomic_path(output_dir / split, is_dir=True) as tmp:
+            out.to_parquet(str(tmp), output_files=1)
+
+    mapping = item_id_mapping(wf)
+    items = encode_items(raw.items, mapping, raw.source)
+    with atomic_path(output_dir / "items.parquet") as tmp:
+        items.to_parquet(tmp, index=False)
+
+    manifest = {
+        **identity,
+        "stage": "prepare",
+        "users": int(len(grouped)),
+        "interactions": int(len(interactions)),
+        "items_interacted": int(len(mapping)),
+        "item_cardinality": int(mapping.max() + 1),
+        "items_with_content": int(items["has_content"].sum()),
+        "text_columns": raw.text_columns,
+    }
+    write_json(output_dir / "molar_manifest.json", manifest)
+    return PreparedData(output_dir)
+
+
+def item_id_mapping(workflow: nvt.Workflow) -> pd.Series:
+    """Raw item id -> Categorify id, read from the fitted workflow's own vocabulary file."""
+    path = Path(workflow.output_schema[ITEM_SEQUENCE].properties["cat_path"])
+    if not path.is_absolute() and not path.exists():
+        path = Path(str(path).lstrip("./"))
+    vocab = pd.read_parquet(path)
+    vocab = vocab[vocab.index >= FIRST_ITEM_ID]
+    return pd.Series(vocab.index.astype("int64"), index=vocab["item_id"].values, name="item_id")
+
+
+def encode_items(items: pd.DataFrame, mapping: pd.Series, source) -> pd.DataFrame:
+    """Item table in Categorify order: one row per interacted item, ``item_id`` = encoded id.
+
+    Interacted items missing from the content table keep a row with ``has_content=False`` (they are
+    reported and get a zero content embedding) instead of being silently dropped."""
+    items = items.copy()
+    items["item_id_raw"] = items["item_id"].astype(mapping.index.dtype) if len(items) else items["item_id"]
+    merged = pd.DataFrame({"item_id_raw": mapping.index, "item_id": mapping.values}).merge(
+        items.drop(columns=["item_id"]), on="item_id_raw", how="left", indicator=True
+    )
+    merged["has_content"] = merged.pop("_merge") == "both"
+    if not merged["has_content"].any():
+        raise MolarDataError(source, "no interacted item appears in the item table (do the item ids match?)")
+    return merged.sort_values("item_id").reset_index(drop=True)

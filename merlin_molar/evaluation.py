@@ -1,0 +1,82 @@
+"""The one full-ranking evaluator used by every model in the project.
+
+Protocol (paper §4.1, ../shared/DESIGN.md §1): score every item in the catalogue, mask the items the
+user has already interacted with (the target is never masked), and report Recall@K and NDCG@K for
+K = 10, 20, 50, averaged over users. The accumulation rides Transformers4Rec's own ranking metrics
+(:class:`transformers4rec.torch.ranking_metric.NDCGAt` / ``RecallAt``), which the Trainer's evaluation
+loop already calls; :func:`reference_metrics` is an independent plain-torch implementation used to
+check them.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence
+
+import torch
+from transformers4rec.torch.ranking_metric import NDCGAt, RecallAt
+
+from merlin_molar.data.workflow import FIRST_ITEM_ID
+
+TOP_KS = (10, 20, 50)
+
+
+def ranking_metrics(top_ks: Sequence[int] = TOP_KS):
+    """T4Rec metric objects for a prediction task's ``metrics=`` argument."""
+    return (NDCGAt(top_ks=list(top_ks), labels_onehot=True), RecallAt(top_ks=list(top_ks), labels_onehot=True))
+
+
+def mask_seen_items(
+    scores: torch.Tensor,
+    history: torch.Tensor,
+    targets: Optional[torch.Tensor] = None,
+    first_item_id: int = FIRST_ITEM_ID,
+) -> torch.Tensor:
+    """Return ``scores`` with the reserved ids (padding/null/OOV) and each row's history set to -inf.
+
+    ``history`` is a padded ``[batch, length]`` tensor of item ids (0 = padding). When ``targets`` is
+    given, each row's target keeps its score even if it also occurs in the history (repeat consumption),
+    so a repeated item stays rankable instead of silently scoring zero.
+    """
+    masked = scores.clone()
+    masked[:, :first_item_id] = float("-inf")
+    masked.scatter_(1, history.long().clamp(min=0), float("-inf"))
+    if targets is not None:
+        rows = torch.arange(scores.size(0), device=scores.device)
+        masked[rows, targets.long()] = scores[rows, targets.long()]
+    return masked
+
+
+def history_without_last(item_seq: torch.Tensor, padding_idx: int = 0) -> torch.Tensor:
+    """The input sequence with each row's last non-padding item (the evaluation target) removed."""
+    lengths = (item_seq != padding_idx).sum(dim=1)
+    history = item_seq.clone()
+    rows = torch.arange(item_seq.size(0), device=item_seq.device)
+    history[rows, (lengths - 1).clamp(min=0)] = padding_idx
+    return history
+
+
+def reference_metrics(
+    scores: torch.Tensor, targets: torch.Tensor, top_ks: Iterable[int] = TOP_KS
+) -> Dict[str, torch.Tensor]:
+    """Per-user Recall@K and NDCG@K for one relevant item per user, computed from the target's rank."""
+    target_scores = scores.gather(1, targets.long().view(-1, 1))
+    # rank = number of items scored strictly higher (ties resolved in the target's favour)
+    rank = (scores > target_scores).sum(dim=1)
+    out = {}
+    for k in top_ks:
+        hit = rank < k
+        out[f"recall_at_{k}"] = hit.float()
+        out[f"ndcg_at_{k}"] = torch.where(hit, 1.0 / torch.log2(rank.float() + 2.0), torch.zeros_like(rank.float()))
+    return out
+
+
+def summarise(trainer_metrics: Dict[str, float], prefix: str) -> Dict[str, float]:
+    """Turn the Trainer's ``{prefix}_/next-item/ndcg_at_10``-style keys into ``ndcg@10``."""
+    out = {}
+    for key, value in trainer_metrics.items():
+        name = key.rsplit("/", 1)[-1]
+        for metric in ("ndcg", "recall"):
+            if name.startswith(f"{metric}_at_"):
+                out[f"{metric}@{name.rsplit('_', 1)[-1]}"] = float(value)
+        if name == "loss":
+            out["loss"] = float(value)
+    return dict(sorted(out.items()))

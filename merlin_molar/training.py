@@ -1,0 +1,104 @@
+"""Training glue: Transformers4Rec's own Trainer on the prepared splits, full-ranking evaluation.
+
+The Trainer is ``transformers4rec.torch.Trainer`` (a Hugging Face Trainer), so checkpointing, resume,
+logging, mixed precision and ``torchrun`` data parallelism come from there.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import transformers4rec.torch as tr
+from transformers4rec.config.trainer import T4RecTrainingArguments
+
+from merlin_molar.data.workflow import PreparedData
+from merlin_molar.evaluation import summarise
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 10
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.98
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 5.0
+    seed: int = 42
+    bf16: bool = False
+    save_steps: int = 0
+    logging_steps: int = 50
+    extra: Dict = field(default_factory=dict)
+
+
+def training_arguments(output_dir, config: TrainConfig, max_length: int) -> T4RecTrainingArguments:
+    return T4RecTrainingArguments(
+        output_dir=str(output_dir),
+        max_sequence_length=max_length,
+        data_loader_engine="merlin",
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        adam_beta2=config.adam_beta2,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        logging_steps=config.logging_steps,
+        report_to=[],
+        dataloader_drop_last=False,
+        compute_metrics_each_n_steps=1,
+        disable_tqdm=False,
+        **config.extra,
+    )
+
+
+def make_trainer(model: tr.Model, data: PreparedData, output_dir, config: TrainConfig) -> tr.Trainer:
+    args = training_arguments(output_dir, config, data.max_length)
+    return tr.Trainer(
+        model=model,
+        args=args,
+        schema=data.schema,
+        train_dataset_or_path=str(data.split_path("train")),
+        eval_dataset_or_path=str(data.split_path("valid")),
+        test_dataset_or_path=str(data.split_path("test")),
+        compute_metrics=True,
+    )
+
+
+def evaluate(trainer: tr.Trainer, data: PreparedData, split: str) -> Dict[str, float]:
+    """Full-ranking metrics on ``valid`` or ``test`` through the Trainer's evaluation loop."""
+    trainer.eval_dataset_or_path = str(data.split_path(split))
+    try:
+        metrics = trainer.evaluate(metric_key_prefix=split)
+    finally:
+        trainer.eval_dataset_or_path = str(data.split_path("valid"))
+    return summarise(metrics, split)
+
+
+def fit_and_evaluate(
+    model: tr.Model, data: PreparedData, output_dir, config: TrainConfig, resume: Optional[str] = None
+) -> Dict:
+    trainer = make_trainer(model, data, output_dir, config)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - start
+    return {
+        "trainer": trainer,
+        "train_seconds": train_seconds,
+        "valid": evaluate(trainer, data, "valid"),
+        "test": evaluate(trainer, data, "test"),
+    }
