@@ -57,7 +57,7 @@ def split_workflow(split: str, max_length: int) -> nvt.Workflow:
     return nvt.Workflow(sliced + ["user_id"])
 
 
-def k_core(interactions: pd.DataFrame, k: int) -> pd.DataFrame:
+def k_core(interactions: pd.DataFrame, k: int, cat_path: Optional[str] = None) -> pd.DataFrame:
     """Iteratively keep users and items with at least ``k`` interactions (NVTabular JoinGroupby + Filter)."""
     if k <= 1:
         return interactions
@@ -65,8 +65,8 @@ def k_core(interactions: pd.DataFrame, k: int) -> pd.DataFrame:
     while True:
         counted = (
             ["user_id", "item_id", "timestamp"]
-            + (["item_id"] >> nvt.ops.JoinGroupby(stats=["count"]))
-            + (["user_id"] >> nvt.ops.JoinGroupby(stats=["count"]))
+            + (["item_id"] >> nvt.ops.JoinGroupby(cont_cols=["timestamp"], stats=["count"], out_path=cat_path))
+            + (["user_id"] >> nvt.ops.JoinGroupby(cont_cols=["timestamp"], stats=["count"], out_path=cat_path))
         )
         kept = counted >> nvt.ops.Filter(f=lambda df: (df["item_id_count"] >= k) & (df["user_id_count"] >= k))
         out = nvt.Workflow(kept[["user_id", "item_id", "timestamp"]]).fit_transform(Dataset(current)).to_ddf()
@@ -143,7 +143,7 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0) -> P
         "k_core": k,
     }
     claim_output_dir(output_dir, {**identity, "stage": "prepare"})
-    interactions = k_core(raw.interactions, k)
+    interactions = k_core(raw.interactions, k, cat_path=str(output_dir / ".categories"))
 
     wf = sequence_workflow(cat_path=str(output_dir / ".categories"))
     grouped = wf.fit_transform(Dataset(interactions)).to_ddf().compute()

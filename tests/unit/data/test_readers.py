@@ -1,0 +1,110 @@
+import gzip
+import json
+
+import pandas as pd
+import pytest
+
+from merlin_molar.data import read_amazon, read_dataset, read_table
+from merlin_molar.errors import MolarDataError
+
+
+def write_csv_layout(root, interactions=None, items=None):
+    root.mkdir(parents=True, exist_ok=True)
+    interactions = interactions if interactions is not None else pd.DataFrame(
+        {"user_id": [1, 1, 2], "item_id": [10, 11, 10], "timestamp": [5, 6, 7], "rating": [4, 5, 3]}
+    )
+    items = items if items is not None else pd.DataFrame(
+        {"item_id": [10, 11], "title": ["A (1999)", "B (2000)"], "clean_title": ["A", "B"], "year": [1999, 2000],
+         "genres": ["Drama", "Comedy"], "image": ["images/10.jpg", ""]}
+    )
+    interactions.to_csv(root / "interactions.csv", index=False)
+    items.to_csv(root / "items.csv", index=False)
+    return root
+
+
+def test_shared_ml1m_layout(ml1m_dir):
+    raw = read_dataset(ml1m_dir)
+    assert len(raw.interactions) == 1_000_209
+    assert raw.interactions["user_id"].nunique() == 6040
+    assert list(raw.interactions.columns) == ["user_id", "item_id", "timestamp"]
+    assert raw.text_columns == ["clean_title", "year", "genres"]
+    with_image = raw.items["image"].notna()
+    assert with_image.sum() == 3256
+    assert raw.items.loc[with_image, "image"].map(lambda p: p.startswith("/")).all()
+
+
+def test_csv_layout_resolves_relative_images(tmp_path):
+    raw = read_dataset(write_csv_layout(tmp_path / "d"))
+    assert raw.items.loc[0, "image"] == str((tmp_path / "d" / "images" / "10.jpg").resolve())
+    assert raw.items.loc[1, "image"] is None
+
+
+def test_movielens_dat(tmp_path):
+    (tmp_path / "ratings.dat").write_text("1::10::5::978300760\n1::11::3::978300761\n2::10::4::978300762\n")
+    (tmp_path / "movies.dat").write_bytes("10::Am\xe9lie (2001)::Comedy|Romance\n11::Heat (1995)::Action\n".encode("latin-1"))
+    raw = read_dataset(tmp_path)
+    assert raw.items.loc[raw.items.item_id == 10, "title"].item() == "Amélie (2001)"
+    assert raw.items.loc[raw.items.item_id == 10, "genres"].item() == "Comedy, Romance"
+    assert raw.interactions["timestamp"].dtype == "int64"
+
+
+def test_recbole_atomic(tmp_path):
+    (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t5\t4\t10\n1\t6\t3\t11\n")
+    (tmp_path / "x.item").write_text("item_id:token\tmovie_title:token_seq\tgenre:token_seq\n5\tHeat\tAction\n6\tUp\tKids\n")
+    raw = read_dataset(tmp_path)
+    assert raw.text_columns == ["movie_title", "genre"]
+    assert raw.interactions["item_id"].tolist() == [5, 6]
+
+
+def test_amazon_jsonl(tmp_path):
+    reviews = tmp_path / "reviews.jsonl.gz"
+    with gzip.open(reviews, "wt") as f:
+        for r in [("u1", "B01", 1600000000000), ("u1", "B02", 1600000001000), ("u2", "B01", 1600000002000)]:
+            f.write(json.dumps({"user_id": r[0], "parent_asin": r[1], "timestamp": r[2], "rating": 5}) + "\n")
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text(
+        json.dumps({"parent_asin": "B01", "title": "Lamp", "description": ["Bright", "LED"], "categories": ["Home"]}) + "\n"
+        + json.dumps({"parent_asin": "B02", "title": "Mug", "description": [], "categories": ["Kitchen"]}) + "\n"
+    )
+    raw = read_amazon(reviews, meta)
+    assert raw.interactions["item_id"].tolist() == ["B01", "B02", "B01"]
+    assert raw.interactions["timestamp"].tolist() == [1600000000, 1600000001, 1600000002]
+    assert raw.items.set_index("item_id").loc["B01", "description"] == "Bright, LED"
+
+
+def test_generic_table_with_column_map(tmp_path):
+    pd.DataFrame({"uid": ["a", "a"], "sku": ["x", "y"], "ts": [1, 2]}).to_parquet(tmp_path / "i.parquet")
+    pd.DataFrame({"sku": ["x", "y"], "name": ["X", "Y"]}).to_csv(tmp_path / "c.csv", index=False)
+    raw = read_table(tmp_path / "i.parquet", tmp_path / "c.csv", {"uid": "user_id", "sku": "item_id", "ts": "timestamp"})
+    assert raw.text_columns == ["name"]
+    assert raw.interactions["user_id"].tolist() == ["a", "a"]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda i, t: (i.drop(columns=["timestamp"]), t), "missing column(s) ['timestamp']"),
+        (lambda i, t: (i.iloc[:0], t), "empty table"),
+        (lambda i, t: (i.assign(timestamp=["x", 1, 2]), t), "non-numeric timestamp"),
+        (lambda i, t: (i, pd.concat([t, t])), "duplicate item id"),
+        (lambda i, t: (i, t[["item_id"]]), "no content columns"),
+    ],
+)
+def test_bad_input_names_file_and_problem(tmp_path, mutate, message):
+    base = write_csv_layout(tmp_path / "base")
+    inter, items = mutate(pd.read_csv(base / "interactions.csv"), pd.read_csv(base / "items.csv"))
+    root = write_csv_layout(tmp_path / "bad", inter, items)
+    with pytest.raises(MolarDataError) as err:
+        read_dataset(root)
+    assert message in str(err.value)
+    assert str(root) in str(err.value)
+
+
+def test_missing_files_and_unknown_layout(tmp_path):
+    with pytest.raises(MolarDataError, match="dataset directory not found"):
+        read_dataset(tmp_path / "nope")
+    with pytest.raises(MolarDataError, match="no known layout"):
+        read_dataset(tmp_path)
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,timestamp\n1,2,3\n")
+    with pytest.raises(MolarDataError, match="items.csv: file not found"):
+        read_dataset(tmp_path)
