@@ -6,11 +6,14 @@ scored and the user's history is masked before the ranking metrics see the score
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
 
 from merlin_molar.errors import MolarDataError
 from merlin_molar.evaluation import TOP_KS, history_without_last, mask_seen_items, ranking_metrics
+from merlin_molar.losses import REC_LOSSES, SampledInfoNCELoss, symmetric_infonce
 
 
 class FullRankingNextItemTask(NextItemPredictionTask):
@@ -47,3 +50,126 @@ class FullRankingNextItemTask(NextItemPredictionTask):
         if top_k is None:
             return scores
         return torch.topk(scores, k=top_k, dim=-1)
+
+
+class MolarTask(FullRankingNextItemTask):
+    """Molar's head: next-item loss on the content tower + ``alpha`` x post-alignment loss.
+
+    The body returns ``(content_user_embeddings, id_user_embeddings)`` (``[batch, length, d]`` each; the
+    second may be absent). At every labelled position:
+
+    * ``rec_loss`` (``"ce"`` full softmax, ``"infonce"`` sampled with a learnable scale and false-negative
+      masking, ``"bce"`` one sampled negative) scores the content user embedding against the content item
+      tower (the projected MIRM table, via weight tying);
+    * if the ID branch is trainable, the same loss trains it against its own item-id embeddings;
+    * the symmetric InfoNCE aligns content and ID user embeddings (in-batch users as negatives), at each
+      user's last position (``align_positions="last"``) or at up to ``max_align_rows`` positions (``"all"``).
+
+    Scores for ranking are ``(1 - id_weight) * log_softmax(content) + id_weight * log_softmax(id)``:
+    ``id_weight=0`` is content only, ``1`` is ID only.
+    """
+
+    def __init__(
+        self,
+        rec_loss: str = "ce",
+        alpha: float = 0.1,
+        temperature: float = 0.1,
+        id_weight: float = 0.5,
+        id_dim: Optional[int] = None,
+        train_id_branch: bool = True,
+        align_positions: str = "last",
+        max_align_rows: int = 4096,
+        num_negatives: int = 512,
+        **kwargs,
+    ):
+        super().__init__(weight_tying=True, **kwargs)
+        if rec_loss not in REC_LOSSES:
+            raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}, got {rec_loss!r}")
+        if align_positions not in ("last", "all"):
+            raise ValueError("align_positions must be 'last' or 'all'")
+        if rec_loss == "infonce":
+            self.content_loss = SampledInfoNCELoss(num_negatives)
+            self.id_loss = SampledInfoNCELoss(num_negatives)
+        else:
+            self.content_loss = REC_LOSSES[rec_loss]()
+            self.id_loss = REC_LOSSES[rec_loss]()
+        self.alpha, self.temperature, self.id_weight = alpha, temperature, id_weight
+        self.train_id_branch = train_id_branch
+        self.align_positions, self.max_align_rows = align_positions, max_align_rows
+        self.id_dim = id_dim
+        self.id_item_table = None
+        self.align_head = None
+
+    def attach_id_branch(self, id_inputs, content_dim: int) -> None:
+        """Called by the model builder: the ID branch's item table and the content -> ID-width projection."""
+        self.id_item_table = id_inputs.categorical_module.item_embedding_table
+        id_dim = self.id_item_table.weight.size(1)
+        self.align_head = torch.nn.Linear(content_dim, id_dim)
+
+    def _split(self, inputs):
+        if isinstance(inputs, (tuple, list)):
+            return inputs[0].float(), (inputs[1].float() if len(inputs) > 1 and inputs[1] is not None else None)
+        return inputs.float(), None
+
+    def _scores(self, content, ident):
+        content_scores = self.content_loss.logits(content, self.item_embedding_table.weight)
+        if ident is None or self.id_weight <= 0:
+            return content_scores
+        id_scores = self.id_loss.logits(ident, self.id_item_table.weight)
+        if self.id_weight >= 1:
+            return id_scores
+        return (1 - self.id_weight) * torch.log_softmax(content_scores, -1) + self.id_weight * torch.log_softmax(
+            id_scores, -1
+        )
+
+    def _alignment_rows(self, mask: torch.Tensor) -> torch.Tensor:
+        """Flat indices (into ``mask[mask]`` order) of the positions to align."""
+        flat = torch.arange(int(mask.sum()), device=mask.device)
+        if self.align_positions == "all":
+            if flat.numel() > self.max_align_rows:
+                flat = flat[torch.randperm(flat.numel(), device=mask.device)[: self.max_align_rows]]
+            return flat
+        per_row = mask.sum(dim=1)
+        return (per_row.cumsum(0) - 1)[per_row > 0]
+
+    def forward(self, inputs, targets=None, training=False, testing=False, top_k=None, **kwargs):
+        content, ident = self._split(inputs)
+        if self.task_block is not None:
+            content = self.task_block(content)
+        if not (training or testing):
+            seq = self.embeddings.item_seq
+            rows = torch.arange(seq.size(0), device=seq.device)
+            last = ((seq != self.padding_idx).sum(dim=1) - 1).clamp(min=0)
+            scores = self._scores(content[rows, last], None if ident is None else ident[rows, last])
+            if self.mask_history:
+                scores = mask_seen_items(scores, seq)
+            return scores if top_k is None else torch.topk(scores, k=top_k, dim=-1)
+
+        labels = self.masking.masked_targets
+        mask = labels != self.padding_idx
+        y = labels[mask].long()
+        user_c = content[mask]
+        user_id = ident[mask] if ident is not None else None
+
+        if training:
+            loss = self.content_loss(user_c, y, self.item_embedding_table.weight)
+            if user_id is not None:
+                if self.train_id_branch:
+                    loss = loss + self.id_loss(user_id, y, self.id_item_table.weight)
+                if self.alpha > 0:
+                    rows = self._alignment_rows(mask)
+                    loss = loss + self.alpha * symmetric_infonce(
+                        self.align_head(user_c[rows]), user_id[rows], self.temperature
+                    )
+            return {"loss": loss, "labels": y, "predictions": user_c}
+
+        seq = self.embeddings.item_seq
+        if user_c.size(0) != seq.size(0):
+            raise MolarDataError(
+                "evaluation batch", "every evaluated sequence needs at least 2 items (history + target)"
+            )
+        scores = self._scores(user_c, user_id)
+        loss = torch.nn.functional.cross_entropy(scores, y)
+        if self.mask_history:
+            scores = mask_seen_items(scores, history_without_last(seq, self.padding_idx), y)
+        return {"loss": loss, "labels": y, "predictions": scores}

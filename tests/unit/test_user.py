@@ -1,0 +1,78 @@
+import pytest
+import torch
+import transformers4rec.torch as tr
+from peft import LoraConfig
+
+from merlin_molar.errors import MolarDataError
+from merlin_molar.user import ContentItemEmbedding, MolarBlock, content_item_inputs, small_decoder_config
+
+
+@pytest.fixture(scope="module")
+def schema(ml100k_prepared):
+    return ml100k_prepared.schema
+
+
+def item_table(n, dim=12, seed=0):
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_content_item_embedding_is_a_frozen_table_with_a_trainable_projection():
+    emb = ContentItemEmbedding(item_table(10), dim=6)
+    assert "table" not in dict(emb.named_parameters())
+    ids = torch.tensor([[3, 4, 0]])
+    out = emb(ids)
+    assert out.shape == (1, 3, 6) and torch.all(out[0, 2] == 0)
+    torch.testing.assert_close(out[0, :2], emb.weight[[3, 4]])
+    out.sum().backward()
+    assert emb.projection[0].weight.grad is not None
+    with pytest.raises(MolarDataError, match="outside the item table"):
+        emb(torch.tensor([[10]]))
+    with pytest.raises(MolarDataError, match="NaN"):
+        ContentItemEmbedding(torch.full((3, 2), float("nan")), 4)
+
+
+def test_table_rows_must_match_the_schema(schema):
+    with pytest.raises(MolarDataError, match="rows but the schema"):
+        content_item_inputs(schema, item_table(10), 16)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_molar_block_drops_in_where_transformer_block_goes(schema, ml100k_prepared, family):
+    torch.manual_seed(0)
+    config = small_decoder_config(family, hidden_size=16, num_layers=1)
+    inputs = content_item_inputs(schema, item_table(ml100k_prepared.item_cardinality), 16, max_length=20)
+    body = tr.SequentialBlock(inputs, MolarBlock(config))
+    model = tr.Model(tr.Head(body, tr.NextItemPredictionTask(weight_tying=True), inputs=inputs))
+    batch = {"item_id-list": torch.randint(3, 100, (4, 20))}
+    batch["item_id-list"][1, 10:] = 0
+    out = model(batch, training=True)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    llm = body[1].llm
+    assert all(p.grad is not None for p in llm.layers[0].parameters())
+    assert inputs.categorical_module.item_embedding_table.projection[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("user_token", [False, True])
+def test_user_embeddings_are_causal(user_token):
+    torch.manual_seed(0)
+    block = MolarBlock(small_decoder_config(hidden_size=16, num_layers=2), user_token=user_token).eval()
+    x = torch.randn(2, 6, 16)
+    y = x.clone()
+    y[:, 4] += 1.0
+    with torch.no_grad():
+        a, b = block(x), block(y)
+    assert a.shape == (2, 6, 16)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_lora_trains_only_adapters_and_still_reads_inputs_embeds():
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    block = MolarBlock(small_decoder_config(hidden_size=16, num_layers=1), lora=lora)
+    trainable = [n for n, p in block.llm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        assert not torch.allclose(block(x), block(x + 1))
