@@ -1,0 +1,396 @@
+"""Stage 1 of Molar: align the MIRM backbone with item content before recommendation training.
+
+Three task mixtures are built from the prepared data (paper: 10k examples each):
+
+* ``image_description`` — item image -> detailed description of the item;
+* ``attribute_description`` — structured attributes -> description;
+* ``user_behaviour`` — titles of a user's recent items (train split) -> title of the next item.
+
+MovieLens has no item descriptions, so there (and wherever the item table has no ``description``
+column) the target description is written from the item's own text fields ("Toy Story. Year: 1995.
+Genres: Animation, Children's, Comedy."): the image task then teaches the model to name a film and its
+genres from the poster, and the attribute task is a verbalisation of the fields. Item-level prompts end
+with ``[Cur_Item]`` so the description is generated from that token's state — the same token whose
+hidden state becomes the item embedding, which trains it (as a LoRA trainable token) to carry the item.
+
+:func:`finetune` trains the backbone on the mixture with the causal-LM loss on the target tokens only,
+with LoRA (peft) or fully, bf16 autocast on GPU, in a small plain loop with tqdm; the output directory is
+a peft adapter (or full model) plus the processor/tokenizer, and :func:`build_encoder` accepts it.
+
+    >>> from merlin_molar.items import build_stage1_mixture, finetune, build_encoder
+    >>> examples = build_stage1_mixture(prepared, examples_per_task=10_000)             # doctest: +SKIP
+    >>> adapter = finetune("/models/Qwen2-VL-2B-Instruct", examples, "/tmp/mirm-stage1")  # doctest: +SKIP
+    >>> encoder = build_encoder(adapter)                                                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from merlin_molar.errors import MolarDataError
+from merlin_molar.io import atomic_path
+from merlin_molar.items.encoders import (
+    STAGE1_META,
+    add_cur_item_token,
+    default_device,
+    detect_kind,
+    load_preprocessor,
+    task_model_class,
+    tokenizer_of,
+)
+from merlin_molar.items.images import load_image
+from merlin_molar.items.prompts import CUR_ITEM_TOKEN, ItemContent, ItemPromptBuilder
+
+LOG = logging.getLogger(__name__)
+STAGE1_TASKS = ("image_description", "attribute_description", "user_behaviour")
+IMAGE_PROMPT = "Describe the item in this image in detail. Item Image: {image}. " + CUR_ITEM_TOKEN
+ATTRIBUTE_PROMPT = "Describe the item from its attributes. Item information: {text}. " + CUR_ITEM_TOKEN
+BEHAVIOUR_PROMPT = "A user interacted with these items, in order: {history}. The next item the user interacts with is:"
+
+
+@dataclass(frozen=True)
+class Stage1Example:
+    """One training example; ``{image}`` in ``prompt`` marks where the backbone's image placeholder goes."""
+
+    task: str
+    prompt: str
+    target: str
+    image: Optional[str] = None
+
+
+def describe_item(item: ItemContent, description: Optional[str] = None) -> str:
+    """The item's own description, or one written from its text fields when it has none.
+
+        >>> fields = (("clean_title", "Toy Story"), ("year", "1995"), ("genres", "Animation|Comedy"))
+        >>> describe_item(ItemContent(3, fields))
+        'Toy Story. Year: 1995. Genres: Animation, Comedy.'
+    """
+    if description:
+        return description
+    if not item.fields:
+        return ""
+    (_, name), rest = item.fields[0], item.fields[1:]
+    parts = [name] + [f"{field.replace('_', ' ').capitalize()}: {value.replace('|', ', ')}" for field, value in rest]
+    return ". ".join(parts) + "."
+
+
+def _descriptions(frame, description_column: str) -> Dict[int, str]:
+    if description_column not in frame:
+        return {}
+    pairs = zip(frame["item_id"], frame[description_column])
+    return {int(i): str(d) for i, d in pairs if isinstance(d, str) and d.strip()}
+
+
+def image_description_examples(
+    items: Sequence[ItemContent], n: int, seed: int = 0, descriptions: Optional[Dict[int, str]] = None
+) -> List[Stage1Example]:
+    """Up to ``n`` (image -> description) examples over distinct items whose image opens."""
+    descriptions = descriptions or {}
+    readable = [it for it in items if it.image is not None and load_image(it.image, size=16)[0] is not None]
+    chosen = random.Random(seed).sample(readable, min(n, len(readable)))
+    return [
+        Stage1Example("image_description", IMAGE_PROMPT, describe_item(it, descriptions.get(it.item_id)), it.image)
+        for it in chosen
+        if describe_item(it, descriptions.get(it.item_id))
+    ]
+
+
+def attribute_description_examples(
+    items: Sequence[ItemContent],
+    n: int,
+    prompts: ItemPromptBuilder,
+    seed: int = 0,
+    descriptions: Optional[Dict[int, str]] = None,
+) -> List[Stage1Example]:
+    """Up to ``n`` (structured attributes -> description) examples over distinct items with text."""
+    descriptions = descriptions or {}
+    with_text = [it for it in items if it.has_text]
+    chosen = random.Random(seed + 1).sample(with_text, min(n, len(with_text)))
+    return [
+        Stage1Example(
+            "attribute_description",
+            ATTRIBUTE_PROMPT.replace("{text}", prompts.item_text(it)),
+            describe_item(it, descriptions.get(it.item_id)),
+        )
+        for it in chosen
+    ]
+
+
+def user_behaviour_examples(
+    histories: Sequence[Sequence[int]], titles: Dict[int, str], n: int, history_length: int = 10, seed: int = 0
+) -> List[Stage1Example]:
+    """``n`` (titles of up to ``history_length`` consecutive items -> next item's title) examples, each at a
+    random user and position of the train histories (sampling with replacement)."""
+    usable = [[i for i in h if i in titles] for h in histories]
+    usable = [h for h in usable if len(h) >= 2]
+    if not usable:
+        return []
+    rng = random.Random(seed + 2)
+    out = []
+    for _ in range(n):
+        history = usable[rng.randrange(len(usable))]
+        t = rng.randrange(1, len(history))
+        context = "; ".join(titles[i] for i in history[max(0, t - history_length) : t])
+        out.append(Stage1Example("user_behaviour", BEHAVIOUR_PROMPT.replace("{history}", context), titles[history[t]]))
+    return out
+
+
+def build_stage1_mixture(
+    prepared,
+    examples_per_task: int = 10_000,
+    tasks: Sequence[str] = STAGE1_TASKS,
+    prompts: Optional[ItemPromptBuilder] = None,
+    history_length: int = 10,
+    title_column: Optional[str] = None,
+    description_column: str = "description",
+    seed: int = 0,
+) -> List[Stage1Example]:
+    """The stage-1 mixture from the prepared item table and train histories, shuffled (deterministic).
+
+    A task that cannot be built (e.g. ``image_description`` on a dataset without readable images) is
+    logged and skipped."""
+    from merlin_molar.data.workflow import ITEM_SEQUENCE
+
+    unknown = set(tasks) - set(STAGE1_TASKS)
+    if unknown:
+        raise ValueError(f"unknown stage-1 task(s) {sorted(unknown)}; choose from {STAGE1_TASKS}")
+    frame = prepared.items()
+    frame = frame[frame["has_content"]]
+    prompts = (prompts or ItemPromptBuilder()).with_columns(prepared.manifest.get("text_columns") or [])
+    items = prompts.items_from_frame(frame, prepared.items_path)
+    descriptions = _descriptions(frame, description_column)
+    out: List[Stage1Example] = []
+    if "image_description" in tasks:
+        built = image_description_examples(items, examples_per_task, seed, descriptions)
+        if built:
+            out += built
+        else:
+            LOG.warning("stage 1: image_description skipped: no item of %s has a readable image", prepared.root)
+    if "attribute_description" in tasks:
+        built = attribute_description_examples(items, examples_per_task, prompts, seed, descriptions)
+        if built:
+            out += built
+        else:
+            LOG.warning("stage 1: attribute_description skipped: no item of %s has text", prepared.root)
+    if "user_behaviour" in tasks:
+        title_column = title_column or next((c for c in ("title", "clean_title", "name") if c in frame), None)
+        title_column = title_column or (prompts.text_columns[0] if prompts.text_columns else None)
+        if title_column is None or title_column not in frame:
+            LOG.warning("stage 1: user_behaviour skipped: no title column in %s", prepared.items_path)
+        else:
+            titles = {int(i): str(t) for i, t in zip(frame["item_id"], frame[title_column]) if isinstance(t, str) and t}
+            histories = prepared.split_frame("train")[ITEM_SEQUENCE].tolist()
+            built = user_behaviour_examples(histories, titles, examples_per_task, history_length, seed)
+            if built:
+                out += built
+            else:
+                LOG.warning("stage 1: user_behaviour skipped: no train history has two titled items")
+    random.Random(seed + 3).shuffle(out)
+    counts = {t: sum(e.task == t for e in out) for t in STAGE1_TASKS}
+    LOG.info("stage 1 mixture: %s", counts)
+    return out
+
+
+class _Collator:
+    """Prompt (+ image) and target -> right-padded ids with the loss on the target tokens only."""
+
+    def __init__(self, preprocessor, kind, image_placeholder, image_size, max_prompt_tokens, max_target_tokens):
+        self.preprocessor = preprocessor
+        self.tokenizer = tokenizer_of(preprocessor)
+        self.kind = kind
+        self.image_placeholder = image_placeholder
+        self.image_size = image_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_target_tokens = max_target_tokens
+
+    def __call__(self, examples: Sequence[Stage1Example]):
+        import torch
+
+        texts, images = [], []
+        for ex in examples:
+            if ex.image is not None:
+                image, problem = load_image(ex.image, self.image_size)
+                if image is None:
+                    raise MolarDataError(ex.image, f"stage-1 image {problem}")
+                images.append(image)
+                texts.append(ex.prompt.replace("{image}", self.image_placeholder))
+            else:
+                texts.append(ex.prompt)
+        if self.kind == "vlm":
+            encoded = self.preprocessor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        else:
+            encoded = self.tokenizer(texts, padding=True, return_tensors="pt")
+        eos = self.tokenizer.eos_token_id
+        rows, labels = [], []
+        for ids, mask, ex in zip(encoded["input_ids"], encoded["attention_mask"], examples):
+            prompt = ids[mask.bool()].tolist()
+            if len(prompt) > self.max_prompt_tokens:
+                raise MolarDataError(
+                    f"stage-1 {ex.task} example",
+                    f"prompt has {len(prompt)} tokens, more than max_prompt_tokens={self.max_prompt_tokens}",
+                )
+            target = self.tokenizer(ex.target, add_special_tokens=False)["input_ids"][: self.max_target_tokens] + [eos]
+            rows.append(prompt + target)
+            labels.append([-100] * len(prompt) + target)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        batch = {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+        }
+        for key in ("pixel_values", "image_grid_thw"):
+            if key in encoded:
+                batch[key] = encoded[key]
+        return batch
+
+
+def finetune(
+    base_model,
+    examples: Sequence[Stage1Example],
+    output_dir,
+    method: str = "lora",
+    kind: Optional[str] = None,
+    epochs: float = 1.0,
+    max_steps: Optional[int] = None,
+    batch_size: int = 8,
+    gradient_accumulation_steps: int = 1,
+    learning_rate: float = 1e-4,
+    warmup_ratio: float = 0.03,
+    weight_decay: float = 0.0,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    image_size: Optional[int] = 224,
+    max_prompt_tokens: int = 1024,
+    max_target_tokens: int = 128,
+    device: Optional[str] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Fine-tune ``base_model`` (VLM or text LLM: local dir or hub id) on ``examples``; returns ``output_dir``.
+
+    ``method="lora"`` trains LoRA adapters on ``target_modules`` (the language model's attention
+    projections) plus the ``[Cur_Item]`` embedding row (peft trainable tokens) and saves the adapter;
+    ``method="full"`` trains and saves every weight. Cosine schedule with warm-up, AdamW, gradient
+    clipping at 1.0; bf16 autocast on GPU. Image examples are dropped for a text-only backbone.
+
+        >>> finetune("/models/Qwen2-VL-2B-Instruct", examples, "/tmp/stage1", max_steps=1000)  # doctest: +SKIP
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    if method not in ("lora", "full"):
+        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
+    kind = kind or detect_kind(base_model)
+    if kind not in ("vlm", "text-llm"):
+        raise ValueError(f"stage-1 fine-tuning needs an LLM or vision-language backbone; {base_model} is {kind!r}")
+    examples = list(examples)
+    if kind == "text-llm" and any(ex.image for ex in examples):
+        LOG.warning("stage 1: %s is text-only: image_description examples skipped", base_model)
+        examples = [ex for ex in examples if ex.image is None]
+    if not examples:
+        raise MolarDataError("stage-1 mixture", "no training examples")
+
+    device = device or default_device()
+    on_gpu = str(device).startswith("cuda")
+    torch.manual_seed(seed)
+    preprocessor = load_preprocessor(base_model, kind)
+    tokenizer = tokenizer_of(preprocessor)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    weights_dtype = torch.bfloat16 if on_gpu and method == "lora" else torch.float32
+    model = task_model_class(kind).from_pretrained(str(base_model), dtype=weights_dtype, attn_implementation="sdpa")
+    cur_id = add_cur_item_token(tokenizer, model)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=list(target_modules),
+            task_type="CAUSAL_LM",
+            trainable_token_indices={"embed_tokens": [cur_id]},
+        )
+        model = get_peft_model(model, config)
+    model.to(device).train()
+
+    placeholder = ""
+    if kind == "vlm":
+        image_token = getattr(preprocessor, "image_token", None) or "<image>"
+        vocab = tokenizer.get_vocab()
+        qwen = "<|vision_start|>" in vocab and "<|vision_end|>" in vocab
+        placeholder = f"<|vision_start|>{image_token}<|vision_end|>" if qwen else image_token
+    collate = _Collator(preprocessor, kind, placeholder, image_size, max_prompt_tokens, max_target_tokens)
+
+    steps_per_epoch = math.ceil(len(examples) / (batch_size * gradient_accumulation_steps))
+    total_steps = max_steps or max(1, math.ceil(steps_per_epoch * epochs))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+    order = torch.Generator().manual_seed(seed)
+
+    def batches():
+        while True:
+            perm = torch.randperm(len(examples), generator=order).tolist()
+            for start in range(0, len(perm), batch_size):
+                yield [examples[i] for i in perm[start : start + batch_size]]
+
+    losses: List[float] = []
+    stream = batches()
+    started = time.perf_counter()
+    with tqdm(total=total_steps, desc=f"stage-1 {method} ({kind})", unit="step", disable=not progress) as bar:
+        for _ in range(total_steps):
+            step_loss = 0.0
+            for _ in range(gradient_accumulation_steps):
+                batch = {k: v.to(device) for k, v in collate(next(stream)).items()}
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+                    loss = model(**batch).loss / gradient_accumulation_steps
+                loss.backward()
+                step_loss += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.update(1)
+
+    model.eval()
+    output_dir = Path(output_dir)
+    base = Path(str(base_model))
+    meta = {
+        "kind": kind,
+        "method": method,
+        "base_model": str(base.resolve()) if base.exists() else str(base_model),
+        "cur_item_token": CUR_ITEM_TOKEN,
+        "cur_item_id": cur_id,
+        "examples": {t: sum(e.task == t for e in examples) for t in STAGE1_TASKS},
+        "steps": total_steps,
+        "seconds": round(time.perf_counter() - started, 2),
+        "losses": losses,
+        "hyperparameters": {
+            "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps, "learning_rate": learning_rate,
+            "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "lora_r": lora_r, "lora_alpha": lora_alpha,
+            "lora_dropout": lora_dropout, "target_modules": list(target_modules), "image_size": image_size,
+            "seed": seed, "device": str(device),
+        },
+    }
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        model.save_pretrained(str(tmp))
+        preprocessor.save_pretrained(str(tmp))
+        (tmp / STAGE1_META).write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.chmod(0o755)
+    LOG.info("stage 1: %d steps, loss %.4f -> %.4f, saved to %s", total_steps, losses[0], losses[-1], output_dir)
+    return output_dir

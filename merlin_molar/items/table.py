@@ -1,0 +1,440 @@
+"""The precomputed multimodal item feature table: embed the catalogue, merge shards, load and check.
+
+Layout of a table directory (``output_path``)::
+
+    embeddings.parquet  one row per Categorify id 0..item_cardinality-1 (row order = id): ``item_id`` (int64),
+                        ``embedding`` (fixed-size list<float32>[dim]), ``has_embedding`` (False for the
+                        reserved ids 0..2 and items without content: zero vectors), ``used_image``
+    schema.pbtxt        Merlin schema: ``item_id`` tagged ITEM_ID, ``embedding`` tagged EMBEDDING
+    metadata.json       encoder/backbone, prompt template, dim, date, counts, items whose image was missing
+                        or unreadable, and the fingerprint of the prepared data's id mapping
+
+The job is resumable and shardable. It plans the catalogue once (items sorted by token length, cut into
+batches and fixed chunks of batches; chunk ``c`` belongs to shard ``c % num_shards``) in a work directory
+``<output_path>.work``; each finished chunk is written there atomically, a re-run skips finished chunks,
+each shard writes its own ``shard-K-of-N.npz``, and :func:`merge_shards` assembles the table. Because
+the batches are the same however the work is split or interrupted, the table is byte-for-byte the same.
+
+    >>> from merlin_molar.data import load_prepared
+    >>> from merlin_molar.items import build_encoder, embed_catalogue, load_item_table
+    >>> prepared = load_prepared("/tmp/p1m")                                        # doctest: +SKIP
+    >>> embed_catalogue(prepared, build_encoder(), "/tmp/p1m/item_table")            # doctest: +SKIP
+    >>> load_item_table("/tmp/p1m/item_table", prepared).shape                       # doctest: +SKIP
+    torch.Size([3709, 384])
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from merlin_molar.errors import MolarDataError
+from merlin_molar.io import atomic_path, read_json, write_json
+from merlin_molar.items.encoders import EncodedBatch, ItemEncoder
+from merlin_molar.items.prompts import ItemContent, ItemPromptBuilder
+
+LOG = logging.getLogger(__name__)
+EMBEDDINGS_FILE = "embeddings.parquet"
+SCHEMA_FILE = "schema.pbtxt"
+METADATA_FILE = "metadata.json"
+PLAN_FILE = "plan.json"
+EMBEDDING_COLUMN = "embedding"
+FORMAT_VERSION = 1
+REPORT_FIRST = 20  # how many example ids the logs and the metadata name
+
+
+def item_id_fingerprint(prepared) -> str:
+    """sha256 of the (encoded id, raw id) pairs of the prepared data's fitted Categorify mapping."""
+    import nvtabular as nvt
+
+    from merlin_molar.data.workflow import item_id_mapping
+
+    mapping = item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path))).sort_values()
+    lines = "".join(f"{enc}\t{raw}\n" for raw, enc in mapping.items())
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def catalogue_items(prepared, encoder: ItemEncoder) -> Tuple[List[ItemContent], List[int], "ItemPromptBuilder"]:
+    """The prepared items with content (as encoder inputs), the ids of those without any, and the
+    encoder's prompt builder with the dataset's text columns filled in."""
+    frame = prepared.items()
+    source = prepared.items_path
+    ids = frame["item_id"].to_numpy()
+    if len(np.unique(ids)) != len(ids) or ids.min() < 3 or ids.max() >= prepared.item_cardinality:
+        raise MolarDataError(source, f"item_id is not a set of distinct ids in [3, {prepared.item_cardinality})")
+    prompts = encoder.prompts.with_columns(prepared.manifest.get("text_columns") or [])
+    with_content = frame[frame["has_content"]]
+    no_content = sorted(int(i) for i in frame.loc[~frame["has_content"], "item_id"])
+    return prompts.items_from_frame(with_content, source), no_content, prompts
+
+
+def encode_items(
+    encoder: ItemEncoder, items: Sequence[ItemContent], batch_size: int = 32, progress: bool = True
+) -> EncodedBatch:
+    """Encode ``items`` in length-sorted batches; results come back in input order.
+
+        >>> batch = encode_items(build_encoder(), items, batch_size=64)  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    lengths = encoder.lengths(items)
+    order = sorted(range(len(items)), key=lambda i: (lengths[i], items[i].item_id))
+    embeddings = np.zeros((len(items), encoder.dim), dtype=np.float32)
+    used = np.zeros(len(items), dtype=bool)
+    problems: Dict[int, str] = {}
+    with tqdm(total=len(items), desc=f"encode ({encoder.kind})", unit="item", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            batch = encoder.encode([items[i] for i in index])
+            embeddings[index] = batch.embeddings
+            used[index] = batch.used_image
+            problems.update(batch.image_problems)
+            bar.update(len(index))
+    return EncodedBatch(embeddings, used, problems)
+
+
+@dataclass
+class CatalogueResult:
+    """What one :func:`embed_catalogue` call did."""
+
+    output_path: Path
+    complete: bool  # the final table exists (single process) / this shard is finished (sharded)
+    shard_path: Optional[Path]
+    chunks_total: int  # chunks of this shard
+    chunks_done: int
+    chunks_encoded: int  # by this call
+    items_encoded: int  # by this call
+    seconds: float
+
+
+class _WorkDir:
+    def __init__(self, output_path: Path):
+        self.root = output_path.with_name(output_path.name + ".work")
+
+    @property
+    def plan(self) -> Path:
+        return self.root / PLAN_FILE
+
+    def chunk(self, c: int) -> Path:
+        return self.root / "chunks" / f"chunk-{c:06d}.npz"
+
+    def shard(self, k: int, n: int) -> Path:
+        return self.root / f"shard-{k:05d}-of-{n:05d}.npz"
+
+
+def _save_npz(path: Path, ids, embeddings, used, problems: Dict[int, str]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                item_id=np.asarray(ids, dtype=np.int64),
+                embedding=np.asarray(embeddings, dtype=np.float32),
+                used_image=np.asarray(used, dtype=bool),
+                image_problems=np.array(json.dumps({str(k): v for k, v in sorted(problems.items())})),
+            )
+
+
+def _load_npz(path: Path):
+    try:
+        with np.load(path) as z:
+            problems = {int(k): v for k, v in json.loads(str(z["image_problems"])).items()}
+            return z["item_id"], z["embedding"], z["used_image"], problems
+    except (OSError, ValueError, KeyError) as e:
+        raise MolarDataError(path, f"unreadable work file ({e}); delete it and re-run") from None
+
+
+def _plan(prepared, encoder, items, no_content, prompts, batch_size: int, chunk_batches: int) -> dict:
+    lengths = encoder.lengths(items)
+    order = sorted(range(len(items)), key=lambda i: (lengths[i], items[i].item_id))
+    ids = [items[i].item_id for i in order]
+    chunk = batch_size * chunk_batches
+    return {
+        "format_version": FORMAT_VERSION,
+        "encoder": {**encoder.describe(), "prompts": prompts.describe()},
+        "item_cardinality": prepared.item_cardinality,
+        "id_mapping_fingerprint": item_id_fingerprint(prepared),
+        "dataset": prepared.manifest.get("source"),
+        "batch_size": batch_size,
+        "chunk_batches": chunk_batches,
+        "no_content_ids": no_content,
+        "chunks": [ids[i : i + chunk] for i in range(0, len(ids), chunk)],
+    }
+
+
+def _differences(a: dict, b: dict) -> List[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def embed_catalogue(
+    prepared,
+    encoder: ItemEncoder,
+    output_path,
+    batch_size: int = 32,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    resume: bool = True,
+    chunk_batches: int = 8,
+    max_chunks: Optional[int] = None,
+    progress: bool = True,
+) -> CatalogueResult:
+    """Embed every item of ``prepared`` with ``encoder`` into the item table at ``output_path``.
+
+    Single process (``num_shards=1``): writes the final table. Sharded: this call embeds shard
+    ``shard_index`` of ``num_shards`` and writes ``<output_path>.work/shard-K-of-N.npz``; once every shard
+    is there, :func:`merge_shards` writes the table (a failed shard is re-run alone with the same
+    arguments). ``resume=False`` discards this shard's finished chunks. ``max_chunks`` stops after
+    that many newly encoded chunks (the run can be continued later).
+
+        >>> embed_catalogue(prepared, encoder, "/tmp/p1m/item_table", batch_size=64)  # doctest: +SKIP
+        >>> for k in range(4):  # e.g. one process per GPU
+        ...     embed_catalogue(prepared, encoder, out, shard_index=k, num_shards=4)  # doctest: +SKIP
+        >>> merge_shards(out)  # doctest: +SKIP
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+    if batch_size < 1 or chunk_batches < 1:
+        raise ValueError("batch_size and chunk_batches must be positive")
+    output_path = Path(output_path)
+    work = _WorkDir(output_path)
+    started = time.perf_counter()
+    items, no_content, prompts = catalogue_items(prepared, encoder)
+    plan = _plan(prepared, encoder, items, no_content, prompts, batch_size, chunk_batches)
+    items = {item.item_id: item for item in items}
+    mine = [c for c in range(len(plan["chunks"])) if c % num_shards == shard_index]
+    shard_file = work.shard(shard_index, num_shards)
+    if not resume:
+        for c in mine:
+            work.chunk(c).unlink(missing_ok=True)
+        shard_file.unlink(missing_ok=True)
+    if work.plan.exists():
+        existing = read_json(work.plan)
+        if existing != plan:
+            if not resume and num_shards == 1:
+                shutil.rmtree(work.root)
+            else:
+                raise MolarDataError(
+                    work.root,
+                    f"holds work of a different run (differs in {_differences(existing, plan)}); "
+                    "delete it, or pass resume=False (single process)",
+                )
+    if not work.plan.exists():
+        write_json(work.plan, plan)
+
+    done = [c for c in mine if work.chunk(c).exists()]
+    todo = [c for c in mine if not work.chunk(c).exists()] if not shard_file.exists() else []
+    encoded_chunks = encoded_items = 0
+    total_items = sum(len(plan["chunks"][c]) for c in mine)
+    initial = total_items - sum(len(plan["chunks"][c]) for c in todo)
+    if done and todo:
+        LOG.info("resuming %s: %d of %d chunks already done", output_path, len(done), len(mine))
+    desc = f"embed items [{encoder.kind}]" + (f" shard {shard_index}/{num_shards}" if num_shards > 1 else "")
+    with tqdm(total=total_items, initial=initial, desc=desc, unit="item", disable=not progress) as bar:
+        for c in todo:
+            if max_chunks is not None and encoded_chunks >= max_chunks:
+                break
+            ids = plan["chunks"][c]
+            parts = []
+            for start in range(0, len(ids), batch_size):
+                parts.append(encoder.encode([items[i] for i in ids[start : start + batch_size]]))
+                bar.update(len(parts[-1].embeddings))
+            problems = {k: v for p in parts for k, v in p.image_problems.items()}
+            embeddings = np.concatenate([p.embeddings for p in parts])
+            _save_npz(work.chunk(c), ids, embeddings, np.concatenate([p.used_image for p in parts]), problems)
+            encoded_chunks += 1
+            encoded_items += len(ids)
+
+    finished = shard_file.exists() or all(work.chunk(c).exists() for c in mine)
+    if finished and not shard_file.exists():
+        _write_shard(work, mine, shard_file)
+    seconds = time.perf_counter() - started
+    result = CatalogueResult(
+        output_path=output_path,
+        complete=finished,
+        shard_path=shard_file if finished else None,
+        chunks_total=len(mine),
+        chunks_done=len(mine) if finished else sum(work.chunk(c).exists() for c in mine),
+        chunks_encoded=encoded_chunks,
+        items_encoded=encoded_items,
+        seconds=seconds,
+    )
+    if finished and num_shards == 1:
+        merge_shards(output_path)
+        result.shard_path = None  # merged into the table; the work dir is gone
+    return result
+
+
+def _write_shard(work: _WorkDir, chunks: List[int], shard_file: Path) -> None:
+    parts = [_load_npz(work.chunk(c)) for c in chunks]
+    problems = {k: v for p in parts for k, v in p[3].items()}
+    if parts:
+        ids, emb, used = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    else:  # more shards than chunks
+        ids, emb, used = np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, bool)
+    _save_npz(shard_file, ids, emb, used, problems)
+    if problems:
+        LOG.warning("%s: %d item(s) had a missing or unreadable image and were encoded text-only, e.g. %s",
+                    shard_file.name, len(problems), sorted(problems)[:REPORT_FIRST])
+    for c in chunks:
+        work.chunk(c).unlink(missing_ok=True)
+
+
+def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
+    """Assemble the final table from the shard files in ``<output_path>.work`` and remove the work dir.
+
+    Refuses (MolarDataError) while any shard is missing, naming the ones to (re-)run."""
+    output_path = Path(output_path)
+    work = _WorkDir(output_path)
+    plan = read_json(work.plan)
+    if num_shards is None:
+        counts = {int(p.stem.split("-of-")[1]) for p in work.root.glob("shard-*-of-*.npz")}
+        if len(counts) != 1:
+            raise MolarDataError(work.root, f"cannot tell the number of shards from the shard files ({sorted(counts)})")
+        num_shards = counts.pop()
+    missing = [k for k in range(num_shards) if not work.shard(k, num_shards).exists()]
+    if missing:
+        raise MolarDataError(work.root, f"shard(s) {missing} of {num_shards} not finished: run them, then merge")
+    cardinality = plan["item_cardinality"]
+    dim = int(plan["encoder"]["dim"])
+    table = np.zeros((cardinality, dim), dtype=np.float32)
+    has_embedding = np.zeros(cardinality, dtype=bool)
+    used_image = np.zeros(cardinality, dtype=bool)
+    problems: Dict[int, str] = {}
+    for k in range(num_shards):
+        ids, emb, used, shard_problems = _load_npz(work.shard(k, num_shards))
+        if len(ids):
+            table[ids] = emb
+            has_embedding[ids] = True
+            used_image[ids] = used
+        problems.update(shard_problems)
+    expected = sorted(i for chunk in plan["chunks"] for i in chunk)
+    if sorted(np.flatnonzero(has_embedding).tolist()) != expected:
+        raise MolarDataError(work.root, "shard files do not cover the planned items exactly; delete the work dir")
+
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "dataset": plan["dataset"],
+        "encoder": plan["encoder"],
+        "backbone": plan["encoder"].get("base_model", plan["encoder"]["name_or_path"]),
+        "prompt_template": plan["encoder"]["prompts"],
+        "dim": dim,
+        "item_cardinality": cardinality,
+        "items_embedded": int(has_embedding.sum()),
+        "items_with_image": int(used_image.sum()),
+        "zero_rows": [int(i) for i in np.flatnonzero(~has_embedding)][: REPORT_FIRST + 3],
+        "no_content_ids": plan["no_content_ids"],
+        "missing_image_count": len(problems),
+        "missing_image_ids": sorted(problems),
+        "missing_image_examples": {str(k): problems[k] for k in sorted(problems)[:REPORT_FIRST]},
+        "id_mapping_fingerprint": plan["id_mapping_fingerprint"],
+        "batch_size": plan["batch_size"],
+        "num_shards": num_shards,
+    }
+    if problems:
+        message = (
+            f"{len(problems)} item(s) had a missing or unreadable image and were embedded from text only, "
+            f"e.g. item_id {sorted(problems)[:REPORT_FIRST]} (all listed in {METADATA_FILE})"
+        )
+        LOG.warning(message)
+        warnings.warn(message, stacklevel=2)
+    with atomic_path(output_path, is_dir=True) as tmp:
+        _write_table(tmp, table, has_embedding, used_image)
+        write_json(tmp / METADATA_FILE, metadata)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the table is meant to be shared
+    shutil.rmtree(work.root, ignore_errors=True)
+    return output_path
+
+
+def _write_table(directory: Path, table: np.ndarray, has_embedding: np.ndarray, used_image: np.ndarray) -> None:
+    import merlin.dtypes as md
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from merlin.schema import ColumnSchema, Schema, Tags
+    from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
+
+    n, dim = table.shape
+    arrow = pa.table(
+        {
+            "item_id": pa.array(np.arange(n, dtype=np.int64)),
+            EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(table.reshape(-1)), dim),
+            "has_embedding": pa.array(has_embedding),
+            "used_image": pa.array(used_image),
+        }
+    )
+    pq.write_table(arrow, directory / EMBEDDINGS_FILE)
+    schema = Schema(
+        [
+            ColumnSchema(
+                "item_id",
+                dtype=md.int64,
+                tags=[Tags.ITEM_ID, Tags.ITEM, Tags.CATEGORICAL],
+                properties={"domain": {"min": 0, "max": n - 1, "name": "item_id"}},
+            ),
+            ColumnSchema(EMBEDDING_COLUMN, dtype=md.float32, tags=[Tags.EMBEDDING, Tags.ITEM], dims=(None, dim)),
+            ColumnSchema("has_embedding", dtype=md.boolean),
+            ColumnSchema("used_image", dtype=md.boolean),
+        ]
+    )
+    TensorflowMetadata.from_merlin_schema(schema).to_proto_text_file(str(directory), SCHEMA_FILE)
+
+
+def read_table_metadata(path) -> dict:
+    path = Path(path)
+    return read_json((path.parent if path.suffix == ".parquet" else path) / METADATA_FILE)
+
+
+def load_item_table(path, prepared):
+    """The table at ``path`` as a float32 tensor ``[item_cardinality, dim]`` (row = Categorify id).
+
+    Refuses (MolarDataError) a table made for other prepared data: a different item cardinality,
+    id-mapping fingerprint, or rows that are not exactly ids ``0..item_cardinality-1`` in order.
+
+        >>> table = load_item_table("/tmp/p1m/item_table", load_prepared("/tmp/p1m"))  # doctest: +SKIP
+    """
+    import pyarrow.parquet as pq
+    import torch
+
+    path = Path(path)
+    directory = path.parent if path.suffix == ".parquet" else path
+    parquet = directory / EMBEDDINGS_FILE
+    metadata = read_table_metadata(directory)
+    if not parquet.is_file():
+        raise MolarDataError(parquet, "file not found")
+    cardinality = prepared.item_cardinality
+    if metadata.get("item_cardinality") != cardinality:
+        raise MolarDataError(
+            directory,
+            f"made for {metadata.get('item_cardinality')} item ids, the prepared data at {prepared.root} has "
+            f"{cardinality}: re-run embed_catalogue for it",
+        )
+    if metadata.get("id_mapping_fingerprint") != item_id_fingerprint(prepared):
+        raise MolarDataError(
+            directory,
+            f"its item id mapping differs from the one fitted in {prepared.workflow_path} "
+            "(another dataset or a re-fitted workflow): re-run embed_catalogue for it",
+        )
+    try:
+        arrow = pq.read_table(parquet, columns=["item_id", EMBEDDING_COLUMN])
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise MolarDataError(parquet, f"not a readable item table ({e})") from None
+    ids = arrow.column("item_id").to_numpy()
+    if len(ids) != cardinality or not np.array_equal(ids, np.arange(cardinality)):
+        raise MolarDataError(parquet, f"rows are not item ids 0..{cardinality - 1} in order")
+    column = arrow.column(EMBEDDING_COLUMN).combine_chunks()
+    dim = metadata.get("dim")
+    if getattr(column.type, "list_size", None) != dim:
+        raise MolarDataError(parquet, f"embedding column is not a fixed-size list of {dim} floats")
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return torch.from_numpy(values.reshape(cardinality, dim).copy())

@@ -1,0 +1,173 @@
+import numpy as np
+import pytest
+import torch
+
+from merlin_molar.errors import MolarDataError
+from merlin_molar.items import (
+    CUR_ITEM_TOKEN,
+    ItemContent,
+    ItemPromptBuilder,
+    SentenceEncoder,
+    TextLLMEncoder,
+    VisionLanguageEncoder,
+    build_encoder,
+    detect_kind,
+)
+
+TITLES = ["Toy Story (1995)", "Toy Story 2 (1999)", "Schindler's List (1993)", "Jumanji (1995)"]
+
+
+def items_from_titles(titles, images=None):
+    images = images or [None] * len(titles)
+    return [ItemContent(3 + i, (("title", t),), img) for i, (t, img) in enumerate(zip(titles, images))]
+
+
+# --- sentence encoder: the packaged, pretrained all-MiniLM-L6-v2 --------------------------------------
+
+def test_minilm_default_shapes_and_normalisation(minilm):
+    assert isinstance(minilm, SentenceEncoder) and minilm.dim == 384
+    batch = minilm.encode(items_from_titles(TITLES))
+    assert batch.embeddings.shape == (4, 384) and batch.embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batch.embeddings, axis=1), 1.0, atol=1e-5)
+    assert not batch.used_image.any()
+
+
+def test_minilm_is_the_model_cards_mean_pooling(minilm):
+    """The model card's recipe: AutoModel, attention-masked mean of token states, L2 normalisation."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm.name_or_path
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    texts = [f"title: {t}" for t in TITLES]  # the default field template
+    inputs = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**inputs)[0]
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=1).numpy()
+    np.testing.assert_allclose(minilm.encode(items_from_titles(TITLES)).embeddings, expected, atol=1e-5)
+
+
+def test_minilm_is_pretrained_not_random(minilm):
+    e = minilm.encode(items_from_titles(TITLES)).embeddings
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.2  # Toy Story is closer to Toy Story 2 than to Schindler's List
+
+
+def test_minilm_deterministic_and_batch_independent(minilm):
+    items = items_from_titles(TITLES)
+    together = minilm.encode(items).embeddings
+    alone = np.stack([minilm.encode([it]).embeddings[0] for it in items])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_array_equal(together, minilm.encode(items).embeddings)
+
+
+def test_text_encoders_refuse_image_only_items(minilm):
+    with pytest.raises(MolarDataError, match="item 9"):
+        minilm.encode([ItemContent(9, (), "/some/poster.jpg")])
+
+
+# --- vision-language encoders: tiny random Qwen2-VL / Qwen2.5-VL through their real processors -------
+
+@pytest.fixture(scope="module")
+def vl_encoders(backbones):
+    return {t: build_encoder(backbones[t], device="cpu") for t in ("qwen2_vl", "qwen2_5_vl")}
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_vlm_shapes_images_and_cur_item_token(vl_encoders, poster_paths, model_type):
+    encoder = vl_encoders[model_type]
+    assert isinstance(encoder, VisionLanguageEncoder) and encoder.model.config.model_type == model_type
+    assert encoder.tokenizer.convert_ids_to_tokens(encoder.cur_item_id) == CUR_ITEM_TOKEN
+    assert encoder.image_tokens == 64  # 224 px
+    items = items_from_titles(TITLES[:3], poster_paths[:2] + [None])
+    batch = encoder.encode(items)
+    assert batch.embeddings.shape == (3, encoder.dim) == (3, 32)
+    assert batch.used_image.tolist() == [True, True, False] and batch.image_problems == {}
+    assert np.isfinite(batch.embeddings).all()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_vlm_embedding_is_hidden_state_at_cur_item(vl_encoders, poster_paths, model_type):
+    encoder = vl_encoders[model_type]
+    item = items_from_titles(TITLES[:1], poster_paths[:1])[0]
+    prompt = encoder.prompts.prompt(item, encoder.image_placeholder)
+    from PIL import Image
+
+    image = Image.open(poster_paths[0]).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
+    inputs = encoder.preprocessor(text=[prompt], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        states = encoder.model(**inputs).last_hidden_state[0]
+    assert inputs["input_ids"][0, -1] == encoder.cur_item_id
+    np.testing.assert_allclose(encoder.encode([item]).embeddings[0], states[-1].numpy(), atol=1e-5)
+
+
+def test_vlm_image_changes_the_embedding_and_batching_does_not(vlm, poster_paths):
+    with_image = items_from_titles(TITLES, poster_paths)
+    without = items_from_titles(TITLES)
+    a, b = vlm.encode(with_image).embeddings, vlm.encode(without).embeddings
+    assert np.abs(a - b).max() > 1e-3
+    alone = np.stack([vlm.encode([it]).embeddings[0] for it in with_image])
+    np.testing.assert_allclose(a, alone, atol=1e-4)
+
+
+def test_vlm_deterministic_across_fresh_loads(backbones, poster_paths, vlm):
+    items = items_from_titles(TITLES[:2], poster_paths[:2])
+    again = build_encoder(backbones["qwen2_vl"], device="cpu")
+    np.testing.assert_array_equal(vlm.encode(items).embeddings, again.encode(items).embeddings)
+
+
+def test_vlm_missing_and_corrupt_images_fall_back_to_text(vlm, broken_images):
+    items = items_from_titles(TITLES[:2], [broken_images["missing"], broken_images["corrupt"]])
+    batch = vlm.encode(items)
+    assert not batch.used_image.any()
+    assert set(batch.image_problems) == {3, 4}
+    assert "file not found" in batch.image_problems[3] and "unreadable image" in batch.image_problems[4]
+    text_only = vlm.encode(items_from_titles(TITLES[:2])).embeddings
+    np.testing.assert_allclose(batch.embeddings, text_only, atol=1e-6)
+
+
+def test_vlm_item_without_text_and_without_readable_image_is_an_error(vlm, broken_images):
+    with pytest.raises(MolarDataError, match="item 5"):
+        vlm.encode([ItemContent(5, (), broken_images["missing"])])
+
+
+def test_vlm_lengths_group_images_and_text(vlm, poster_paths):
+    lengths = vlm.lengths(items_from_titles(TITLES[:2], [poster_paths[0], None]))
+    assert lengths[0] > lengths[1] + 60
+
+
+# --- text-only decoder LLMs -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_text_llm_encoder(backbones, model_type):
+    encoder = build_encoder(backbones[model_type], device="cpu")
+    assert isinstance(encoder, TextLLMEncoder) and encoder.model.config.model_type == model_type
+    batch = encoder.encode(items_from_titles(TITLES, ["/ignored.jpg"] * 4))
+    assert batch.embeddings.shape == (4, 32) and not batch.used_image.any()
+    alone = encoder.encode(items_from_titles(TITLES[2:3])).embeddings[0]
+    np.testing.assert_allclose(batch.embeddings[2], alone, atol=1e-5)
+
+
+def test_long_text_is_truncated_but_keeps_cur_item(backbones):
+    encoder = build_encoder(backbones["qwen2"], device="cpu", max_text_tokens=8)
+    long_item = ItemContent(3, (("title", "Toy Story " * 200),))
+    assert encoder.lengths([long_item])[0] < 40
+    assert encoder.encode([long_item]).embeddings.shape == (1, 32)
+
+
+def test_cur_item_row_is_the_mean_embedding(backbones):
+    encoder = build_encoder(backbones["qwen2"], device="cpu")
+    weight = encoder.model.get_input_embeddings().weight
+    torch.testing.assert_close(weight[encoder.cur_item_id], weight[: encoder.cur_item_id].mean(0))
+
+
+def test_template_without_cur_item_is_refused(backbones):
+    with pytest.raises(ValueError, match=r"\[Cur_Item\]"):
+        TextLLMEncoder(backbones["qwen2"], prompts=ItemPromptBuilder(text_only_template="{text}"), device="cpu")
+
+
+def test_kind_detection(backbones, minilm):
+    assert detect_kind(None) == "sentence"
+    assert detect_kind(minilm.name_or_path) == "sentence"
+    assert detect_kind(backbones["qwen2_vl"]) == "vlm"
+    assert detect_kind(backbones["qwen2_5_vl"]) == "vlm"
+    assert detect_kind(backbones["llama"]) == "text-llm"

@@ -1,0 +1,160 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from merlin_molar.errors import MolarDataError
+from merlin_molar.items import (
+    CUR_ITEM_TOKEN,
+    ItemContent,
+    STAGE1_TASKS,
+    Stage1Example,
+    build_encoder,
+    build_stage1_mixture,
+    finetune,
+    user_behaviour_examples,
+)
+from merlin_molar.items.stage1 import _Collator, describe_item
+
+
+@pytest.fixture(scope="module")
+def mixture(small_prepared):
+    return build_stage1_mixture(small_prepared, examples_per_task=100, seed=0)
+
+
+def test_mixture_has_the_three_tasks(mixture, small_prepared, broken_images):
+    counts = {t: sum(e.task == t for e in mixture) for t in STAGE1_TASKS}
+    # 38 items have a readable poster (one is missing, one corrupt), 40 have text; behaviour is sampled
+    assert counts == {"image_description": 38, "attribute_description": 40, "user_behaviour": 100}
+    images = [e.image for e in mixture if e.task == "image_description"]
+    assert len(set(images)) == 38 and not set(broken_images.values()) & set(images)
+    assert all(e.prompt.endswith(CUR_ITEM_TOKEN) for e in mixture if e.task != "user_behaviour")
+    assert build_stage1_mixture(small_prepared, examples_per_task=100, seed=0) == mixture
+
+
+def test_description_targets_come_from_the_items_own_fields(mixture, small_prepared):
+    items = small_prepared.items().set_index("image")
+    for ex in (e for e in mixture if e.task == "image_description"):
+        row = items.loc[ex.image]
+        assert ex.target == f"{row.clean_title}. Year: {row.year}. Genres: {row.genres.replace('|', ', ')}."
+    attr = next(e for e in mixture if e.task == "attribute_description")
+    assert "clean_title: " in attr.prompt and "{image}" not in attr.prompt
+
+
+def test_describe_item_prefers_a_real_description():
+    item = ItemContent(3, (("title", "Heat"), ("genres", "Crime|Thriller")))
+    assert describe_item(item) == "Heat. Genres: Crime, Thriller."
+    assert describe_item(item, "A heist film.") == "A heist film."
+
+
+def test_user_behaviour_follows_real_histories(mixture, small_prepared):
+    from merlin_molar.data import ITEM_SEQUENCE
+
+    titles = dict(zip(small_prepared.items()["item_id"], small_prepared.items()["title"]))
+    histories = [[titles[i] for i in h] for h in small_prepared.split_frame("train")[ITEM_SEQUENCE]]
+    for ex in [e for e in mixture if e.task == "user_behaviour"][:20]:
+        context = ex.prompt.split("in order: ")[1].split(". The next item")[0].split("; ")
+        assert len(context) <= 10
+        window = context + [ex.target]
+        assert any(
+            h[i : i + len(window)] == window for h in histories for i in range(len(h) - len(window) + 1)
+        ), window
+
+
+def test_user_behaviour_history_length():
+    examples = user_behaviour_examples([[1, 2, 3, 4, 5]], {i: f"t{i}" for i in range(1, 6)}, 50, history_length=2)
+    for ex in examples:
+        assert 1 <= len(ex.prompt.split("order: ")[1].split(". The")[0].split("; ")) <= 2
+
+
+def test_image_task_skipped_without_images(small_prepared_no_images, caplog):
+    with caplog.at_level(logging.WARNING, logger="merlin_molar.items.stage1"):
+        examples = build_stage1_mixture(small_prepared_no_images, examples_per_task=5)
+    assert {e.task for e in examples} == {"attribute_description", "user_behaviour"}
+    assert "image_description skipped" in caplog.text
+
+
+def test_collator_puts_the_loss_on_target_tokens_only(vlm, poster_paths):
+    examples = [
+        Stage1Example("image_description", f"Describe: {{image}}. {CUR_ITEM_TOKEN}", "Heat. 1995.", poster_paths[0]),
+        Stage1Example("user_behaviour", "History: a; b. Next:", "Jumanji (1995)"),
+    ]
+    collate = _Collator(vlm.preprocessor, "vlm", vlm.image_placeholder, 224, 512, 64)
+    batch = collate(examples)
+    tokenizer = vlm.tokenizer
+    for row, ex in enumerate(examples):
+        labels = batch["labels"][row]
+        target = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert labels[labels != -100].tolist() == target
+        start = int((labels != -100).nonzero()[0])
+        assert batch["input_ids"][row, start : start + len(target)].tolist() == target
+        assert batch["attention_mask"][row].sum() == start + len(target)
+    assert (batch["input_ids"][0] == vlm.preprocessor.image_token_id).sum() == 64
+    assert batch["image_grid_thw"].tolist() == [[1, 16, 16]]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, backbones, mixture):
+    examples = [e for task in STAGE1_TASKS for e in [x for x in mixture if x.task == task][:2]]
+    out = tmp_path_factory.mktemp("stage1") / "lora"
+    finetune(backbones["qwen2_vl"], examples, out, max_steps=8, batch_size=6, learning_rate=5e-3, progress=False)
+    return out
+
+
+def test_lora_finetune_learns_and_saves_an_adapter(lora_dir, backbones):
+    meta = json.loads((lora_dir / "molar_stage1.json").read_text())
+    assert meta["method"] == "lora" and meta["kind"] == "vlm" and meta["steps"] == 8
+    assert meta["examples"] == {"image_description": 2, "attribute_description": 2, "user_behaviour": 2}
+    assert meta["losses"][-1] < meta["losses"][0] - 0.05
+    assert (lora_dir / "adapter_config.json").exists() and (lora_dir / "adapter_model.safetensors").exists()
+    config = json.loads((lora_dir / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": [meta["cur_item_id"]]}
+
+
+def test_encoder_from_adapter(lora_dir, vlm, poster_paths):
+    item = ItemContent(3, (("title", "Toy Story (1995)"),), poster_paths[0])
+    tuned = build_encoder(lora_dir, device="cpu")
+    assert tuned.kind == "vlm" and tuned.stage1["method"] == "lora"
+    base_vec, tuned_vec = vlm.encode([item]).embeddings, tuned.encode([item]).embeddings
+    assert np.abs(base_vec - tuned_vec).max() > 1e-3
+    trained_row = tuned.model.get_input_embeddings().weight[tuned.cur_item_id]
+    assert not torch.allclose(trained_row, vlm.model.get_input_embeddings().weight[vlm.cur_item_id])
+    np.testing.assert_array_equal(build_encoder(lora_dir, device="cpu").encode([item]).embeddings, tuned_vec)
+
+
+def test_adapter_reloads_with_peft(lora_dir, backbones):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from merlin_molar.items.encoders import add_cur_item_token, load_preprocessor
+
+    base = AutoModelForImageTextToText.from_pretrained(backbones["qwen2_vl"])
+    add_cur_item_token(load_preprocessor(lora_dir, "vlm").tokenizer, base)
+    model = PeftModel.from_pretrained(base, lora_dir)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_full_finetune_of_a_text_llm(tmp_path, backbones, mixture, caplog):
+    examples = [e for e in mixture if e.task == "image_description"][:2] + [
+        e for e in mixture if e.task == "attribute_description"
+    ][:4]
+    with caplog.at_level(logging.WARNING, logger="merlin_molar.items.stage1"):
+        out = finetune(backbones["qwen2"], examples, tmp_path / "full", method="full", max_steps=2, batch_size=2,
+                       progress=False)
+    assert "image_description examples skipped" in caplog.text
+    meta = json.loads((out / "molar_stage1.json").read_text())
+    assert meta["examples"]["image_description"] == 0 and meta["examples"]["attribute_description"] == 4
+    encoder = build_encoder(out, device="cpu")
+    base = build_encoder(backbones["qwen2"], device="cpu")
+    item = [ItemContent(3, (("title", "Heat (1995)"),))]
+    assert encoder.kind == "text-llm"
+    assert np.abs(encoder.encode(item).embeddings - base.encode(item).embeddings).max() > 1e-4
+
+
+def test_finetune_refuses_sentence_encoders_and_empty_mixtures(tmp_path, minilm, backbones):
+    with pytest.raises(ValueError, match="LLM or vision-language backbone"):
+        finetune(minilm.name_or_path, [Stage1Example("x", "p", "t")], tmp_path / "x")
+    with pytest.raises(MolarDataError, match="no training examples"):
+        finetune(backbones["qwen2"], [], tmp_path / "y")

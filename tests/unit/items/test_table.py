@@ -1,0 +1,176 @@
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from merlin_molar.errors import MolarDataError
+from merlin_molar.items import (
+    ItemContent,
+    ItemPromptBuilder,
+    embed_catalogue,
+    item_id_fingerprint,
+    load_item_table,
+    merge_shards,
+    read_table_metadata,
+)
+from merlin_molar.items.encoders import ItemEncoder
+from merlin_molar.items.table import EMBEDDINGS_FILE, SCHEMA_FILE
+
+BATCH, CHUNK_BATCHES = 4, 2  # 8 items per chunk: 5 chunks for the 40-item slice
+
+
+def run(prepared, encoder, out, **kwargs):
+    kwargs.setdefault("batch_size", BATCH)
+    kwargs.setdefault("chunk_batches", CHUNK_BATCHES)
+    return embed_catalogue(prepared, encoder, out, progress=False, **kwargs)
+
+
+def table_bytes(path):
+    return (path / EMBEDDINGS_FILE).read_bytes(), (path / SCHEMA_FILE).read_bytes()
+
+
+class CrashingEncoder(ItemEncoder):
+    """The real encoder, killed after ``calls`` batches (a job dying half-way)."""
+
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+        self.kind, self.prompts, self.dim = inner.kind, inner.prompts, inner.dim
+
+    def lengths(self, items):
+        return self.inner.lengths(items)
+
+    def describe(self):
+        return self.inner.describe()
+
+    def encode(self, items):
+        if self.calls == 0:
+            raise RuntimeError("killed")
+        self.calls -= 1
+        return self.inner.encode(items)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_prepared, minilm):
+    """An uninterrupted single-process run."""
+    out = tmp_path_factory.mktemp("reference") / "item_table"
+    result = run(small_prepared, minilm, out)
+    assert result.complete and result.chunks_total == 5 and result.items_encoded == 40
+    return out
+
+
+def test_table_rows_are_categorify_ids_with_the_right_items(reference, small_prepared, small_raw, minilm):
+    import nvtabular as nvt
+
+    from merlin_molar.data.workflow import item_id_mapping
+
+    table = load_item_table(reference, small_prepared)
+    assert table.dtype == torch.float32 and table.shape == (small_prepared.item_cardinality, 384) == (43, 384)
+    assert torch.all(table[:3] == 0)
+    # Independently: raw item -> Categorify id from the fitted workflow; raw row -> MiniLM vector.
+    mapping = item_id_mapping(nvt.Workflow.load(str(small_prepared.workflow_path)))
+    prompts = ItemPromptBuilder(text_columns=tuple(small_raw.text_columns))
+    raw_items = small_raw.items.set_index("item_id")
+    raw_ids = list(mapping.index)
+    expected = minilm.encode([
+        ItemContent(int(r), tuple((c, str(raw_items.at[r, c])) for c in prompts.text_columns), None) for r in raw_ids
+    ]).embeddings
+    np.testing.assert_allclose(table[mapping.values].numpy(), expected, atol=1e-5)
+
+
+def test_parquet_columns_schema_and_metadata(reference, small_prepared):
+    arrow = pq.read_table(reference / EMBEDDINGS_FILE)
+    assert arrow.column_names == ["item_id", "embedding", "has_embedding", "used_image"]
+    embedding_type = arrow.schema.field("embedding").type
+    assert pa.types.is_fixed_size_list(embedding_type) and embedding_type.list_size == 384
+    assert embedding_type.value_type == pa.float32()
+    assert arrow.column("has_embedding").to_pylist() == [False] * 3 + [True] * 40
+    from merlin.io import Dataset
+    from merlin.schema import Tags
+
+    schema = Dataset(str(reference / EMBEDDINGS_FILE), engine="parquet").schema
+    assert schema.select_by_tag(Tags.EMBEDDING).column_names == ["embedding"]
+    assert schema.select_by_tag(Tags.ITEM_ID).column_names == ["item_id"]
+    meta = read_table_metadata(reference)
+    assert meta["id_mapping_fingerprint"] == item_id_fingerprint(small_prepared)
+    assert meta["item_cardinality"] == 43 and meta["dim"] == 384 and meta["items_embedded"] == 40
+    assert meta["zero_rows"] == [0, 1, 2] and meta["missing_image_ids"] == []
+    assert meta["prompt_template"]["text_columns"] == small_prepared.manifest["text_columns"]
+    assert "all_minilm" in meta["backbone"] and meta["created"]
+    assert not reference.with_name("item_table.work").exists()
+
+
+def test_resume_after_max_chunks_is_byte_identical(tmp_path, reference, small_prepared, minilm):
+    out = tmp_path / "item_table"
+    first = run(small_prepared, minilm, out, max_chunks=2)
+    assert not first.complete and first.chunks_done == 2 and not out.exists()
+    second = run(small_prepared, minilm, out)
+    assert second.complete and second.chunks_encoded == 3 and second.items_encoded == 24
+    assert table_bytes(out) == table_bytes(reference)
+
+
+def test_resume_after_a_crash_is_byte_identical(tmp_path, reference, small_prepared, minilm):
+    out = tmp_path / "item_table"
+    with pytest.raises(RuntimeError, match="killed"):
+        run(small_prepared, CrashingEncoder(minilm, calls=5), out)  # dies inside the third chunk
+    assert len(list(out.with_name("item_table.work").glob("chunks/*.npz"))) == 2
+    resumed = run(small_prepared, minilm, out)
+    assert resumed.chunks_encoded == 3
+    assert table_bytes(out) == table_bytes(reference)
+
+
+def test_two_shards_merged_equal_one_process(tmp_path, reference, small_prepared, minilm):
+    out = tmp_path / "item_table"
+    zero = run(small_prepared, minilm, out, shard_index=0, num_shards=2)
+    assert zero.complete and zero.chunks_total == 3 and not out.exists()
+    with pytest.raises(MolarDataError, match=r"shard\(s\) \[1\] of 2"):
+        merge_shards(out)
+    with pytest.raises(RuntimeError):
+        run(small_prepared, CrashingEncoder(minilm, calls=1), out, shard_index=1, num_shards=2)
+    one = run(small_prepared, minilm, out, shard_index=1, num_shards=2)  # the failed shard, re-run alone
+    assert one.complete and one.chunks_encoded == 2
+    merge_shards(out)
+    assert table_bytes(out) == table_bytes(reference)
+
+
+def test_work_dir_of_another_run_is_refused(tmp_path, small_prepared, minilm):
+    out = tmp_path / "item_table"
+    run(small_prepared, minilm, out, max_chunks=1)
+    with pytest.raises(MolarDataError, match=r"different run \(differs in \['batch_size', 'chunks'\]\)"):
+        run(small_prepared, minilm, out, batch_size=8)
+    assert run(small_prepared, minilm, out, batch_size=8, resume=False).complete
+
+
+def test_loader_refuses_tables_of_other_data(reference, remapped_prepared, ml100k_prepared):
+    assert remapped_prepared.item_cardinality == 43
+    with pytest.raises(MolarDataError, match="item id mapping differs"):
+        load_item_table(reference, remapped_prepared)
+    with pytest.raises(MolarDataError, match="made for 43 item ids"):
+        load_item_table(reference, ml100k_prepared)
+
+
+def test_loader_refuses_reordered_rows(tmp_path, reference, small_prepared):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(reference, bad)
+    arrow = pq.read_table(bad / EMBEDDINGS_FILE)
+    pq.write_table(arrow.take(list(range(42, -1, -1))), bad / EMBEDDINGS_FILE)
+    with pytest.raises(MolarDataError, match="rows are not item ids 0..42 in order"):
+        load_item_table(bad, small_prepared)
+
+
+def test_vlm_table_reports_missing_and_corrupt_images(tmp_path, small_prepared, vlm, broken_image_ids):
+    out = tmp_path / "vlm_table"
+    with pytest.warns(UserWarning, match="2 item\\(s\\) had a missing or unreadable image"):
+        run(small_prepared, vlm, out)
+    meta = read_table_metadata(out)
+    broken = sorted(broken_image_ids.values())
+    assert meta["missing_image_ids"] == broken and meta["missing_image_count"] == 2
+    assert "file not found" in meta["missing_image_examples"][str(broken_image_ids["missing"])]
+    assert meta["items_with_image"] == 38 and meta["encoder"]["image_size"] == 224
+    used = pq.read_table(out / EMBEDDINGS_FILE).column("used_image").to_numpy(zero_copy_only=False)
+    assert not used[broken].any() and used[3:].sum() == 38
+    table = load_item_table(out, small_prepared)
+    assert table.shape == (43, 32) and torch.all(table[3:].abs().sum(1) > 0)
