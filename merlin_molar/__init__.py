@@ -13,3 +13,10 @@ from merlin_molar import compat as _compat  # noqa: E402
 _compat.apply()
 
 __version__ = "0.1.0"
+
+from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402,F401
+from merlin_molar.id_models import SASRecConfig, sasrec_body, sasrec_model  # noqa: E402,F401
+from merlin_molar.model import MolarConfig, molar_model  # noqa: E402,F401
+from merlin_molar.persistence import load_model, save_model  # noqa: E402,F401
+from merlin_molar.task import FullRankingNextItemTask, MolarTask  # noqa: E402,F401
+from merlin_molar.user import ContentItemEmbedding, MolarBlock, content_item_inputs, small_decoder_config  # noqa: E402,F401

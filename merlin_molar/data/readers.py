@@ -139,6 +139,26 @@ def read_movielens_dat(root: Path) -> RawDataset:
     return RawDataset(validate_interactions(inter, ratings), validate_items(items, movies, text), str(root), text)
 
 
+def read_movielens_100k(root: Path) -> RawDataset:
+    """Original GroupLens ML-100K files: ``u.data`` (tab-separated) and ``u.item`` (``|``-separated)."""
+    ratings = _require_file(root / "u.data")
+    movies = _require_file(root / "u.item")
+    inter = pd.read_csv(ratings, sep="\t", names=["user_id", "item_id", "rating", "timestamp"])
+    genre_names = [
+        "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+        "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    ]
+    items = pd.read_csv(
+        movies, sep="|", encoding="latin-1", header=None,
+        names=["item_id", "title", "release_date", "video_release_date", "url", *genre_names],
+    )
+    flags = items[genre_names].to_numpy().astype(bool)
+    items["genres"] = [", ".join(g for g, on in zip(genre_names, row) if on) for row in flags]
+    items = items[["item_id", "title", "genres"]]
+    text = ["title", "genres"]
+    return RawDataset(validate_interactions(inter, ratings), validate_items(items, movies, text), str(root), text)
+
+
 def _read_atomic(path: Path) -> pd.DataFrame:
     """RecBole atomic file: tab-separated, header fields written ``name:type``."""
     df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
@@ -245,6 +265,7 @@ def _read_any(path: Path) -> pd.DataFrame:
 _DETECTORS: List[tuple] = [
     ("csv", lambda r: (r / "interactions.csv").exists(), read_csv_layout),
     ("movielens-dat", lambda r: (r / "ratings.dat").exists(), read_movielens_dat),
+    ("movielens-100k", lambda r: (r / "u.data").exists(), read_movielens_100k),
     ("recbole", lambda r: any(r.glob("*.inter")), read_recbole),
 ]
 

@@ -108,3 +108,17 @@ def test_missing_files_and_unknown_layout(tmp_path):
     (tmp_path / "interactions.csv").write_text("user_id,item_id,timestamp\n1,2,3\n")
     with pytest.raises(MolarDataError, match="items.csv: file not found"):
         read_dataset(tmp_path)
+
+
+def test_movielens_100k_original_files(tmp_path):
+    (tmp_path / "u.data").write_text("1\t10\t5\t874965758\n1\t11\t3\t876893171\n2\t10\t4\t878542960\n")
+    flags = "|".join(["0"] * 19)
+    comedy = "|".join(["0"] * 5 + ["1"] + ["0"] * 13)
+    (tmp_path / "u.item").write_bytes(
+        f"10|Toy Story (1995)|01-Jan-1995||http://x|{comedy}\n11|GoldenEye (1995)|01-Jan-1995||http://y|{flags}\n".encode(
+            "latin-1"
+        )
+    )
+    raw = read_dataset(tmp_path)
+    assert raw.items.set_index("item_id").loc[10, "genres"] == "Comedy"
+    assert len(raw.interactions) == 3

@@ -1,0 +1,270 @@
+"""`merlin-molar`: the command line. Every subcommand has --help; options may also come from a YAML or
+TOML file given with --config (keys are the long option names, e.g. ``max_length: 50``; flags win)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from merlin_molar.errors import MolarDataError
+
+LOG = logging.getLogger("merlin_molar")
+
+
+def _load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise MolarDataError(p, "config file not found")
+    text = p.read_text()
+    if p.suffix in (".toml",):
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise MolarDataError(p, "expected a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _json_option(value: Optional[str]) -> dict:
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise MolarDataError("--model-options", f"not valid JSON ({e.msg}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise MolarDataError("--model-options", "expected a JSON object")
+    return parsed
+
+
+def _train_config(args):
+    from merlin_molar.training import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        save_steps=args.save_steps,
+        bf16=args.bf16,
+    )
+
+
+def cmd_prepare(args):
+    from merlin_molar.pipeline import prepare_dataset
+
+    data = prepare_dataset(args.data, args.output, max_length=args.max_length, k_core=args.k_core, fmt=args.format)
+    m = data.manifest
+    print(f"prepared {m['users']} users, {m['interactions']} interactions, {m['items_interacted']} items")
+    print(f"wrote {data.root}/{{train,valid,test}}/, {data.workflow_path}, {data.items_path}")
+
+
+def cmd_embed_items(args):
+    from merlin_molar.data import load_prepared
+    from merlin_molar.pipeline import embed_item_table
+
+    data = load_prepared(args.prepared)
+    options = {"batch_size": args.batch_size, "shard_index": args.shard_index, "num_shards": args.num_shards}
+    if args.kind:
+        options["kind"] = args.kind
+    if args.device:
+        options["device"] = args.device
+    out = embed_item_table(data, args.output, encoder=args.encoder, **options)
+    print(f"wrote item table {out}")
+
+
+def cmd_finetune_items(args):
+    from merlin_molar.data import load_prepared
+    from merlin_molar.items import build_stage1_mixture, finetune
+
+    data = load_prepared(args.prepared)
+    examples = build_stage1_mixture(data, examples_per_task=args.examples_per_task)
+    out = finetune(
+        args.base_model, examples, args.output, method=args.method, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
+    )
+    print(f"wrote fine-tuned item encoder {out} (use it with: merlin-molar embed-items --encoder {out})")
+
+
+def cmd_train(args):
+    from merlin_molar.data import load_prepared
+    from merlin_molar.pipeline import metrics_table, train
+
+    data = load_prepared(args.prepared)
+    result = train(
+        data, args.model, args.output, _json_option(args.model_options), _train_config(args),
+        item_table_path=args.item_table, resume=args.resume, init_id_branch_from=args.init_id_branch,
+    )
+    print(metrics_table({args.model: result}, "valid").replace("model", "valid", 1))
+    print(metrics_table({args.model: result}, "test").replace("model", "test ", 1))
+    print(f"wrote model {result['model_dir']}, metrics {Path(args.output) / 'metrics.json'}, "
+          f"checkpoints {Path(args.output) / 'checkpoints'}")
+
+
+def cmd_evaluate(args):
+    from merlin_molar.data import load_prepared
+    from merlin_molar.pipeline import evaluate_saved
+
+    metrics = evaluate_saved(args.model_dir, load_prepared(args.prepared), args.split)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_recommend(args):
+    from merlin_molar.data import load_prepared
+    from merlin_molar.pipeline import recommend
+
+    histories = [[h.strip() for h in history.split(",") if h.strip()] for history in args.history]
+    recs = recommend(args.model_dir, load_prepared(args.prepared), histories, args.top_k)
+    print(recs.to_string(index=False))
+
+
+def cmd_export(args):
+    from merlin_molar.serving import export_triton
+
+    out = export_triton(args.model_dir, args.prepared, args.repository, top_k=args.top_k)
+    print(f"wrote Triton model repository {out}")
+
+
+def cmd_quickstart(args):
+    from merlin_molar.quickstart import run_quickstart
+
+    run_quickstart(args.data, args.workdir, epochs=args.epochs, download=not args.no_download)
+
+
+def _add_train_options(p):
+    p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (0: no checkpoints)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="merlin-molar", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML or TOML file with this command's options")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("prepare", cmd_prepare, "raw data -> NVTabular workflow + leave-one-out train/valid/test")
+    p.add_argument("--data", required=True, help="dataset directory (see --format)")
+    p.add_argument("--format", default="auto", help="auto | csv | movielens-dat | movielens-100k | recbole")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--max-length", type=int, default=200, help="keep the last N items of each history")
+    p.add_argument("--k-core", type=int, default=0, help="iteratively keep users/items with >= K interactions")
+
+    p = add("embed-items", cmd_embed_items, "MIRM: embed the item catalogue into the item feature table")
+    p.add_argument("--prepared", required=True, help="directory written by `prepare`")
+    p.add_argument("--encoder", help="local path or hub id of the item encoder (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--kind", help="sentence | text-llm | vlm (default: detected)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--output", help="table directory (default: PREPARED/item_table)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-index", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+
+    p = add("finetune-items", cmd_finetune_items, "MIRM stage 1: fine-tune the item encoder (LoRA or full)")
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--base-model", required=True, help="local path or hub id of a VLM or text LLM")
+    p.add_argument("--output", required=True)
+    p.add_argument("--method", default="lora", choices=["lora", "full"])
+    p.add_argument("--examples-per-task", type=int, default=10_000)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+
+    p = add("train", cmd_train, "train SASRec or Molar with the Transformers4Rec Trainer, then evaluate")
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--model", default="molar", choices=["sasrec", "molar"])
+    p.add_argument("--item-table", help="item table directory (Molar)")
+    p.add_argument("--model-options", help='JSON object of model options, e.g. \'{"alpha": 0.1, "id_weight": 0.5}\'')
+    p.add_argument("--init-id-branch", help="a saved SASRec model dir to initialise Molar's ID branch from")
+    p.add_argument("--output", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    _add_train_options(p)
+
+    p = add("evaluate", cmd_evaluate, "full-ranking Recall/NDCG@10/20/50 of a saved model")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+
+    p = add("recommend", cmd_recommend, "top-k items for given histories (raw item ids)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--history", action="append", required=True, help="comma-separated raw item ids; repeatable")
+    p.add_argument("--top-k", type=int, default=10)
+
+    p = add("export", cmd_export, "write a Triton Inference Server model repository (workflow + model + top-k)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--repository", required=True)
+    p.add_argument("--top-k", type=int, default=10)
+
+    p = add("quickstart", cmd_quickstart, "the whole pipeline on MovieLens on CPU, ending in a metrics table")
+    p.add_argument("--data", help="MovieLens directory (default: $MOLAR_DATA, ../shared/data/ml-100k, or a download)")
+    p.add_argument("--workdir", default="outputs/quickstart")
+    p.add_argument("--epochs", type=float, default=None, help="override the CPU default epoch count")
+    p.add_argument("--no-download", action="store_true")
+    return parser
+
+
+def _config_path(argv: List[str]) -> Optional[str]:
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices
+    command = next((token for token in argv if token in subparsers), None)
+    config_file = _config_path(argv)
+    if command and config_file:
+        try:
+            values = _load_config_file(config_file)
+        except MolarDataError as e:
+            parser.error(str(e))
+        sub = subparsers[command]
+        unknown = sorted(set(values) - {a.dest for a in sub._actions})
+        if unknown:
+            parser.error(f"{config_file}: unknown option(s) {unknown}")
+        sub.set_defaults(**values)
+        for action in sub._actions:  # an option given in the file is no longer required on the line
+            if action.dest in values:
+                action.required = False
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    import merlin_molar  # noqa: F401  (compat layer)
+
+    start = time.perf_counter()
+    try:
+        args.func(args)
+    except MolarDataError as e:
+        print(f"merlin-molar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    LOG.info("%s finished in %.1f s", args.command, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The end-to-end steps, raw data to recommendations, as plain functions (the CLI and quickstart call these).
+
+    prepare_dataset -> embed_item_table -> train (sasrec | molar) -> evaluate / recommend -> export
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import urllib.request
+import zipfile
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pandas as pd
+import torch
+
+from merlin_molar.data import PreparedData, load_prepared, prepare, read_dataset
+from merlin_molar.errors import MolarDataError
+from merlin_molar.id_models import SASRecConfig, sasrec_model
+from merlin_molar.io import claim_output_dir, write_json
+from merlin_molar.model import MolarConfig, molar_model
+from merlin_molar.persistence import load_model, save_model
+from merlin_molar.training import TrainConfig, evaluate, make_trainer
+
+LOG = logging.getLogger(__name__)
+ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+DATA_ENV = "MOLAR_DATA"
+
+
+def resolve_dataset(path: Optional[str] = None, download: bool = True) -> Path:
+    """Where the quickstart's data comes from: ``path``; else ``$MOLAR_DATA``; else ``../shared/data/ml-100k``
+    beside the checkout; else a cached or freshly downloaded MovieLens-100K (GroupLens) when the network
+    allows; otherwise an error that says exactly what to pass."""
+    if path:
+        return Path(path).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+    if beside.exists():
+        return beside
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "merlin-molar" / "ml-100k"
+    if (cache / "u.data").exists():
+        return cache
+    if download:
+        try:
+            return download_movielens_100k(cache)
+        except OSError as e:
+            LOG.warning("could not download %s: %s", ML100K_URL, e)
+    raise MolarDataError(
+        "quickstart data",
+        "no dataset found: pass --data DIR (a MovieLens directory: interactions.csv + items.csv, ratings.dat + "
+        f"movies.dat, or u.data + u.item) or set {DATA_ENV}=DIR; downloading {ML100K_URL} failed or was disabled",
+    )
+
+
+def download_movielens_100k(cache: Path) -> Path:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    archive = cache.parent / "ml-100k.zip.part"
+    LOG.info("downloading %s", ML100K_URL)
+    with urllib.request.urlopen(ML100K_URL, timeout=30) as response, open(archive, "wb") as f:
+        shutil.copyfileobj(response, f)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(cache.parent)
+    archive.unlink()
+    return cache
+
+
+def prepare_dataset(data, output_dir, max_length: int = 200, k_core: int = 0, fmt: str = "auto") -> PreparedData:
+    return prepare(read_dataset(data, fmt), output_dir, max_length=max_length, k=k_core)
+
+
+def embed_item_table(prepared: PreparedData, output_path=None, encoder: Optional[str] = None, **kwargs) -> Path:
+    from merlin_molar.items import build_encoder, embed_catalogue
+
+    output_path = Path(output_path or prepared.root / "item_table")
+    encoder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kind", "device", "image_size", "template")}
+    embed_catalogue(prepared, build_encoder(encoder, **encoder_kwargs), output_path, **kwargs)
+    return output_path
+
+
+def _dataclass_from(cls, values: Optional[dict]):
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def build_model(kind: str, prepared: PreparedData, model_options: Optional[dict], item_table_path=None):
+    """``(model, config, item_table)`` for ``kind`` in ``sasrec`` | ``molar``."""
+    options = dict(model_options or {})
+    options.setdefault("max_length", prepared.max_length)
+    if kind == "sasrec":
+        config = _dataclass_from(SASRecConfig, options)
+        return sasrec_model(prepared.schema, config), config, None
+    if kind == "molar":
+        from merlin_molar.items import load_item_table
+
+        if item_table_path is None:
+            raise MolarDataError("train", "a Molar model needs --item-table (run `merlin-molar embed-items` first)")
+        table = load_item_table(item_table_path, prepared)
+        config = _dataclass_from(MolarConfig, options)
+        return molar_model(prepared.schema, table, config), config, table
+    raise ValueError(f"unknown model kind {kind!r}: choose 'sasrec' or 'molar'")
+
+
+def _run_identity(prepared: PreparedData, kind: str, config, train_config: TrainConfig, item_table_path) -> dict:
+    payload = json.dumps(
+        {"model": config.to_dict(), "train": asdict(train_config), "item_table": str(item_table_path)},
+        sort_keys=True,
+        default=str,
+    )
+    return {
+        "stage": "train",
+        "kind": kind,
+        "dataset_fingerprint": prepared.manifest["fingerprint"],
+        "max_length": prepared.max_length,
+        "config_sha": hashlib.sha256(payload.encode()).hexdigest()[:16],
+    }
+
+
+def train(
+    prepared: PreparedData,
+    kind: str,
+    output_dir,
+    model_options: Optional[dict] = None,
+    train_config: TrainConfig = TrainConfig(),
+    item_table_path=None,
+    resume: bool = False,
+    init_id_branch_from=None,
+) -> Dict:
+    """Train with the T4Rec Trainer, evaluate on valid and test, save the model under ``output_dir/model``.
+
+    Checkpoints go to ``output_dir/checkpoints``; ``resume=True`` continues from the last one. An output
+    directory that belongs to another dataset or configuration is refused."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(output_dir)
+    torch.manual_seed(train_config.seed)
+    model, config, table = build_model(kind, prepared, model_options, item_table_path)
+    claim_output_dir(output_dir, _run_identity(prepared, kind, config, train_config, item_table_path))
+    if init_id_branch_from:
+        from merlin_molar.model import load_id_branch
+
+        load_id_branch(model, load_model(init_id_branch_from)[0])
+    checkpoints = output_dir / "checkpoints"
+    trainer = make_trainer(model, prepared, checkpoints, train_config)
+    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.exists() else None
+    if resume and last is None:
+        LOG.info("no checkpoint in %s: training from the start", checkpoints)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - start
+    result = {
+        "kind": kind,
+        "train_seconds": seconds,
+        "resumed_from": last,
+        "valid": evaluate(trainer, prepared, "valid"),
+        "test": evaluate(trainer, prepared, "test"),
+        "log_history": trainer.state.log_history,
+    }
+    model_dir = save_model(trainer.model, output_dir / "model", kind, config, prepared.schema, table)
+    result["model_dir"] = str(model_dir)
+    write_json(output_dir / "metrics.json", {k: v for k, v in result.items() if k != "log_history"})
+    return result
+
+
+def evaluate_saved(model_dir, prepared: PreparedData, split: str = "test", batch_size: int = 256) -> Dict[str, float]:
+    model, _, _, _ = load_model(model_dir)
+    trainer = make_trainer(model, prepared, Path(model_dir) / ".eval", TrainConfig(eval_batch_size=batch_size))
+    return evaluate(trainer, prepared, split)
+
+
+def recommend(model_dir, prepared: PreparedData, histories: Sequence[Sequence], top_k: int = 10) -> pd.DataFrame:
+    """Top-k raw item ids (with titles where known) for raw-id histories, history items excluded."""
+    model, _, _, _ = load_model(model_dir)
+    items = prepared.items()
+    to_code = dict(zip(items["item_id_raw"].astype(str), items["item_id"]))
+    to_raw = dict(zip(items["item_id"], items["item_id_raw"]))
+    title_col = next((c for c in ("clean_title", "title", "name") if c in items), None)
+    titles = dict(zip(items["item_id"], items[title_col])) if title_col else {}
+    max_length = prepared.max_length
+    rows = []
+    for user, history in enumerate(histories):
+        if len(history) == 0:
+            raise MolarDataError(f"history {user}", "is empty: give at least one item id")
+        unknown = [h for h in history if str(h) not in to_code]
+        if unknown:
+            raise MolarDataError(f"history {user}", f"unknown item id(s) {unknown[:5]} (not in the prepared catalogue)")
+        codes = [to_code[str(h)] for h in history][-max_length:]
+        batch = torch.zeros(1, max_length, dtype=torch.long)
+        batch[0, : len(codes)] = torch.tensor(codes)
+        with torch.no_grad():
+            scores = model({"item_id-list": batch})
+        top_scores, top_ids = torch.topk(scores[0], k=top_k)
+        for rank, (code, score) in enumerate(zip(top_ids.tolist(), top_scores.tolist()), 1):
+            rows.append({"history": user, "rank": rank, "item_id": to_raw[code], "title": titles.get(code, ""), "score": score})
+    return pd.DataFrame(rows)
+
+
+def metrics_table(results: Dict[str, Dict], split: str = "test", ks=(10, 20, 50)) -> str:
+    """A fixed-width table of Recall/NDCG@K and train time per model."""
+    header = f"{'model':<28}" + "".join(f"{f'R@{k}':>9}{f'N@{k}':>9}" for k in ks) + f"{'train s':>10}"
+    lines = [header, "-" * len(header)]
+    for name, result in results.items():
+        m = result[split]
+        lines.append(
+            f"{name:<28}"
+            + "".join(f"{m[f'recall@{k}']:>9.4f}{m[f'ndcg@{k}']:>9.4f}" for k in ks)
+            + f"{result.get('train_seconds', float('nan')):>10.1f}"
+        )
+    return "\n".join(lines)
