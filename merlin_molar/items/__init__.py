@@ -13,6 +13,7 @@ built.
 from merlin_molar.items.encoders import (  # noqa: F401
     EncodedBatch,
     ItemEncoder,
+    PreparedBatch,
     SentenceEncoder,
     TextLLMEncoder,
     VisionLanguageEncoder,
@@ -38,6 +39,7 @@ from merlin_molar.items.stage1 import (  # noqa: F401
 from merlin_molar.items.table import (  # noqa: F401
     CatalogueResult,
     embed_catalogue,
+    encode_batches,
     encode_items,
     item_id_fingerprint,
     load_item_table,

@@ -70,17 +70,37 @@ class EncodedBatch:
     image_problems: Dict[int, str] = field(default_factory=dict)  # item_id -> why it was encoded text-only
 
 
+@dataclass
+class PreparedBatch:
+    """The host-side half of encoding a batch (images read, prompts tokenised): see ``ItemEncoder.prepare``."""
+
+    inputs: object
+    used_image: np.ndarray
+    image_problems: Dict[int, str] = field(default_factory=dict)
+
+
 class ItemEncoder:
-    """Interface: ``encode(items) -> EncodedBatch``, ``lengths(items)`` for length grouping, ``describe()``."""
+    """Interface: ``encode(items) -> EncodedBatch``, ``lengths(items)`` for length grouping, ``describe()``.
+
+    ``encode`` is ``forward(prepare(items))``: ``prepare`` is the CPU work (reading images, processors,
+    tokenisers) and ``forward`` the model, so a catalogue job can prepare the next batch while the GPU
+    runs the current one."""
 
     kind: str = ""
     uses_images: bool = False
+    device: str = "cpu"
     prompts: ItemPromptBuilder
     name_or_path: str
     dim: int
 
-    def encode(self, items: Sequence[ItemContent]) -> EncodedBatch:
+    def prepare(self, items: Sequence[ItemContent]) -> PreparedBatch:
         raise NotImplementedError
+
+    def forward(self, batch: PreparedBatch) -> EncodedBatch:
+        raise NotImplementedError
+
+    def encode(self, items: Sequence[ItemContent]) -> EncodedBatch:
+        return self.forward(self.prepare(items))
 
     def lengths(self, items: Sequence[ItemContent]) -> List[int]:
         """Approximate input length per item (tokens), used to batch items of similar length."""
@@ -141,11 +161,14 @@ class SentenceEncoder(ItemEncoder):
         ids = self.model.tokenizer(self._texts(items), add_special_tokens=False)["input_ids"]
         return [len(x) for x in ids]
 
-    def encode(self, items: Sequence[ItemContent]) -> EncodedBatch:
-        texts = self._texts(items)
+    def prepare(self, items: Sequence[ItemContent]) -> PreparedBatch:
+        return PreparedBatch(self._texts(items), np.zeros(len(items), dtype=bool))
+
+    def forward(self, batch: PreparedBatch) -> EncodedBatch:
+        texts = batch.inputs
         with self._torch.inference_mode():
             emb = self.model.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
-        return EncodedBatch(np.asarray(emb, dtype=np.float32), np.zeros(len(items), dtype=bool))
+        return EncodedBatch(np.asarray(emb, dtype=np.float32), batch.used_image)
 
     def describe(self) -> Dict[str, object]:
         return {
@@ -294,7 +317,10 @@ class _CurItemEncoder(ItemEncoder):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return text if len(ids) <= self.max_text_tokens else self.tokenizer.decode(ids[: self.max_text_tokens])
 
-    def _forward(self, inputs) -> np.ndarray:
+    def forward(self, batch: PreparedBatch) -> EncodedBatch:
+        return EncodedBatch(self._hidden_at_cur_item(batch.inputs), batch.used_image, batch.image_problems)
+
+    def _hidden_at_cur_item(self, inputs) -> np.ndarray:
         torch = self._torch
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with torch.inference_mode():
@@ -350,9 +376,9 @@ class TextLLMEncoder(_CurItemEncoder):
     def lengths(self, items: Sequence[ItemContent]) -> List[int]:
         return [len(x) for x in self.tokenizer(self._prompts(items))["input_ids"]]
 
-    def encode(self, items: Sequence[ItemContent]) -> EncodedBatch:
+    def prepare(self, items: Sequence[ItemContent]) -> PreparedBatch:
         inputs = self.tokenizer(self._prompts(items), padding=True, return_tensors="pt")
-        return EncodedBatch(self._forward(inputs), np.zeros(len(items), dtype=bool))
+        return PreparedBatch(inputs, np.zeros(len(items), dtype=bool))
 
 
 class VisionLanguageEncoder(_CurItemEncoder):
@@ -400,7 +426,7 @@ class VisionLanguageEncoder(_CurItemEncoder):
         ids = self.tokenizer(texts)["input_ids"]
         return [len(x) + (self.image_tokens if item.image else 0) for x, item in zip(ids, items)]
 
-    def encode(self, items: Sequence[ItemContent]) -> EncodedBatch:
+    def prepare(self, items: Sequence[ItemContent]) -> PreparedBatch:
         texts, images, problems = [], [], {}
         used = np.zeros(len(items), dtype=bool)
         for i, item in enumerate(items):
@@ -417,7 +443,7 @@ class VisionLanguageEncoder(_CurItemEncoder):
                 images.append(image)
                 used[i] = True
         inputs = self.preprocessor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        return EncodedBatch(self._forward(inputs), used, problems)
+        return PreparedBatch(inputs, used, problems)
 
     def describe(self) -> Dict[str, object]:
         return {**super().describe(), "image_size": self.image_size, "image_tokens": self.image_tokens}

@@ -30,9 +30,10 @@ import json
 import logging
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -90,15 +91,35 @@ def encode_items(
     embeddings = np.zeros((len(items), encoder.dim), dtype=np.float32)
     used = np.zeros(len(items), dtype=bool)
     problems: Dict[int, str] = {}
+    indices = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = encode_batches(encoder, [[items[i] for i in index] for index in indices])
     with tqdm(total=len(items), desc=f"encode ({encoder.kind})", unit="item", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = encoder.encode([items[i] for i in index])
+        for index, batch in zip(indices, batches):
             embeddings[index] = batch.embeddings
             used[index] = batch.used_image
             problems.update(batch.image_problems)
             bar.update(len(index))
     return EncodedBatch(embeddings, used, problems)
+
+
+def encode_batches(
+    encoder: ItemEncoder, batches: Sequence[Sequence[ItemContent]], prefetch: Optional[bool] = None
+) -> Iterator[EncodedBatch]:
+    """Encode ``batches`` in order. With ``prefetch`` (default: when the encoder runs on GPU) the next
+    batch is prepared (images, processor) on a host thread while the model runs the current one."""
+    if prefetch is None:
+        prefetch = str(encoder.device).startswith("cuda")
+    if not prefetch:
+        for items in batches:
+            yield encoder.encode(items)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(encoder.prepare, batches[0]) if batches else None
+        for i in range(len(batches)):
+            prepared = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(encoder.prepare, batches[i + 1])
+            yield encoder.forward(prepared)
 
 
 @dataclass
@@ -246,9 +267,10 @@ def embed_catalogue(
                 break
             ids = plan["chunks"][c]
             parts = []
-            for start in range(0, len(ids), batch_size):
-                parts.append(encoder.encode([items[i] for i in ids[start : start + batch_size]]))
-                bar.update(len(parts[-1].embeddings))
+            batches = [[items[i] for i in ids[start : start + batch_size]] for start in range(0, len(ids), batch_size)]
+            for encoded in encode_batches(encoder, batches):
+                parts.append(encoded)
+                bar.update(len(encoded.embeddings))
             problems = {k: v for p in parts for k, v in p.image_problems.items()}
             embeddings = np.concatenate([p.embeddings for p in parts])
             _save_npz(work.chunk(c), ids, embeddings, np.concatenate([p.used_image for p in parts]), problems)
@@ -333,7 +355,8 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
         "item_cardinality": cardinality,
         "items_embedded": int(has_embedding.sum()),
         "items_with_image": int(used_image.sum()),
-        "zero_rows": [int(i) for i in np.flatnonzero(~has_embedding)][: REPORT_FIRST + 3],
+        "zero_rows": [int(i) for i in np.flatnonzero(~has_embedding)],
+        "encoder_reads_images": bool(plan["encoder"]["kind"] == "vlm"),
         "no_content_ids": plan["no_content_ids"],
         "missing_image_count": len(problems),
         "missing_image_ids": sorted(problems),

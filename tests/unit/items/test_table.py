@@ -44,11 +44,14 @@ class CrashingEncoder(ItemEncoder):
     def describe(self):
         return self.inner.describe()
 
-    def encode(self, items):
+    def prepare(self, items):
+        return self.inner.prepare(items)
+
+    def forward(self, batch):
         if self.calls == 0:
             raise RuntimeError("killed")
         self.calls -= 1
-        return self.inner.encode(items)
+        return self.inner.forward(batch)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def test_parquet_columns_schema_and_metadata(reference, small_prepared):
     meta = read_table_metadata(reference)
     assert meta["id_mapping_fingerprint"] == item_id_fingerprint(small_prepared)
     assert meta["item_cardinality"] == 43 and meta["dim"] == 384 and meta["items_embedded"] == 40
-    assert meta["zero_rows"] == [0, 1, 2] and meta["missing_image_ids"] == []
+    assert meta["zero_rows"] == [0, 1, 2] and meta["missing_image_ids"] == [] and not meta["encoder_reads_images"]
     assert meta["prompt_template"]["text_columns"] == small_prepared.manifest["text_columns"]
     assert "all_minilm" in meta["backbone"] and meta["created"]
     assert not reference.with_name("item_table.work").exists()
@@ -169,8 +172,22 @@ def test_vlm_table_reports_missing_and_corrupt_images(tmp_path, small_prepared, 
     broken = sorted(broken_image_ids.values())
     assert meta["missing_image_ids"] == broken and meta["missing_image_count"] == 2
     assert "file not found" in meta["missing_image_examples"][str(broken_image_ids["missing"])]
-    assert meta["items_with_image"] == 38 and meta["encoder"]["image_size"] == 224
+    assert meta["items_with_image"] == 38 and meta["encoder"]["image_size"] == 224 and meta["encoder_reads_images"]
     used = pq.read_table(out / EMBEDDINGS_FILE).column("used_image").to_numpy(zero_copy_only=False)
     assert not used[broken].any() and used[3:].sum() == 38
     table = load_item_table(out, small_prepared)
     assert table.shape == (43, 32) and torch.all(table[3:].abs().sum(1) > 0)
+
+
+def test_prefetching_batches_gives_the_same_vectors_in_order(vlm, poster_paths, broken_images):
+    from merlin_molar.items import encode_batches
+
+    items = [ItemContent(3 + i, (("title", f"Movie {i}"),), p) for i, p in enumerate(poster_paths)]
+    items.append(ItemContent(9, (("title", "Heat"),), broken_images["corrupt"]))
+    batches = [items[:2], items[2:4], items[4:]]
+    plain = list(encode_batches(vlm, batches, prefetch=False))
+    prefetched = list(encode_batches(vlm, batches, prefetch=True))
+    for a, b in zip(plain, prefetched):
+        np.testing.assert_array_equal(a.embeddings, b.embeddings)
+        assert a.used_image.tolist() == b.used_image.tolist() and a.image_problems == b.image_problems
+    assert list(prefetched[2].image_problems) == [9]
