@@ -45,4 +45,5 @@ from merlin_molar.items.table import (  # noqa: F401
     load_item_table,
     merge_shards,
     read_table_metadata,
+    torchrun_shard,
 )

@@ -20,6 +20,7 @@ GPU (fp32 on CPU), with right padding so no item's vector depends on its batch n
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -449,14 +450,30 @@ class VisionLanguageEncoder(_CurItemEncoder):
         return {**super().describe(), "image_size": self.image_size, "image_tokens": self.image_tokens}
 
 
-def build_encoder(name_or_path=None, kind: Optional[str] = None, **kwargs) -> ItemEncoder:
+def build_encoder(
+    name_or_path=None,
+    kind: Optional[str] = None,
+    template: Optional[str] = None,
+    text_only_template: Optional[str] = None,
+    text_columns: Optional[Sequence[str]] = None,
+    **kwargs,
+) -> ItemEncoder:
     """An encoder for ``name_or_path`` (a local dir, hub id or :func:`finetune` output; ``None``: the
     packaged MiniLM). ``kind`` (``sentence``/``text-llm``/``vlm``) is detected when not given.
+    ``template``/``text_only_template``/``text_columns`` override the kind's default prompt builder
+    (a sentence encoder only uses ``text_only_template``); or pass ``prompts=ItemPromptBuilder(...)``.
 
         >>> encoder = build_encoder()                                           # MiniLM, CPU
         >>> encoder = build_encoder("/models/Qwen2-VL-2B-Instruct", image_size=224)  # doctest: +SKIP
     """
     kind = kind or detect_kind(name_or_path)
+    overrides = {"template": template, "text_only_template": text_only_template, "text_columns": text_columns}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        if "prompts" in kwargs:
+            raise ValueError(f"pass either prompts= or {sorted(overrides)}, not both")
+        base = SENTENCE_PROMPTS if kind == "sentence" else ItemPromptBuilder()
+        kwargs["prompts"] = dataclasses.replace(base, **overrides)
     if kind == "sentence":
         return SentenceEncoder(name_or_path, **kwargs)
     if name_or_path is None:

@@ -28,6 +28,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,18 @@ def encode_batches(
             if i + 1 < len(batches):
                 pending = pool.submit(encoder.prepare, batches[i + 1])
             yield encoder.forward(prepared)
+
+
+def torchrun_shard() -> Tuple[int, int]:
+    """``(shard_index, num_shards)`` from torchrun's ``RANK``/``WORLD_SIZE`` (``(0, 1)`` outside torchrun).
+
+        # torchrun --nproc-per-node 8 embed.py, where embed.py does:
+        >>> shard, shards = torchrun_shard()                                                     # doctest: +SKIP
+        >>> encoder = build_encoder(path, device=f"cuda:{os.environ['LOCAL_RANK']}")              # doctest: +SKIP
+        >>> embed_catalogue(prepared, encoder, out, shard_index=shard, num_shards=shards)        # doctest: +SKIP
+        # then, once every rank has finished: merge_shards(out)
+    """
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 @dataclass

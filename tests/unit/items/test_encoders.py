@@ -171,3 +171,14 @@ def test_kind_detection(backbones, minilm):
     assert detect_kind(backbones["qwen2_vl"]) == "vlm"
     assert detect_kind(backbones["qwen2_5_vl"]) == "vlm"
     assert detect_kind(backbones["llama"]) == "text-llm"
+
+
+def test_build_encoder_prompt_overrides(backbones, minilm):
+    encoder = build_encoder(backbones["qwen2"], device="cpu", text_only_template="Item: {text} [Cur_Item]",
+                            text_columns=["title"])
+    assert encoder.prompts.text_only_template == "Item: {text} [Cur_Item]"
+    assert encoder.prompts.text_columns == ("title",)
+    sentence = build_encoder(minilm.name_or_path, text_only_template="Movie: {text}")
+    assert sentence.prompts.text_only_template == "Movie: {text}"
+    with pytest.raises(ValueError, match="either prompts"):
+        build_encoder(backbones["qwen2"], prompts=ItemPromptBuilder(), template="{text} {image} [Cur_Item]")

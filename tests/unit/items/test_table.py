@@ -191,3 +191,14 @@ def test_prefetching_batches_gives_the_same_vectors_in_order(vlm, poster_paths, 
         np.testing.assert_array_equal(a.embeddings, b.embeddings)
         assert a.used_image.tolist() == b.used_image.tolist() and a.image_problems == b.image_problems
     assert list(prefetched[2].image_problems) == [9]
+
+
+def test_torchrun_shard_reads_rank_and_world_size(monkeypatch):
+    from merlin_molar.items import torchrun_shard
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert torchrun_shard() == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert torchrun_shard() == (3, 8)
