@@ -1,0 +1,80 @@
+"""Shared serving fixtures: a briefly trained tiny Molar on real ml-100k, its Triton export, reference top-k."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from merlin_molar.data.workflow import ITEM_SEQUENCE
+from merlin_molar.model import MolarConfig, molar_model
+from merlin_molar.persistence import load_model, save_model
+from merlin_molar.training import TrainConfig, make_trainer
+from merlin_molar.user import small_decoder_config
+
+TOP_K = 10
+MAX_BATCH = 16
+
+
+@pytest.fixture(scope="session")
+def molar_saved(ml100k_prepared, tmp_path_factory):
+    torch.manual_seed(0)
+    config = MolarConfig(
+        llm=small_decoder_config("qwen2", hidden_size=16, num_layers=1).to_dict(),
+        sasrec=dict(d_model=16, n_layers=1, n_heads=1, dropout=0.1, max_length=20),
+        max_length=20,
+    )
+    table = torch.randn(ml100k_prepared.item_cardinality, 24)
+    out = tmp_path_factory.mktemp("serving")
+    trainer = make_trainer(molar_model(ml100k_prepared.schema, table, config), ml100k_prepared, out / "run",
+                           TrainConfig(epochs=1, batch_size=128, logging_steps=1000))
+    trainer.train()
+    return save_model(trainer.model, out / "model", "molar", config, ml100k_prepared.schema, table)
+
+
+@pytest.fixture(scope="session")
+def repository(molar_saved, ml100k_prepared, tmp_path_factory):
+    from merlin_molar.serving import export_triton
+
+    path = tmp_path_factory.mktemp("triton") / "repository"
+    return export_triton(molar_saved, ml100k_prepared.root, path, top_k=TOP_K, max_batch_size=MAX_BATCH)
+
+
+@pytest.fixture(scope="session")
+def vocabulary(ml100k_prepared):
+    """encoded id -> raw id, from the prepared item table (written by prepare, independent of the export)."""
+    items = pd.read_parquet(ml100k_prepared.items_path, columns=["item_id", "item_id_raw"])
+    raw = np.zeros(ml100k_prepared.item_cardinality, dtype=np.int64)
+    raw[items["item_id"].to_numpy()] = items["item_id_raw"].to_numpy()
+    return raw
+
+
+@pytest.fixture(scope="session")
+def raw_histories(ml100k_prepared, vocabulary):
+    """Real ml-100k histories in raw ids (test split), cut to varied lengths 1..20."""
+    test = pd.read_parquet(ml100k_prepared.split_path("test") / "part_0.parquet", columns=[ITEM_SEQUENCE])
+    encoded = test[ITEM_SEQUENCE].head(12).tolist()
+    lengths = [20, 1, 7, 13, 3, 20, 11, 2, 19, 5, 16, 9]
+    return [vocabulary[np.asarray(seq)[-n:]].tolist() for seq, n in zip(encoded, lengths)]
+
+
+@pytest.fixture(scope="session")
+def in_process(molar_saved, ml100k_prepared, vocabulary):
+    """Top-k of the saved model run in this process: the reference the served answers must equal."""
+    model, _, config, _ = load_model(molar_saved)
+    to_encoded = {raw: enc for enc, raw in enumerate(vocabulary) if enc >= 3}
+
+    def top_k(raw_histories, k=TOP_K):
+        batch = torch.zeros(len(raw_histories), config.max_length, dtype=torch.long)
+        full = []
+        for row, history in enumerate(raw_histories):
+            encoded = [to_encoded[i] for i in history]
+            window = encoded[-config.max_length:]
+            batch[row, : len(window)] = torch.tensor(window)
+            full.append(encoded)
+        with torch.no_grad():
+            scores = model({ITEM_SEQUENCE: batch})
+        for row, encoded in enumerate(full):  # the served model also excludes items older than the window
+            scores[row, encoded] = float("-inf")
+        values, ids = torch.topk(scores, k, dim=-1)
+        return vocabulary[ids.numpy()], values.numpy()
+
+    return top_k
