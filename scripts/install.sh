@@ -19,3 +19,7 @@ pip install -q --no-deps -r "$here/requirements/lock.txt"
 pip install -q --no-deps -r "$here/requirements/merlin.txt"
 pip install -q --no-deps --no-build-isolation -e "$here"
 "$venv/bin/python" -c "import merlin_molar, transformers4rec.torch, nvtabular; print('merlin-molar environment ready:', '$venv')"
+
+# --- serving extras (merlin_molar.serving: tritonclient, the tritonserver bundled in nvidia-pytriton, and
+# the numpy-1.26 environment for Triton's Python-backend stubs). See scripts/install_serving.sh. ---
+bash "$here/scripts/install_serving.sh" "$venv"
