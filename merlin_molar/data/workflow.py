@@ -1,7 +1,8 @@
 """NVTabular preprocessing: Categorify item ids, group each user's history by time, leave-one-out splits.
 
 The same NVTabular graph runs on CPU (pandas) or GPU (cuDF) and on a ``dask.distributed`` cluster; this
-project's tests run it in CPU mode.
+project's tests run it in CPU mode. On a cluster (:func:`merlin_molar.distributed.dask_cluster`), pass
+``partitions=`` to :func:`prepare` so that the workers share the work; the output does not depend on it.
 
 Output directory layout written by :func:`prepare`::
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import nvtabular as nvt
 import pandas as pd
 from merlin.io import Dataset
@@ -35,13 +37,21 @@ SPLITS = ("train", "valid", "test")
 # Categorify reserves 0 (padding), 1 (null) and 2 (out-of-vocabulary); real items start here.
 FIRST_ITEM_ID = 3
 MIN_HISTORY = 3  # one train item + one validation target + one test target
+# Position of each interaction in the raw table: interactions with equal timestamps keep that order, whatever
+# the partitioning (a plain sort by time leaves ties in an order that depends on each partition's contents).
+ORDER_COLUMN = "interaction_order"
 
 
-def sequence_workflow(min_history: int = MIN_HISTORY, cat_path: Optional[str] = None) -> nvt.Workflow:
-    """Categorify item ids and group interactions into time-ordered per-user item lists."""
+def sequence_workflow(
+    min_history: int = MIN_HISTORY, cat_path: Optional[str] = None, order_column: Optional[str] = None
+) -> nvt.Workflow:
+    """Categorify item ids and group interactions into time-ordered per-user item lists.
+
+    With ``order_column`` (an input column), equal timestamps are ordered by it."""
     item_id = ["item_id"] >> nvt.ops.Categorify(out_path=cat_path) >> nvt.ops.AddTags([Tags.ITEM_ID, Tags.ITEM])
-    grouped = (item_id + ["user_id", "timestamp"]) >> nvt.ops.Groupby(
-        groupby_cols=["user_id"], sort_cols=["timestamp"], aggs={"item_id": ["list", "count"]}, name_sep="-"
+    sort_cols = ["timestamp"] + ([order_column] if order_column else [])
+    grouped = (item_id + ["user_id"] + sort_cols) >> nvt.ops.Groupby(
+        groupby_cols=["user_id"], sort_cols=sort_cols, aggs={"item_id": ["list", "count"]}, name_sep="-"
     )
     long_enough = grouped >> nvt.ops.Filter(f=lambda df: df["item_id-count"] >= min_history)
     return nvt.Workflow(long_enough[["user_id", ITEM_SEQUENCE]])
@@ -133,8 +143,11 @@ def load_prepared(root) -> PreparedData:
     return PreparedData(root)
 
 
-def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0) -> PreparedData:
-    """Run the NVTabular workflows on ``raw`` and write the splits, item table and fitted workflow."""
+def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, partitions: int = 1) -> PreparedData:
+    """Run the NVTabular workflows on ``raw`` and write the splits, item table and fitted workflow.
+
+    ``partitions`` > 1 splits the interactions into that many Dask partitions (shuffled by user, as
+    NVTabular's Groupby requires) so that the workers of an active Dask cluster share the work."""
     output_dir = Path(output_dir)
     identity = {
         "source": raw.source,
@@ -145,8 +158,11 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0) -> P
     claim_output_dir(output_dir, {**identity, "stage": "prepare"})
     interactions = k_core(raw.interactions, k, cat_path=str(output_dir / ".categories"))
 
-    wf = sequence_workflow(cat_path=str(output_dir / ".categories"))
-    grouped = wf.fit_transform(Dataset(interactions)).to_ddf().compute()
+    wf = sequence_workflow(cat_path=str(output_dir / ".categories"), order_column=ORDER_COLUMN)
+    dataset = Dataset(interactions.assign(**{ORDER_COLUMN: np.arange(len(interactions))}), npartitions=partitions)
+    if partitions > 1:
+        dataset = dataset.shuffle_by_keys(["user_id"])
+    grouped = wf.fit_transform(dataset).to_ddf().compute().sort_values("user_id", ignore_index=True)
     if grouped.empty:
         raise MolarDataError(raw.source, f"no user has at least {MIN_HISTORY} interactions")
     with atomic_path(output_dir / "workflow", is_dir=True) as tmp:
