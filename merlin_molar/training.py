@@ -6,15 +6,18 @@ logging, mixed precision and ``torchrun`` data parallelism come from there.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
 import transformers4rec.torch as tr
 from transformers4rec.config.trainer import T4RecTrainingArguments
 
 from merlin_molar.data.workflow import PreparedData
+from merlin_molar.distributed import GatheredEvaluation, check_launch
 from merlin_molar.evaluation import summarise
 
 LOG = logging.getLogger(__name__)
@@ -39,7 +42,8 @@ class TrainConfig:
 
 
 def training_arguments(output_dir, config: TrainConfig, max_length: int) -> T4RecTrainingArguments:
-    return T4RecTrainingArguments(
+    """``config.extra`` holds any other ``TrainingArguments`` (deepspeed, fsdp, ...) and overrides these."""
+    defaults = dict(
         output_dir=str(output_dir),
         max_sequence_length=max_length,
         data_loader_engine="merlin",
@@ -62,13 +66,39 @@ def training_arguments(output_dir, config: TrainConfig, max_length: int) -> T4Re
         dataloader_drop_last=False,
         compute_metrics_each_n_steps=1,
         disable_tqdm=False,
-        **config.extra,
+        # without CUDA, Hugging Face joins a torchrun process group (gloo) only with use_cpu=True
+        use_cpu=not torch.cuda.is_available(),
     )
+    return T4RecTrainingArguments(**{**defaults, **config.extra})
+
+
+class EpochSeed:
+    """``seed_fn`` for the Merlin loader: the shuffle of epoch ``e`` is seeded with ``seed + e``.
+
+    The Merlin loader shuffles with NumPy's global RNG at the start of every epoch, so a run resumed in
+    the middle of an epoch would otherwise see that epoch in another order than the uninterrupted run."""
+
+    def __init__(self, trainer: tr.Trainer, seed: int):
+        self.trainer, self.seed = trainer, seed
+
+    def __call__(self) -> int:
+        return self.seed + math.floor((self.trainer.state.epoch or 0.0) + 1e-6)
+
+
+class Trainer(GatheredEvaluation, tr.Trainer):
+    """Transformers4Rec's Trainer with a training data order that depends only on (seed, epoch), and
+    evaluation gathered across processes (:func:`merlin_molar.distributed.gathered_evaluation_loop`)."""
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if self.train_dataloader is None:
+            loader.dataset.seed_fn = EpochSeed(self, self.args.seed)
+        return loader
 
 
 def make_trainer(model: tr.Model, data: PreparedData, output_dir, config: TrainConfig) -> tr.Trainer:
     args = training_arguments(output_dir, config, data.max_length)
-    return tr.Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         schema=data.schema,
@@ -77,6 +107,8 @@ def make_trainer(model: tr.Model, data: PreparedData, output_dir, config: TrainC
         test_dataset_or_path=str(data.split_path("test")),
         compute_metrics=True,
     )
+    check_launch(trainer)
+    return trainer
 
 
 def evaluate(trainer: tr.Trainer, data: PreparedData, split: str) -> Dict[str, float]:
