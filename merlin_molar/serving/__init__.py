@@ -6,6 +6,6 @@
 
 Install the serving extras first: ``bash scripts/install_serving.sh`` (see ``requirements/serving.txt``).
 """
-from merlin_molar.serving.export import export_triton, serving_workflow  # noqa: F401
+from merlin_molar.serving.export import build_ensemble, export_triton, serving_workflow  # noqa: F401
 from merlin_molar.serving.ops import MolarRequestError, MolarTopK, ValidateHistory  # noqa: F401
 from merlin_molar.serving.server import TritonServer  # noqa: F401

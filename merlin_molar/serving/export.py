@@ -82,43 +82,11 @@ def export_triton(
 
     CLI-friendly: every argument is a path, an int or a string; returns the repository path.
     """
-    # merlin-systems imports tritonclient, which is only installed with requirements/serving.txt
-    from merlin.systems.dag import Ensemble
-    from merlin.systems.dag.ops.workflow import TransformWorkflow
-
     model_dir, repository_path = Path(model_dir), Path(repository_path)
-    prepared = load_prepared(prepared_dir)
-    meta = read_json(model_dir / "molar_model.json")
-    cardinality = _model_cardinality(model_dir)
-    if cardinality != prepared.item_cardinality:
-        raise MolarDataError(
-            model_dir,
-            f"the model scores {cardinality} item ids but {prepared_dir} has {prepared.item_cardinality}: "
-            "export a model trained on this prepared directory",
-        )
-    n_items = prepared.item_cardinality - FIRST_ITEM_ID
-    if not 1 <= int(top_k) <= n_items:
-        raise MolarDataError("top_k", f"must be between 1 and the number of items ({n_items}), got {top_k}")
-    if int(max_batch_size) < 1:
-        raise MolarDataError("max_batch_size", f"must be at least 1, got {max_batch_size}")
     if repository_path.exists() and any(repository_path.iterdir()) and not overwrite:
         raise MolarDataError(repository_path, "already exists and is not empty (pass overwrite=True to replace it)")
-
-    fitted = nvt.Workflow.load(str(prepared.workflow_path))
-    vocabulary = item_id_mapping(fitted)
-    if not np.issubdtype(np.asarray(vocabulary.index).dtype, np.integer):
-        raise MolarDataError(
-            prepared_dir, "the Triton export supports integer item ids only (this dataset has string ids)"
-        )
-    workflow = serving_workflow(fitted)
-
-    graph = (
-        [ITEM_SEQUENCE]
-        >> ValidateHistory(ITEM_SEQUENCE, vocabulary, max_batch_size=max_batch_size)
-        >> TransformWorkflow(workflow)
-        >> MolarTopK(model_dir, vocabulary, top_k=top_k)
-    )
-    ensemble = Ensemble(graph, workflow.input_schema)
+    ensemble = build_ensemble(model_dir, prepared_dir, top_k=top_k, max_batch_size=max_batch_size)
+    meta = read_json(model_dir / "molar_model.json")
     with atomic_path(repository_path, is_dir=True) as tmp:
         ensemble.export(str(tmp), name=model_name)
         (tmp / model_name / "1" / "model.py").write_text(EXECUTOR_MODEL)
@@ -138,6 +106,44 @@ def export_triton(
             },
         )
     return repository_path
+
+
+def build_ensemble(model_dir, prepared_dir, top_k: int = 10, max_batch_size: int = 256):
+    """The merlin-systems ``Ensemble`` that :func:`export_triton` writes: raw histories -> ValidateHistory ->
+    serving workflow -> MolarTopK. ``ensemble.transform(TensorTable)`` runs the same graph in-process."""
+    # merlin-systems imports tritonclient, which is only installed with requirements/serving.txt
+    from merlin.systems.dag import Ensemble
+    from merlin.systems.dag.ops.workflow import TransformWorkflow
+
+    model_dir = Path(model_dir)
+    prepared = load_prepared(prepared_dir)
+    cardinality = _model_cardinality(model_dir)
+    if cardinality != prepared.item_cardinality:
+        raise MolarDataError(
+            model_dir,
+            f"the model scores {cardinality} item ids but {prepared_dir} has {prepared.item_cardinality}: "
+            "export a model trained on this prepared directory",
+        )
+    n_items = prepared.item_cardinality - FIRST_ITEM_ID
+    if not 1 <= int(top_k) <= n_items:
+        raise MolarDataError("top_k", f"must be between 1 and the number of items ({n_items}), got {top_k}")
+    if int(max_batch_size) < 1:
+        raise MolarDataError("max_batch_size", f"must be at least 1, got {max_batch_size}")
+
+    fitted = nvt.Workflow.load(str(prepared.workflow_path))
+    vocabulary = item_id_mapping(fitted)
+    if not np.issubdtype(np.asarray(vocabulary.index).dtype, np.integer):
+        raise MolarDataError(
+            prepared_dir, "the Triton export supports integer item ids only (this dataset has string ids)"
+        )
+    workflow = serving_workflow(fitted)
+    graph = (
+        [ITEM_SEQUENCE]
+        >> ValidateHistory(ITEM_SEQUENCE, vocabulary, max_batch_size=max_batch_size)
+        >> TransformWorkflow(workflow)
+        >> MolarTopK(model_dir, vocabulary, top_k=top_k)
+    )
+    return Ensemble(graph, workflow.input_schema)
 
 
 def _model_cardinality(model_dir: Path) -> int:

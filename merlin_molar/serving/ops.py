@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from merlin.dag import BaseOperator, ColumnSelector
+from merlin.dag import BaseOperator, ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema, Tags
 
 from merlin_molar.data.workflow import FIRST_ITEM_ID, ITEM_SEQUENCE
@@ -88,6 +88,10 @@ class ValidateHistory(BaseOperator):
 
     def compute_output_schema(self, input_schema, col_selector, prev_output_schema=None) -> Schema:
         return input_schema
+
+    @property
+    def supported_formats(self) -> DataFormats:
+        return DataFormats.NUMPY_TENSOR_TABLE
 
     def transform(self, col_selector: ColumnSelector, transformable):
         if self.column not in transformable.columns:
@@ -166,6 +170,10 @@ class MolarTopK(BaseOperator):
         raw[vocab["item_id"].to_numpy()] = vocab["item_id_raw"].to_numpy()
         self._raw_ids = raw
         torch.set_grad_enabled(False)
+
+    @property
+    def supported_formats(self) -> DataFormats:
+        return DataFormats.NUMPY_TENSOR_TABLE
 
     def compute_output_schema(self, input_schema, col_selector, prev_output_schema=None) -> Schema:
         shape = (None, self.top_k)

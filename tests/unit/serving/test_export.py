@@ -95,3 +95,19 @@ def test_right_padded_window_keeps_the_last_items():
     values = np.array([5, 6, 7, 8, 9, 10])
     out = right_padded_window(values, np.array([0, 1, 6]), max_length=3)
     assert out.tolist() == [[5, 0, 0], [8, 9, 10]]
+
+
+def test_the_exported_graph_run_in_process_matches_the_model(molar_saved, ml100k_prepared, raw_histories, in_process):
+    from merlin.table import TensorTable
+
+    from merlin_molar.serving import build_ensemble
+    from merlin_molar.serving.client import history_tensors
+
+    ensemble = build_ensemble(molar_saved, ml100k_prepared.root, top_k=TOP_K, max_batch_size=MAX_BATCH)
+    values, offsets = history_tensors(raw_histories)
+    out = ensemble.transform(TensorTable({f"{ITEM_SEQUENCE}__values": values, f"{ITEM_SEQUENCE}__offsets": offsets}))
+    want_ids, want_scores = in_process(raw_histories)
+    np.testing.assert_array_equal(out["item_ids"].values, want_ids)
+    np.testing.assert_allclose(out["scores"].values, want_scores, rtol=1e-5, atol=1e-5)
+    with pytest.raises(MolarRequestError, match="unknown item id"):
+        ensemble.transform(TensorTable({f"{ITEM_SEQUENCE}__values": values + 10**6, f"{ITEM_SEQUENCE}__offsets": offsets}))
