@@ -10,9 +10,7 @@ benchmarks/results/<name>.json and a PNG (metrics per model, training loss), pri
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -29,24 +27,10 @@ from merlin_molar.persistence import load_model  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, metrics_table, prepare_dataset, train  # noqa: E402
 from merlin_molar.training import TrainConfig, evaluate, make_trainer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def rescore(model_dir, prepared, id_weight: float, workdir: Path) -> dict:
@@ -87,7 +71,11 @@ def main(argv=None):
     p.add_argument("--data", default="../shared/data/ml-1m")
     p.add_argument("--workdir", default="/tmp/molar_bench")
     p.add_argument("--item-table", help="existing item table dir (default: embed with MiniLM)")
-    p.add_argument("--epochs", type=float, default=20)
+    p.add_argument("--epochs", type=float, default=20, help="SASRec epochs")
+    p.add_argument("--molar-epochs", type=float, default=None, help="epochs of the Molar variants (default: --epochs)")
+    p.add_argument("--id-branch", default="frozen", choices=["frozen", "joint"],
+                   help="frozen: Molar's ID branch is this run's trained SASRec, kept fixed; joint: trained together")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--max-length", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -100,6 +88,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine_info = machine()
     started = time.perf_counter()
     workdir = Path(args.workdir)
     prepared_dir = workdir / f"prepared_L{args.max_length}"
@@ -113,7 +104,7 @@ def main(argv=None):
         "vocab_size": 8, "max_position_embeddings": max(512, args.max_length),
     }
     molar = {"llm": llm, "sasrec": {**sasrec, "max_length": args.max_length}, "alpha": args.alpha,
-             "id_weight": args.id_weight}
+             "id_weight": args.id_weight, "id_branch": args.id_branch}
     variants = {
         "sasrec": ("SASRec", "sasrec", sasrec),
         "molar": ("Molar", "molar", molar),
@@ -122,16 +113,32 @@ def main(argv=None):
     }
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                          save_steps=0, logging_steps=50)
+    molar_config = TrainConfig(**{**config.__dict__, "epochs": args.molar_epochs or args.epochs})
     results = {}
+    sasrec_dir = None
     for key in args.variants.split(","):
         label, kind, options = variants[key]
+        init_from = sasrec_dir if kind == "molar" and options.get("id_branch") == "frozen" else None
+        if kind == "molar" and options.get("id_branch") == "frozen" and init_from is None:
+            raise SystemExit("--id-branch frozen needs the sasrec variant first in --variants")
         print(f"=== {label}", flush=True)
-        results[label] = train(prepared, kind, workdir / "runs" / f"{key}_{args.name}", options, config,
-                               item_table_path=table_dir if kind == "molar" else None)
+        results[label] = train(prepared, kind, workdir / "runs" / f"{key}_{args.name}", options,
+                               molar_config if kind == "molar" else config,
+                               item_table_path=table_dir if kind == "molar" else None, init_id_branch_from=init_from)
+        if kind == "sasrec":
+            sasrec_dir = results[label]["model_dir"]
     if "molar" in args.variants.split(","):
+        # Where Molar's accuracy comes from, and the fusion weight chosen on validation (reported on test).
         model_dir = results["Molar"]["model_dir"]
-        for weight, label in ((0.0, "Molar, content scores only"), (1.0, "Molar, ID-branch scores only")):
-            results[label] = {**rescore(model_dir, prepared, weight, workdir / "rescore"), "train_seconds": float("nan")}
+        sweep = {w: rescore(model_dir, prepared, w, workdir / "rescore") for w in (0.0, 0.25, 0.5, 0.75, 1.0)}
+        results["Molar, content scores only"] = {**sweep[0.0], "train_seconds": float("nan")}
+        results["Molar, ID-branch scores only"] = {**sweep[1.0], "train_seconds": float("nan")}
+        best = max(sweep, key=lambda w: sweep[w]["valid"]["ndcg@10"])
+        results[f"Molar, id_weight={best} (valid-chosen)"] = {**sweep[best], "train_seconds": float("nan")}
+        fusion_sweep = {str(w): {"valid_ndcg@10": r["valid"]["ndcg@10"], "test_ndcg@10": r["test"]["ndcg@10"]}
+                        for w, r in sweep.items()}
+    else:
+        fusion_sweep = None
 
     for split in ("valid", "test"):
         print(f"\n{split} (full ranking over {prepared.manifest['items_interacted']} items, history masked)")
@@ -140,11 +147,12 @@ def main(argv=None):
         "benchmark": args.name,
         "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(),
-        "machine": machine(),
+        "machine": machine_info,
         "data": {**{k: v for k, v in prepared.manifest.items() if k != "source"}, "source": str(args.data)},
         "item_table": str(table_dir),
         "settings": vars(args),
         "total_seconds": time.perf_counter() - started,
+        "fusion_sweep": fusion_sweep,
         "results": {n: {k: r[k] for k in ("valid", "test", "train_seconds") if k in r} for n, r in results.items()},
         "training_loss": {n: [(h["epoch"], h["loss"]) for h in r.get("log_history", []) if "loss" in h]
                           for n, r in results.items()},

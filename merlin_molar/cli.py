@@ -74,13 +74,23 @@ def cmd_embed_items(args):
     from merlin_molar.pipeline import embed_item_table
 
     data = load_prepared(args.prepared)
+    if args.merge:
+        from merlin_molar.items import merge_shards
+
+        out = merge_shards(args.output or data.root / "item_table", args.num_shards if args.num_shards > 1 else None)
+        print(f"merged shards into item table {out}")
+        return
     options = {"batch_size": args.batch_size, "shard_index": args.shard_index, "num_shards": args.num_shards}
     if args.kind:
         options["kind"] = args.kind
     if args.device:
         options["device"] = args.device
     out = embed_item_table(data, args.output, encoder=args.encoder, **options)
-    print(f"wrote item table {out}")
+    if args.num_shards > 1:
+        print(f"wrote shard {args.shard_index} of {args.num_shards} under {out}.work; when every shard is done run "
+              f"`merlin-molar embed-items --prepared {args.prepared} --merge --num-shards {args.num_shards}`")
+    else:
+        print(f"wrote item table {out}")
 
 
 def cmd_finetune_items(args):
@@ -176,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="table directory (default: PREPARED/item_table)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-index", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--num-shards", type=int, default=1, help="split the catalogue over N processes (then --merge)")
+    p.add_argument("--merge", action="store_true", help="merge finished shards into the final table")
 
     p = add("finetune-items", cmd_finetune_items, "MIRM stage 1: fine-tune the item encoder (LoRA or full)")
     p.add_argument("--prepared", required=True)

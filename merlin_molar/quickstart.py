@@ -18,7 +18,7 @@ from merlin_molar.pipeline import (
 from merlin_molar.training import TrainConfig
 
 MAX_LENGTH = 50
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 20
 SASREC = {"d_model": 64, "n_layers": 2, "n_heads": 1, "dropout": 0.2}
 MOLAR = {
     "llm": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
