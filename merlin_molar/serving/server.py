@@ -99,6 +99,7 @@ class TritonServer:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise TritonServerError(f"{self.repository}: model repository not found")
+        self._auto_ports = not (http_port or grpc_port)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.stub_env = check_stub_env(stub_env or default_stub_env())
@@ -153,6 +154,16 @@ class TritonServer:
         return env
 
     def start(self) -> "TritonServer":
+        for attempt in range(3):
+            try:
+                return self._start()
+            except TritonServerError as exc:
+                # a free port picked here can be taken by another process before the server binds it
+                if not (self._auto_ports and "already in use" in str(exc) and attempt < 2):
+                    raise
+                self.http_port, self.grpc_port = free_port(), free_port()
+
+    def _start(self) -> "TritonServer":
         dist = bundled_tritonserver()
         self._workdir = Path(tempfile.mkdtemp(prefix="molar-triton-"))
         backends = self._backend_dir(dist)

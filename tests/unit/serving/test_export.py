@@ -111,3 +111,30 @@ def test_the_exported_graph_run_in_process_matches_the_model(molar_saved, ml100k
     np.testing.assert_allclose(out["scores"].values, want_scores, rtol=1e-5, atol=1e-5)
     with pytest.raises(MolarRequestError, match="unknown item id"):
         ensemble.transform(TensorTable({f"{ITEM_SEQUENCE}__values": values + 10**6, f"{ITEM_SEQUENCE}__offsets": offsets}))
+
+
+def test_a_sasrec_model_exports_too(ml100k_prepared, tmp_path):
+    import torch
+    from merlin.table import TensorTable
+
+    from merlin_molar.id_models import SASRecConfig, sasrec_model
+    from merlin_molar.persistence import save_model
+    from merlin_molar.serving import build_ensemble
+
+    torch.manual_seed(0)
+    config = SASRecConfig(max_length=20, d_model=16)
+    model = sasrec_model(ml100k_prepared.schema, config).eval()
+    saved = save_model(model, tmp_path / "sasrec", "sasrec", config, ml100k_prepared.schema)
+    repository = export_triton(saved, ml100k_prepared.root, tmp_path / "repo", top_k=5)
+    assert json.loads((repository / "molar_serving.json").read_text())["model_kind"] == "sasrec"
+
+    history = torch.tensor([[3, 4, 5] + [0] * 17])
+    with torch.no_grad():
+        want = torch.topk(model({ITEM_SEQUENCE: history}), 5, dim=-1)
+    raw = pd.read_parquet(ml100k_prepared.items_path).set_index("item_id")["item_id_raw"]
+    values = raw.loc[[3, 4, 5]].to_numpy()
+    out = build_ensemble(saved, ml100k_prepared.root, top_k=5).transform(
+        TensorTable({f"{ITEM_SEQUENCE}__values": values, f"{ITEM_SEQUENCE}__offsets": np.array([0, 3], np.int32)})
+    )
+    np.testing.assert_array_equal(out["item_ids"].values[0], raw.loc[want.indices[0].numpy()].to_numpy())
+    np.testing.assert_allclose(out["scores"].values[0], want.values[0].numpy(), rtol=1e-5)
