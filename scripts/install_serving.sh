@@ -20,4 +20,6 @@ pip --python "$stub/bin/python" install -q --no-deps -r "$here/requirements/serv
 stub_site=$("$stub/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # addsitedir (not a plain path line) so the virtualenv's own .pth files (the editable merlin_molar) apply too
 echo "import site; site.addsitedir('$site')" > "$stub_site/zz_molar_project_venv.pth"
-"$stub/bin/python" -c "import numpy, merlin_molar, merlin.systems.dag; assert numpy.__version__.startswith('1.'), numpy.__version__; print('triton stub environment ready:', '$stub')"
+"$stub/bin/python" -c "import numpy, merlin_molar, merlin.systems.dag
+assert numpy.__version__.startswith('1.'), numpy.__version__
+print('triton stub environment ready:', '$stub')"

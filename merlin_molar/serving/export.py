@@ -69,8 +69,8 @@ def export_triton(
       every item of the history excluded.
 
     Bad requests get an INVALID_ARG error (HTTP 400) naming the problem (malformed offsets, empty history,
-    unknown item id, too many rows; Triton itself rejects wrong dtypes and shapes). Histories longer than the model's ``max_length`` keep their
-    last ``max_length`` items, as in training.
+    unknown item id, too many rows; Triton itself rejects wrong dtypes and shapes). Histories longer than the
+    model's ``max_length`` keep their last ``max_length`` items, as in training.
 
     The saved model is copied into the repository and loaded there with ``load_model``; every model runs on
     Triton's Python backend, which needs ``merlin_molar`` (and its pinned stack) importable by the backend's

@@ -110,7 +110,8 @@ def test_the_exported_graph_run_in_process_matches_the_model(molar_saved, ml100k
     np.testing.assert_array_equal(out["item_ids"].values, want_ids)
     np.testing.assert_allclose(out["scores"].values, want_scores, rtol=1e-5, atol=1e-5)
     with pytest.raises(MolarRequestError, match="unknown item id"):
-        ensemble.transform(TensorTable({f"{ITEM_SEQUENCE}__values": values + 10**6, f"{ITEM_SEQUENCE}__offsets": offsets}))
+        unknown = {f"{ITEM_SEQUENCE}__values": values + 10**6, f"{ITEM_SEQUENCE}__offsets": offsets}
+        ensemble.transform(TensorTable(unknown))
 
 
 def test_a_sasrec_model_exports_too(ml100k_prepared, tmp_path):
