@@ -272,7 +272,7 @@ _DETECTORS: List[tuple] = [
 
 def read_dataset(path, fmt: str = "auto") -> RawDataset:
     """Read a dataset directory in one of the supported layouts (``auto`` detects it)."""
-    root = Path(os.path.expanduser(str(path)))
+    root = Path(os.path.expanduser(str(path))).resolve()
     if not root.exists():
         raise MolarDataError(root, "dataset directory not found")
     if not root.is_dir():

@@ -149,12 +149,8 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, part
     ``partitions`` > 1 splits the interactions into that many Dask partitions (shuffled by user, as
     NVTabular's Groupby requires) so that the workers of an active Dask cluster share the work."""
     output_dir = Path(output_dir)
-    identity = {
-        "source": raw.source,
-        "fingerprint": _fingerprint(raw),
-        "max_length": max_length,
-        "k_core": k,
-    }
+    # The fingerprint identifies the data; where it was read from (relative or absolute path) does not.
+    identity = {"fingerprint": _fingerprint(raw), "max_length": max_length, "k_core": k}
     claim_output_dir(output_dir, {**identity, "stage": "prepare"})
     interactions = k_core(raw.interactions, k, cat_path=str(output_dir / ".categories"))
 
@@ -180,6 +176,7 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, part
 
     manifest = {
         **identity,
+        "source": raw.source,
         "stage": "prepare",
         "users": int(len(grouped)),
         "interactions": int(len(interactions)),

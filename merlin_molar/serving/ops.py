@@ -160,8 +160,6 @@ class MolarTopK(BaseOperator):
         self._load(Path(artifact_path) / MODEL_DIR, _load_vocabulary(Path(artifact_path) / VOCABULARY_FILE))
 
     def _load(self, model_dir: Path, vocab: pd.DataFrame) -> None:
-        import torch
-
         from merlin_molar.persistence import load_model
 
         self._model, _, config, _ = load_model(model_dir)
@@ -169,7 +167,6 @@ class MolarTopK(BaseOperator):
         raw = np.zeros(int(vocab["item_id"].max()) + 1, dtype=vocab["item_id_raw"].dtype)
         raw[vocab["item_id"].to_numpy()] = vocab["item_id_raw"].to_numpy()
         self._raw_ids = raw
-        torch.set_grad_enabled(False)
 
     @property
     def supported_formats(self) -> DataFormats:
@@ -196,7 +193,8 @@ class MolarTopK(BaseOperator):
             raise MolarRequestError("the encoded history holds reserved ids (padding / null / out-of-vocabulary)")
         lengths = np.diff(offsets)
         batch = right_padded_window(values, offsets, self.max_length)
-        scores = self._model({ITEM_SEQUENCE: torch.from_numpy(batch)})
+        with torch.inference_mode():  # local: never switch autograd off for the whole process
+            scores = self._model({ITEM_SEQUENCE: torch.from_numpy(batch)})
         rows = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
         scores[rows, torch.from_numpy(values.astype(np.int64))] = float("-inf")
         top_scores, top_ids = torch.topk(scores, k=self.top_k, dim=-1)

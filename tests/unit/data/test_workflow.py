@@ -111,3 +111,10 @@ def test_ml100k_prepared(ml100k_prepared):
 def test_real_ml100k_reader_roundtrip(ml100k_dir):
     raw = read_dataset(ml100k_dir)
     assert raw.interactions["timestamp"].is_monotonic_increasing is False  # the workflow must sort
+
+
+def test_same_data_through_another_path_is_the_same_dataset(tmp_path, ml100k_dir, monkeypatch):
+    out = tmp_path / "out"
+    prepare(read_dataset(ml100k_dir), out, max_length=5)
+    monkeypatch.chdir(ml100k_dir.parent)
+    prepare(read_dataset("ml-100k"), out, max_length=5)  # relative path, same data: accepted
