@@ -151,4 +151,93 @@ def apply() -> None:
     _patch_dask_string_conversion()
     _patch_sequence_summary()
     _patch_trainer()
+    _patch_dataloader_global_rank()
+    _patch_cpu_ddp_optimizer_resume()
     _APPLIED = True
+
+
+def _patch_dataloader_global_rank() -> None:
+    # transformers4rec 23.12 (and every release with DDP support before it) hands args.local_rank to the
+    # Merlin loader as its global_rank: on more than one node, processes with the same local rank read the
+    # same shard and the shards of the higher global ranks are never read. Its get_*_dataloader methods read
+    # self.local_rank for nothing else, so it becomes the global rank (args.process_index); the loader's
+    # device stays self.device, the local rank.
+    import inspect
+
+    from transformers4rec.torch import trainer as t4r_trainer
+
+    T4RecTrainer = t4r_trainer.Trainer
+    try:
+        broken = "global_rank=self.local_rank" in inspect.getsource(T4RecTrainer.get_train_dataloader)
+    except (OSError, TypeError):
+        broken = True
+    original_init = T4RecTrainer.__init__
+    if not broken or getattr(original_init, "_merlin_molar_global_rank", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if self.args.local_rank != -1:
+            self.local_rank = self.args.process_index
+
+    __init__._merlin_molar_global_rank = True
+    T4RecTrainer.__init__ = __init__
+
+
+def _cpu_index_map_location_fails() -> bool:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(1), buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, map_location=torch.device("cpu", 0), weights_only=True)
+    except RuntimeError:
+        return True
+    return False
+
+
+def _patch_cpu_ddp_optimizer_resume() -> None:
+    # Under a torchrun launch without CUDA, accelerate (seen with 1.15) gives each process the device "cpu:0"
+    # and transformers (4.57) loads the optimizer state of a resumed checkpoint with map_location=args.device
+    # whenever world_size > 1; torch.load only knows "cpu", so every multi-process CPU resume fails with
+    # "don't know how to restore data location ... (tagged with cpu:0)". Same loading, with "cpu".
+    from transformers import Trainer as HFTrainer
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+    from transformers.trainer_pt_utils import reissue_pt_warnings
+    from transformers4rec.torch import trainer as t4r_trainer
+
+    T4RecTrainer = t4r_trainer.Trainer
+    original = HFTrainer._load_optimizer_and_scheduler
+    if getattr(T4RecTrainer._load_optimizer_and_scheduler, "_merlin_molar_compat", False):
+        return
+    if not _cpu_index_map_location_fails():
+        return
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        import warnings
+
+        import torch
+
+        device = self.args.device
+        if (
+            checkpoint is None
+            or device.type != "cpu"
+            or device.index is None
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or not os.path.isfile(os.path.join(checkpoint, OPTIMIZER_NAME))
+            or not os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME))
+        ):
+            return original(self, checkpoint)
+        self.optimizer.load_state_dict(
+            torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
+        )
+        with warnings.catch_warnings(record=True) as caught_warnings:
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+        reissue_pt_warnings(caught_warnings)
+
+    _load_optimizer_and_scheduler._merlin_molar_compat = True
+    T4RecTrainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
