@@ -195,9 +195,9 @@ class MolarTopK(BaseOperator):
         batch = right_padded_window(values, offsets, self.max_length)
         with torch.inference_mode():  # local: never switch autograd off for the whole process
             scores = self._model({ITEM_SEQUENCE: torch.from_numpy(batch)})
-        rows = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
-        scores[rows, torch.from_numpy(values.astype(np.int64))] = float("-inf")
-        top_scores, top_ids = torch.topk(scores, k=self.top_k, dim=-1)
+            rows = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
+            scores[rows, torch.from_numpy(values.astype(np.int64))] = float("-inf")
+            top_scores, top_ids = torch.topk(scores, k=self.top_k, dim=-1)
         return type(transformable)(
             {
                 ITEM_IDS: self._raw_ids[top_ids.numpy()],
