@@ -84,3 +84,21 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)
+
+
+# bf16 dense tensor-core peaks from the vendors' datasheets, for model FLOP utilisation.
+PEAK_BF16_DENSE = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12, "L40S": 362.0e12}
+
+
+def peak_flops(override_tflops):
+    import torch
+
+    if override_tflops:
+        return override_tflops * 1e12, "given with --peak-tflops"
+    if not torch.cuda.is_available():
+        return None, "no GPU"
+    name = torch.cuda.get_device_name(0)
+    for key, value in PEAK_BF16_DENSE.items():
+        if key in name:
+            return value, f"bf16 dense peak of {key} (datasheet)"
+    return None, f"unknown peak for {name}: pass --peak-tflops"

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merlin_molar  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
+from common import RESULTS_DIR, command_line, git_commit, machine, now, peak_flops, table, write_result  # noqa: E402
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.items import (  # noqa: E402
     ItemPromptBuilder,
@@ -50,7 +50,6 @@ from merlin_molar.items.testing import (  # noqa: E402
     save_random_backbone,
 )
 
-PEAK_BF16_DENSE = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12, "L40S": 362.0e12}
 
 
 def catalogue(data: Path):
@@ -70,20 +69,6 @@ def timed_encode(encoder, items, batch_size, device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return out, time.perf_counter() - start
-
-
-def peak_flops(override_tflops):
-    import torch
-
-    if override_tflops:
-        return override_tflops * 1e12, "given with --peak-tflops"
-    if not torch.cuda.is_available():
-        return None, "no GPU"
-    name = torch.cuda.get_device_name(0)
-    for key, value in PEAK_BF16_DENSE.items():
-        if key in name:
-            return value, f"bf16 dense peak of {key} (datasheet)"
-    return None, f"unknown peak for {name}: pass --peak-tflops"
 
 
 def vlm_flops(encoder, items, batch: "EncodedBatch") -> float:  # noqa: F821
