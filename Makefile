@@ -5,7 +5,7 @@ DATA ?= $(if $(wildcard ../shared/data/ml-100k),../shared/data/ml-100k,)
 
 .PHONY: install test quickstart
 
-$(VENV)/.installed: requirements/lock.txt requirements/merlin.txt setup.cfg scripts/install.sh
+$(VENV)/.installed: requirements/lock.txt requirements/merlin.txt requirements/serving.txt requirements/serving-stub.txt setup.cfg scripts/install.sh scripts/install_serving.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
 
