@@ -10,7 +10,9 @@ with real ml-100k histories in raw ids, batch 1 and batch 64. Each configuration
 * ``in-process graph``: the exported merlin-systems graph run by ``Ensemble.transform`` (raw ids ->
   request checks -> NVTabular workflow -> model -> top-k), no Triton.
 
-The ratio column is served p50 / in-process model p50 at the same batch. Results: benchmarks/results/
+The ratio column is served p50 / in-process model p50 at the same batch. ``executor_ms`` / ``workflow_ms``
+are Triton's own per-request times inside the executor model (which includes its BLS call to the workflow)
+and the workflow model, from the server's statistics API. Results: benchmarks/results/
 serving_latency.json. The model weights are random (``--train-epochs 0``): latency does not depend on them.
 
     nice -n 10 .venv/bin/python benchmarks/serving_latency.py
@@ -83,9 +85,11 @@ def time_in_process(model_dir, prepared, batches, max_length, top_k, seconds):
     items = pd.read_parquet(prepared.items_path, columns=["item_id", "item_id_raw"])
     encode = dict(zip(items["item_id_raw"], items["item_id"]))
     encoded = [[np.array([encode[i] for i in h]) for h in b] for b in batches]
-    latencies, deadline = [], time.monotonic() + seconds
+    latencies, deadline = [], None
     with torch.no_grad():
-        for batch in [encoded[0]] * 5 + encoded:
+        for n, batch in enumerate([encoded[0]] * 5 + encoded):
+            if n == 5:
+                latencies, deadline = [], time.monotonic() + seconds
             start = time.perf_counter()
             values = np.concatenate(batch)
             offsets = np.concatenate([[0], np.cumsum([len(h) for h in batch])])
@@ -94,24 +98,31 @@ def time_in_process(model_dir, prepared, batches, max_length, top_k, seconds):
             scores[rows, torch.from_numpy(values)] = float("-inf")
             torch.topk(scores, top_k, dim=-1)
             latencies.append(time.perf_counter() - start)
-            if time.monotonic() > deadline:
+            if deadline and time.monotonic() > deadline and len(latencies) >= 3:
                 break
-    return latencies[5:]
+    return latencies
+
+
+def _table(batch):
+    from merlin.table import TensorTable
+
+    values, offsets = history_tensors(batch)
+    return TensorTable({f"{ITEM_SEQUENCE}__values": values, f"{ITEM_SEQUENCE}__offsets": offsets})
 
 
 def time_graph(model_dir, prepared, batches, top_k, seconds):
-    from merlin.table import TensorTable
-
     ensemble = build_ensemble(model_dir, prepared.root, top_k=top_k, max_batch_size=max(len(b) for b in batches))
-    latencies, deadline = [], time.monotonic() + seconds
-    for batch in [batches[0]] * 5 + batches:
+    ensemble.transform(_table(batches[0]))  # loads the model
+    latencies, deadline = [], None
+    for n, batch in enumerate([batches[0]] * 5 + batches):
+        if n == 5:
+            latencies, deadline = [], time.monotonic() + seconds
         start = time.perf_counter()
-        values, offsets = history_tensors(batch)
-        ensemble.transform(TensorTable({f"{ITEM_SEQUENCE}__values": values, f"{ITEM_SEQUENCE}__offsets": offsets}))
+        ensemble.transform(_table(batch))
         latencies.append(time.perf_counter() - start)
-        if time.monotonic() > deadline:
+        if deadline and time.monotonic() > deadline and len(latencies) >= 3:
             break
-    return latencies[5:]
+    return latencies
 
 
 def closed_loop(url, protocol, batches, clients, requests, seconds):
@@ -132,7 +143,7 @@ def closed_loop(url, protocol, batches, clients, requests, seconds):
             except Exception as exc:  # noqa: BLE001  (counted and reported, the loop goes on)
                 errors.append(repr(exc)[:200])
             latencies[idx].append(time.perf_counter() - start)
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and len(latencies[idx]) >= 3:
                 break
         client.close()
 
@@ -148,6 +159,29 @@ def closed_loop(url, protocol, batches, clients, requests, seconds):
     return flat, wall, errors
 
 
+def server_stats(client):
+    """Cumulative per-model Triton statistics: request count and total ns in queue / compute / overall."""
+    out = {}
+    for model in client.get_inference_statistics()["model_stats"]:
+        stats = model["inference_stats"]
+        out[model["name"]] = {k: (int(stats[k]["count"]), int(stats[k]["ns"])) for k in
+                              ("success", "queue", "compute_infer")}
+    return out
+
+
+def stats_delta(before, after):
+    """Mean milliseconds per request inside each model during one configuration."""
+    delta = {}
+    for name, now_ in after.items():
+        prev = before.get(name, {})
+        row = {}
+        for key, (count, ns) in now_.items():
+            c0, n0 = prev.get(key, (0, 0))
+            row[f"{key}_ms"] = (ns - n0) / max(count - c0, 1) / 1e6
+        delta[name] = row
+    return delta
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SHARED))
@@ -158,6 +192,8 @@ def main(argv=None):
     parser.add_argument("--content-dim", type=int, default=384)
     parser.add_argument("--train-epochs", type=float, default=0)
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads, in the server's model process and in-process alike")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--protocols", nargs="+", default=["http", "grpc"])
@@ -166,16 +202,18 @@ def main(argv=None):
     parser.add_argument("--output", default=str(RESULTS_DIR / "serving_latency.json"))
     args = parser.parse_args(argv)
 
+    torch.set_num_threads(args.torch_threads)
     started = now()
     info = machine()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="molar-serving-bench-"))
     model_dir, prepared = build_model(args, work)
     repository = export_triton(model_dir, prepared.root, work / "repository", top_k=args.top_k,
-                               max_batch_size=max(args.batches), overwrite=True)
+                               max_batch_size=max(args.batches), overwrite=True, torch_threads=args.torch_threads)
 
     rows, in_process = [], {}
     with TritonServer(repository) as server:
         urls = {"http": server.http_url, "grpc": server.grpc_url}
+        stats_client = connect(server.http_url, "http")
         for batch in args.batches:
             # in-process first, next to the served runs of the same batch: the machine's load drifts
             batches = request_batches(prepared, batch, max(8, args.requests // batch))
@@ -189,17 +227,22 @@ def main(argv=None):
             batches = request_batches(prepared, batch, 64)
             for protocol in args.protocols:
                 for clients in args.clients:
+                    before = server_stats(stats_client)
                     lat, wall, errors = closed_loop(urls[protocol], protocol, batches, clients, requests,
                                                     args.max_seconds)
+                    inside = stats_delta(before, server_stats(stats_client))
                     rows.append({"path": "triton", "protocol": protocol, "batch": batch, "clients": clients,
                                  "requests": len(lat), **percentiles(lat), "req_per_s": len(lat) / wall,
-                                 "errors": len(errors), "first_error": errors[0] if errors else None})
+                                 "errors": len(errors), "first_error": errors[0] if errors else None,
+                                 "executor_ms": inside["molar"]["success_ms"],
+                                 "workflow_ms": inside["0_transformworkflowtriton"]["success_ms"],
+                                 "per_model": inside})
     for row in rows:
         row["items_per_s"] = row["req_per_s"] * row["batch"]
         row["served_over_in_process_p50"] = row["p50_ms"] / in_process[row["batch"]]["p50_ms"]
 
     columns = ["path", "protocol", "batch", "clients", "requests", "p50_ms", "p95_ms", "p99_ms", "req_per_s",
-               "items_per_s", "served_over_in_process_p50", "errors"]
+               "items_per_s", "served_over_in_process_p50", "executor_ms", "workflow_ms", "errors"]
     print(table(rows, columns))
     out = write_result(args.output, {
         "benchmark": "serving_latency",
@@ -211,7 +254,8 @@ def main(argv=None):
         "model": {"kind": "molar", "llm": f"qwen2 random init, hidden {args.hidden}, {args.layers} layers",
                   "sasrec": f"d_model {args.hidden}, {args.layers} layers", "content_dim": args.content_dim,
                   "max_length": args.max_length, "items": prepared.item_cardinality,
-                  "trained_epochs": args.train_epochs, "top_k": args.top_k},
+                  "trained_epochs": args.train_epochs, "top_k": args.top_k,
+                  "torch_threads": args.torch_threads},
         "server": "tritonserver 2.51 bundled in nvidia-pytriton 0.7.0, Python backend, CPU, 127.0.0.1; "
                   "executor model + NVTabular workflow model (BLS), one instance each",
         "load": {"closed_loop": True, "requests_per_client": args.requests, "max_seconds": args.max_seconds},

@@ -53,6 +53,7 @@ def export_triton(
     max_batch_size: int = 256,
     model_name: str = "molar",
     overwrite: bool = False,
+    torch_threads: int = 1,
 ) -> Path:
     """Write a Triton model repository that serves ``model_dir`` (a :func:`merlin_molar.persistence.save_model`
     directory) with the NVTabular workflow fitted by ``prepare`` in ``prepared_dir``.
@@ -80,12 +81,15 @@ def export_triton(
     Here (no container), :class:`merlin_molar.serving.TritonServer` runs the server bundled with PyPI
     ``nvidia-pytriton``.
 
-    CLI-friendly: every argument is a path, an int or a string; returns the repository path.
+    ``torch_threads``: torch intra-op threads in the serving process (see :class:`MolarTopK`; 0 = torch's
+    default). CLI-friendly: every argument is a path, an int, a bool or a string; returns the repository path.
     """
     model_dir, repository_path = Path(model_dir), Path(repository_path)
     if repository_path.exists() and any(repository_path.iterdir()) and not overwrite:
         raise MolarDataError(repository_path, "already exists and is not empty (pass overwrite=True to replace it)")
-    ensemble = build_ensemble(model_dir, prepared_dir, top_k=top_k, max_batch_size=max_batch_size)
+    ensemble = build_ensemble(
+        model_dir, prepared_dir, top_k=top_k, max_batch_size=max_batch_size, torch_threads=torch_threads
+    )
     meta = read_json(model_dir / "molar_model.json")
     with atomic_path(repository_path, is_dir=True) as tmp:
         ensemble.export(str(tmp), name=model_name)
@@ -101,6 +105,7 @@ def export_triton(
                 "outputs": {ITEM_IDS: "INT64", SCORES: "FP32"},
                 "top_k": int(top_k),
                 "max_batch_size": int(max_batch_size),
+                "torch_threads": int(torch_threads),
                 "merlin_molar": merlin_molar.__version__,
                 "exported_at": datetime.now(timezone.utc).isoformat(),
             },
@@ -108,7 +113,9 @@ def export_triton(
     return repository_path
 
 
-def build_ensemble(model_dir, prepared_dir, top_k: int = 10, max_batch_size: int = 256):
+def build_ensemble(
+    model_dir, prepared_dir, top_k: int = 10, max_batch_size: int = 256, torch_threads: int = 1
+):
     """The merlin-systems ``Ensemble`` that :func:`export_triton` writes: raw histories -> ValidateHistory ->
     serving workflow -> MolarTopK. ``ensemble.transform(TensorTable)`` runs the same graph in-process."""
     # merlin-systems imports tritonclient, which is only installed with requirements/serving.txt
@@ -141,7 +148,7 @@ def build_ensemble(model_dir, prepared_dir, top_k: int = 10, max_batch_size: int
         [ITEM_SEQUENCE]
         >> ValidateHistory(ITEM_SEQUENCE, vocabulary, max_batch_size=max_batch_size)
         >> TransformWorkflow(workflow)
-        >> MolarTopK(model_dir, vocabulary, top_k=top_k)
+        >> MolarTopK(model_dir, vocabulary, top_k=top_k, torch_threads=torch_threads)
     )
     return Ensemble(graph, workflow.input_schema)
 
