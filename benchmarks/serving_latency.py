@@ -216,14 +216,14 @@ def main(argv=None):
         stats_client = connect(server.http_url, "http")
         for batch in args.batches:
             # in-process first, next to the served runs of the same batch: the machine's load drifts
-            batches = request_batches(prepared, batch, max(8, args.requests // batch))
+            batches = request_batches(prepared, batch, max(40, args.requests // batch))
             model_lat = time_in_process(model_dir, prepared, batches, args.max_length, args.top_k, args.max_seconds)
             graph_lat = time_graph(model_dir, prepared, batches, args.top_k, args.max_seconds)
             in_process[batch] = percentiles(model_lat)
             for name, lat in (("in-process model", model_lat), ("in-process graph", graph_lat)):
                 rows.append({"path": name, "protocol": "-", "batch": batch, "clients": 1, "requests": len(lat),
                              **percentiles(lat), "req_per_s": len(lat) / sum(lat), "errors": 0})
-            requests = max(20, args.requests // max(1, batch // 8))
+            requests = max(40, args.requests // max(1, batch // 8))
             batches = request_batches(prepared, batch, 64)
             for protocol in args.protocols:
                 for clients in args.clients:
@@ -250,7 +250,8 @@ def main(argv=None):
         "started": started,
         "finished": now(),
         "git_commit": git_commit(),
-        "machine": {**info, "note": "server, clients and in-process timing share the same CPUs (loopback)"},
+        "machine": {**info, "note": "server, clients and in-process timing share the same CPUs (loopback), "
+                                    "and other jobs ran on them too: see the load averages"},
         "model": {"kind": "molar", "llm": f"qwen2 random init, hidden {args.hidden}, {args.layers} layers",
                   "sasrec": f"d_model {args.hidden}, {args.layers} layers", "content_dim": args.content_dim,
                   "max_length": args.max_length, "items": prepared.item_cardinality,

@@ -103,12 +103,17 @@ def test_the_exported_graph_run_in_process_matches_the_model(molar_saved, ml100k
     from merlin_molar.serving import build_ensemble
     from merlin_molar.serving.client import history_tensors
 
+    import torch
+
+    threads = torch.get_num_threads()
     ensemble = build_ensemble(molar_saved, ml100k_prepared.root, top_k=TOP_K, max_batch_size=MAX_BATCH)
     values, offsets = history_tensors(raw_histories)
     out = ensemble.transform(TensorTable({f"{ITEM_SEQUENCE}__values": values, f"{ITEM_SEQUENCE}__offsets": offsets}))
     want_ids, want_scores = in_process(raw_histories)
     np.testing.assert_array_equal(out["item_ids"].values, want_ids)
     np.testing.assert_allclose(out["scores"].values, want_scores, rtol=1e-5, atol=1e-5)
+    # running the graph in a training process must leave that process's torch state alone
+    assert torch.is_grad_enabled() and torch.get_num_threads() == threads
     with pytest.raises(MolarRequestError, match="unknown item id"):
         unknown = {f"{ITEM_SEQUENCE}__values": values + 10**6, f"{ITEM_SEQUENCE}__offsets": offsets}
         ensemble.transform(TensorTable(unknown))
