@@ -206,12 +206,13 @@ def recommend(model_dir, prepared: PreparedData, histories: Sequence[Sequence], 
 
 def metrics_table(results: Dict[str, Dict], split: str = "test", ks=(10, 20, 50)) -> str:
     """A fixed-width table of Recall/NDCG@K and train time per model."""
-    header = f"{'model':<28}" + "".join(f"{f'R@{k}':>9}{f'N@{k}':>9}" for k in ks) + f"{'train s':>10}"
+    width = max([28, *(len(name) + 2 for name in results)])
+    header = f"{'model':<{width}}" + "".join(f"{f'R@{k}':>9}{f'N@{k}':>9}" for k in ks) + f"{'train s':>10}"
     lines = [header, "-" * len(header)]
     for name, result in results.items():
         m = result[split]
         lines.append(
-            f"{name:<28}"
+            f"{name:<{width}}"
             + "".join(f"{m[f'recall@{k}']:>9.4f}{m[f'ndcg@{k}']:>9.4f}" for k in ks)
             + f"{result.get('train_seconds', float('nan')):>10.1f}"
         )
