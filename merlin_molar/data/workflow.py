@@ -157,7 +157,8 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, part
     wf = sequence_workflow(cat_path=str(output_dir / ".categories"), order_column=ORDER_COLUMN)
     dataset = Dataset(interactions.assign(**{ORDER_COLUMN: np.arange(len(interactions))}), npartitions=partitions)
     if partitions > 1:
-        dataset = dataset.shuffle_by_keys(["user_id"])
+        # persisted once on the cluster: fit and transform would each redo the shuffle
+        dataset = Dataset(dataset.shuffle_by_keys(["user_id"]).to_ddf().persist())
     grouped = wf.fit_transform(dataset).to_ddf().compute().sort_values("user_id", ignore_index=True)
     if grouped.empty:
         raise MolarDataError(raw.source, f"no user has at least {MIN_HISTORY} interactions")
