@@ -96,7 +96,8 @@ def run_training(prepared: Path, out: Path, processes: int, threads: int, args) 
     out.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     worker = [str(Path(__file__).resolve()), "--train-worker", "--prepared", str(prepared), "--out", str(out),
-              "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--global-batch", str(args.global_batch)]
+              "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
+              "--global-batch", str(args.global_batch)]
     if processes > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *worker]
     else:
@@ -196,7 +197,8 @@ def main(argv=None):
                         check = same_output(reference.root, tmp / "dask2")
                     seconds = time_prepare(raw, tmp / "t", args.repeats, partitions)
             median = statistics.median(seconds)
-            pre_runs[label] = {"workers": workers, "partitions": partitions, "cluster_startup_seconds": round(startup, 2),
+            pre_runs[label] = {"workers": workers, "partitions": partitions,
+                               "cluster_startup_seconds": round(startup, 2),
                                "seconds": [round(s, 3) for s in seconds], "median_seconds": round(median, 3),
                                "rows_per_second_median": round(n_rows / median)}
             pre_rows.append({"preprocess": label, "partitions": partitions, "startup s": startup,
@@ -243,7 +245,8 @@ def main(argv=None):
     print(table(train_rows, ["train", "per-device batch", "steps timed", "seq/s", "vs 1x1"]))
     print()
     print(table(score_rows, ["score", "users/s", "GFLOP/s", "item matrix MiB"]))
-    print(f"\n{n_rows:,} interactions; {info['cpu_model']} ({info['logical_cpus']} CPUs), load {info['load_average_at_start']}")
+    print(f"\n{n_rows:,} interactions; {info['cpu_model']} ({info['logical_cpus']} CPUs), "
+          f"load {info['load_average_at_start']}")
     print(f"wrote {path}")
     return result
 

@@ -122,7 +122,8 @@ class World:
 
 
 def world() -> World:
-    """From ``torch.distributed`` when it is initialised, else from torchrun's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``."""
+    """From ``torch.distributed`` when it is initialised, else from torchrun's environment
+    (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``)."""
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return World(torch.distributed.get_rank(), local, torch.distributed.get_world_size())
@@ -143,7 +144,9 @@ def per_device_batch_size(
     return global_batch_size // shards
 
 
-def data_parallel_config(config, global_batch_size: Optional[int] = None, world_size: Optional[int] = None, **trainer_options):
+def data_parallel_config(
+    config, global_batch_size: Optional[int] = None, world_size: Optional[int] = None, **trainer_options
+):
     """``config`` (a :class:`merlin_molar.training.TrainConfig`) for this launch.
 
     * the per-device batch becomes ``global_batch_size / (processes x gradient_accumulation_steps)``
@@ -240,7 +243,11 @@ def gathered_evaluation_loop(trainer, dataloader, metric_key_prefix: str = "eval
 class GatheredEvaluation:
     """Trainer mixin: evaluation (not prediction) through :func:`gathered_evaluation_loop`."""
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         if description == "Prediction" or not self.compute_metrics:
-            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            return super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
         return gathered_evaluation_loop(self, dataloader, metric_key_prefix)

@@ -66,7 +66,10 @@ def gather_objects(obj):
 
 def train(spec, job, data):
     config = data_parallel_config(
-        TrainConfig(epochs=job["epochs"], learning_rate=job["learning_rate"], save_steps=job["save_steps"], logging_steps=1, seed=0),
+        TrainConfig(
+            epochs=job["epochs"], learning_rate=job["learning_rate"], save_steps=job["save_steps"],
+            logging_steps=1, seed=0,
+        ),
         global_batch_size=job["global_batch"],
     )
     out = Path(spec["out"]) / job["name"]
@@ -103,7 +106,11 @@ def evaluate_weights(spec, job, data):
     model = build_model(data)
     model.load_state_dict(torch.load(job["weights"], map_location="cpu", weights_only=True))
     trainer = make_trainer(model, data, Path(spec["out"]) / job["name"], TrainConfig(eval_batch_size=128))
-    result = {"world_size": trainer.args.world_size, "valid": evaluate(trainer, data, "valid"), "test": evaluate(trainer, data, "test")}
+    result = {
+        "world_size": trainer.args.world_size,
+        "valid": evaluate(trainer, data, "valid"),
+        "test": evaluate(trainer, data, "test"),
+    }
     result["train_rows_per_rank"] = gather_objects(rows_read(trainer.get_train_dataloader()))
     result["valid_rows_per_rank"] = gather_objects(rows_read(trainer.get_eval_dataloader()))
     return result

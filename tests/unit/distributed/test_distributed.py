@@ -7,8 +7,9 @@ sequence is cut to 10 items (all ml-100k users have at least 18 training items),
 same number of next-item targets and the mean of the two per-process losses is the loss of the 128 rows.
 What remains is float summation order (all-reduce of two half-batch gradients vs one full-batch sum):
 weights agree to about 3e-6 after 21 Adam steps, so the tolerances below are 1e-4 on weights, 1e-4
-relative on gradient norms (losses are logged rounded to 1e-4), and two users (2/943) on each ranking metric (a metric moves only if a score
-perturbation of that size swaps a target with its neighbour at a cut-off). Evaluation of the same weights
+relative on gradient norms (losses are logged rounded to 1e-4), and two users (2/943) on each ranking
+metric (a metric moves only if a score perturbation of that size swaps a target with its neighbour at a
+cut-off). Evaluation of the same weights
 is asserted bit-identical.
 """
 import json
@@ -62,12 +63,14 @@ def _spec(root: Path, name: str, prepared: Path, jobs) -> str:
 
 
 def single(spec):
-    out = subprocess.run([sys.executable, str(WORKER), spec], env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    cmd = [sys.executable, str(WORKER), spec]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     _check([(out.returncode, out.stdout + out.stderr)])
 
 
 def torchrun(spec, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), spec]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(WORKER), spec]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     _check([(out.returncode, out.stdout + out.stderr)])
 
@@ -187,7 +190,8 @@ def test_resume_from_a_checkpoint_of_another_process_count(runs):
     root, r = runs
     # a checkpoint of each: one rng_state.pth from 1 process, one rng_state_<rank>.pth per process from 2
     assert (root / "one" / "checkpoint-14" / "rng_state.pth").exists()
-    assert {p.name for p in (root / "two" / "checkpoint-14").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    rng_states = {p.name for p in (root / "two" / "checkpoint-14").glob("rng_state*")}
+    assert rng_states == {"rng_state_0.pth", "rng_state_1.pth"}
     for name, reference in (("two_from_one", "one"), ("one_from_two", "two")):
         assert r[name]["global_step"] == 3 * STEPS_PER_EPOCH
         assert r[name]["steps_run"] == STEPS_PER_EPOCH  # only the third epoch ran
@@ -200,7 +204,8 @@ def test_two_process_evaluation_equals_one_process_exactly(runs, ml100k_prepared
     reference = r["eval_one"]
     assert reference["world_size"] == 1
     users = ml100k_prepared.manifest["users"]
-    for name in ("eval_two", "eval_nodes"):  # torchrun on one node; two nodes of one process (global rank != local rank)
+    # torchrun on one node; two "nodes" of one process each (global rank != local rank)
+    for name in ("eval_two", "eval_nodes"):
         got = r[name]
         assert got["world_size"] == 2
         for split in ("valid", "test"):
