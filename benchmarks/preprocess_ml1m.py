@@ -64,9 +64,9 @@ def pandas_prepare(interactions: pd.DataFrame, items: pd.DataFrame, out_dir: Pat
         "item_id": mapping.reindex(interactions["item_id"].values).values,
         "timestamp": interactions["timestamp"].values,
     })
-    # Same (unstable) time sort as NVTabular's Groupby so that equal timestamps keep the same order;
-    # the stable sort by user then groups without disturbing that order.
-    df = df.sort_values("timestamp", ignore_index=True)
+    # Stable time sort: equal timestamps keep their input order, as prepare() does; the stable sort by
+    # user then groups without disturbing that order.
+    df = df.sort_values("timestamp", kind="stable", ignore_index=True)
     df = df.sort_values("user_id", kind="stable", ignore_index=True)
     users, starts, lengths = np.unique(df["user_id"].values, return_index=True, return_counts=True)
     keep = lengths >= MIN_HISTORY

@@ -6,6 +6,8 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message=".*dtype mappings did not load successfully.*")
 # dask 2024.12 warns that query planning needs dask-expr, which breaks merlin-core (see requirements/).
 _warnings.filterwarnings("ignore", message="(?s).*Dask dataframe query planning is disabled.*")
+# Printed for every NVTabular Dataset on a machine without cuDF; CPU mode is this project's documented default.
+_warnings.filterwarnings("ignore", message="Initializing an NVTabular Dataset in CPU mode")
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from merlin_molar import compat as _compat  # noqa: E402

@@ -46,10 +46,19 @@ class ContentItemEmbedding(torch.nn.Module):
         self.projection = torch.nn.Sequential(torch.nn.Linear(table.size(1), dim), torch.nn.LayerNorm(dim))
         self.num_embeddings, self.embedding_dim = table.size(0), dim
         self.padding_idx = padding_idx
+        self._cached_weight = None
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.projection(self.table)
+        if torch.is_grad_enabled() or self.training:
+            self._cached_weight = None
+            return self.projection(self.table)
+        # Evaluation scores every batch against the whole projected table: project it once, and again
+        # only when the projection's parameters change (their version counters move on every update).
+        key = tuple(p._version for p in self.projection.parameters()) + (self.table.device,)
+        if getattr(self, "_cached_key", None) != key or self._cached_weight is None:
+            self._cached_weight, self._cached_key = self.projection(self.table), key
+        return self._cached_weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() and int(ids.max()) >= self.num_embeddings:

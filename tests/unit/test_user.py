@@ -76,3 +76,15 @@ def test_lora_trains_only_adapters_and_still_reads_inputs_embeds():
     x = torch.randn(1, 5, 16)
     with torch.no_grad():
         assert not torch.allclose(block(x), block(x + 1))
+
+
+def test_projected_table_is_cached_during_evaluation_and_refreshed_after_an_update():
+    emb = ContentItemEmbedding(item_table(10), dim=6).eval()
+    with torch.no_grad():
+        first = emb.weight
+        assert emb.weight is first  # projected once per evaluation
+        emb.projection[0].bias.add_(1.0)  # an optimizer step changes the parameter's version
+        second = emb.weight
+    assert second is not first and not torch.allclose(second, first)
+    emb.train()
+    assert emb.weight.requires_grad  # training always projects afresh, with gradients
