@@ -11,10 +11,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-import transformers4rec.torch as tr
-from transformers4rec.config.trainer import T4RecTrainingArguments
 
+# merlin_molar first: it applies the compatibility layer without which transformers4rec.torch 23.12 does
+# not even import on transformers >= 4.53.
 from merlin_molar import MolarBlock, content_item_inputs, prepare, read_dataset, small_decoder_config
+import transformers4rec.torch as tr  # noqa: E402  (after merlin_molar, see above)
+from transformers4rec.config.trainer import T4RecTrainingArguments  # noqa: E402
 from merlin_molar.pipeline import embed_item_table
 
 
