@@ -21,7 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import merlin_molar  # noqa: E402,F401
-from merlin_molar.data import load_prepared  # noqa: E402
 from merlin_molar.io import write_json  # noqa: E402
 from merlin_molar.persistence import load_model  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, metrics_table, prepare_dataset, train  # noqa: E402

@@ -14,12 +14,12 @@ import urllib.request
 import zipfile
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import pandas as pd
 import torch
 
-from merlin_molar.data import PreparedData, load_prepared, prepare, read_dataset
+from merlin_molar.data import PreparedData, prepare, read_dataset
 from merlin_molar.errors import MolarDataError
 from merlin_molar.id_models import SASRecConfig, sasrec_model
 from merlin_molar.io import claim_output_dir, write_json

@@ -9,7 +9,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Optional
 
 import torch

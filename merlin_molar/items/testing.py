@@ -66,7 +66,6 @@ def qwen_vl_config(model_type: str, tokenizer, text: Dict = TINY_TEXT, vision: D
     text.setdefault("vocab_size", len(tokenizer))
     text.setdefault("max_position_embeddings", 2048)
     text.setdefault("tie_word_embeddings", True)
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
     # mrope splits each head's rotary half into temporal / height / width sections (Qwen2-VL: 16/24/24 of 64)
     half = text["hidden_size"] // text["num_attention_heads"] // 2
     spatial = half // 4 * 3 // 2

@@ -35,7 +35,7 @@ from merlin_molar.distributed import (
     per_device_batch_size,
 )
 from merlin_molar.id_models import SASRecConfig, sasrec_model
-from merlin_molar.training import TrainConfig, evaluate, make_trainer
+from merlin_molar.training import TrainConfig, make_trainer
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 LAUNCH_TIMEOUT = 300  # a DDP hang fails the test instead of blocking the suite
