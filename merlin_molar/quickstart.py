@@ -16,13 +16,13 @@ from merlin_molar.pipeline import (
     train,
 )
 from merlin_molar.training import TrainConfig
+from merlin_molar.user import small_decoder_config
 
 MAX_LENGTH = 50
 DEFAULT_EPOCHS = 20
 SASREC = {"d_model": 64, "n_layers": 2, "n_heads": 1, "dropout": 0.2}
 MOLAR = {
-    "llm": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 8, "max_position_embeddings": 512},
+    "llm": small_decoder_config("qwen2", hidden_size=64, num_layers=2, num_heads=2).to_dict(),
     "sasrec": {**SASREC, "max_length": MAX_LENGTH},
     "alpha": 0.1,
     "id_weight": 0.5,

@@ -16,6 +16,15 @@ from merlin_molar.evaluation import TOP_KS, history_without_last, mask_seen_item
 from merlin_molar.losses import REC_LOSSES, SampledInfoNCELoss, symmetric_infonce
 
 
+def require_one_target_per_row(targets: int, rows: int) -> None:
+    """Evaluation scores one target per sequence; a sequence shorter than 2 items has none."""
+    if targets != rows:
+        raise MolarDataError(
+            "evaluation batch",
+            f"every evaluated sequence needs at least 2 items (history + target); {rows - targets} rows have fewer",
+        )
+
+
 class FullRankingNextItemTask(NextItemPredictionTask):
     """Next-item prediction with the paper's evaluation protocol.
 
@@ -36,12 +45,7 @@ class FullRankingNextItemTask(NextItemPredictionTask):
         item_seq = self.embeddings.item_seq
         if testing:
             out = super().forward(inputs, targets=targets, training=False, testing=True, **kwargs)
-            if out["predictions"].size(0) != item_seq.size(0):
-                raise MolarDataError(
-                    "evaluation batch",
-                    "every evaluated sequence needs at least 2 items (history + target); "
-                    f"{item_seq.size(0) - out['predictions'].size(0)} rows have fewer",
-                )
+            require_one_target_per_row(out["predictions"].size(0), item_seq.size(0))
             history = history_without_last(item_seq, self.padding_idx)
             out["predictions"] = mask_seen_items(out["predictions"], history, out["labels"])
             return out
@@ -164,10 +168,7 @@ class MolarTask(FullRankingNextItemTask):
             return {"loss": loss, "labels": y, "predictions": user_c}
 
         seq = self.embeddings.item_seq
-        if user_c.size(0) != seq.size(0):
-            raise MolarDataError(
-                "evaluation batch", "every evaluated sequence needs at least 2 items (history + target)"
-            )
+        require_one_target_per_row(user_c.size(0), seq.size(0))
         scores = self._scores(user_c, user_id)
         loss = torch.nn.functional.cross_entropy(scores, y)
         if self.mask_history:

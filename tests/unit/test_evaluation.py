@@ -45,3 +45,14 @@ def test_reference_metric_values():
     out = reference_metrics(scores, torch.tensor([5]), top_ks=(2, 3))
     assert out["recall_at_2"].item() == 0.0 and out["recall_at_3"].item() == 1.0
     assert abs(out["ndcg_at_3"].item() - 0.5) < 1e-6  # rank 2 (0-based) -> 1 / log2(4)
+
+
+def test_a_sequence_without_a_target_is_reported_not_silently_misaligned():
+    import pytest
+
+    from merlin_molar.errors import MolarDataError
+    from merlin_molar.task import require_one_target_per_row
+
+    require_one_target_per_row(4, 4)
+    with pytest.raises(MolarDataError, match="1 rows have fewer"):
+        require_one_target_per_row(3, 4)

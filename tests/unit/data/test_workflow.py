@@ -108,9 +108,17 @@ def test_ml100k_prepared(ml100k_prepared):
     assert test[ITEM_SEQUENCE].map(len).max() == 20
 
 
-def test_real_ml100k_reader_roundtrip(ml100k_dir):
+def test_real_ml100k_histories_are_time_ordered(ml100k_dir, ml100k_prepared):
+    # the raw file is not in time order within users; the workflow must sort each history by timestamp
     raw = read_dataset(ml100k_dir)
-    assert raw.interactions["timestamp"].is_monotonic_increasing is False  # the workflow must sort
+    times = raw.interactions.set_index(["user_id", "item_id"])["timestamp"]
+    items = ml100k_prepared.items()
+    decode = dict(zip(items["item_id"], items["item_id_raw"]))
+    frame = ml100k_prepared.split_frame("test").set_index("user_id")
+    for user in (1, 100, 500):
+        seq = [decode[int(i)] for i in frame.loc[user, ITEM_SEQUENCE]]
+        stamps = [times[(user, i)] for i in seq]
+        assert stamps == sorted(stamps), user
 
 
 def test_same_data_through_another_path_is_the_same_dataset(tmp_path, ml100k_dir, monkeypatch):
