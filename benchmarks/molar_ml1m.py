@@ -25,6 +25,7 @@ from merlin_molar.io import write_json  # noqa: E402
 from merlin_molar.persistence import load_model  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, metrics_table, prepare_dataset, train  # noqa: E402
 from merlin_molar.training import TrainConfig, evaluate, make_trainer  # noqa: E402
+from merlin_molar.user import small_decoder_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
@@ -97,11 +98,8 @@ def main(argv=None):
     table_dir = Path(args.item_table) if args.item_table else embed_item_table(prepared, batch_size=64)
 
     sasrec = {"d_model": 64, "n_layers": 2, "n_heads": 1, "dropout": 0.2}
-    llm = {
-        "model_type": "qwen2", "hidden_size": args.llm_hidden, "intermediate_size": 4 * args.llm_hidden,
-        "num_hidden_layers": args.llm_layers, "num_attention_heads": 2, "num_key_value_heads": 2,
-        "vocab_size": 8, "max_position_embeddings": max(512, args.max_length),
-    }
+    llm = small_decoder_config("qwen2", hidden_size=args.llm_hidden, num_layers=args.llm_layers, num_heads=2,
+                               max_positions=max(512, args.max_length)).to_dict()
     molar = {"llm": llm, "sasrec": {**sasrec, "max_length": args.max_length}, "alpha": args.alpha,
              "id_weight": args.id_weight, "id_branch": args.id_branch}
     variants = {
