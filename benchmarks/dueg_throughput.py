@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 import merlin_molar  # noqa: F401
-from merlin_molar.losses import FullSoftmaxLoss, symmetric_infonce
-from merlin_molar.user import ContentItemEmbedding, MolarBlock
+from merlin_molar.models.dueg import MolarBlock
+from merlin_molar.models.item_tower import ContentItemEmbedding
+from merlin_molar.models.losses import FullSoftmaxLoss, symmetric_infonce
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, command_line, git_commit, machine, now, peak_flops, table, write_result  # noqa: E402

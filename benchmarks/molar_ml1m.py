@@ -22,10 +22,10 @@ import torch  # noqa: E402
 
 import merlin_molar  # noqa: E402,F401
 from merlin_molar.io import write_json  # noqa: E402
+from merlin_molar.models.dueg import small_decoder_config  # noqa: E402
 from merlin_molar.persistence import load_model  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, metrics_table, prepare_dataset, train  # noqa: E402
 from merlin_molar.training import TrainConfig, evaluate, make_trainer  # noqa: E402
-from merlin_molar.user import small_decoder_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402

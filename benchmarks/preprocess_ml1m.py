@@ -137,7 +137,9 @@ def timed(fn, repeats: int, label: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--data", type=Path, default=Path("/work/shared/data/ml-1m"), help="raw dataset directory")
     p.add_argument("--max-length", type=int, default=200)
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (after one warm-up)")

@@ -1,6 +1,6 @@
 """SASRec on MovieLens-1M through the project's Transformers4Rec pipeline: quality, training curve, speed.
 
-Trains :func:`merlin_molar.id_models.sasrec_model` with the T4Rec Trainer (:mod:`merlin_molar.training`)
+Trains :func:`merlin_molar.models.sasrec.sasrec_model` with the T4Rec Trainer (:mod:`merlin_molar.training`)
 on the NVTabular leave-one-out splits, evaluates full ranking with history masking on valid and test, and
 writes a JSON with Recall/NDCG@10/20/50, a validation curve (NDCG@10 every ``--eval-every`` epochs,
 through the Trainer's own evaluation at epoch ends), seconds per epoch and the machine.
@@ -28,7 +28,7 @@ from transformers import TrainerCallback  # noqa: E402
 from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.evaluation import summarise  # noqa: E402
-from merlin_molar.id_models import SASRecConfig, sasrec_model  # noqa: E402
+from merlin_molar.models.sasrec import SASRecConfig, sasrec_model  # noqa: E402
 from merlin_molar.io import read_json  # noqa: E402
 from merlin_molar.training import TrainConfig, evaluate, make_trainer  # noqa: E402
 
@@ -93,7 +93,9 @@ def prepared_data(data_dir: Path, prepared_dir: Path, max_length: int):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--data", type=Path, default=Path("/work/shared/data/ml-1m"), help="raw dataset directory")
     p.add_argument("--prepared", type=Path, default=None,
                    help="prepared splits directory (reused when it matches --data and --max-length); "
@@ -151,7 +153,11 @@ def main(argv=None):
     device = "GPU" if info["cuda"] else "CPU"
     note = (
         f"{device} run with {epochs_run} epochs"
-        + (f" (stopped by the {args.max_minutes:g}-minute budget of a {args.epochs}-epoch run)" if curve.stopped_early else "")
+        + (
+            f" (stopped by the {args.max_minutes:g}-minute budget of a {args.epochs}-epoch run)"
+            if curve.stopped_early
+            else ""
+        )
         + f", not the 300-epoch GPU recipe of ../shared/DESIGN.md §1. Target test NDCG@10 >= {TARGET['ndcg@10']}, "
         f"Recall@10 >= {TARGET['recall@10']}: {'reached' if reached else 'NOT reached'} "
         f"(got {test['ndcg@10']:.4f} / {test['recall@10']:.4f})."

@@ -54,7 +54,7 @@ def train_worker(args) -> None:
     import merlin_molar  # noqa: F401
     from merlin_molar.data import load_prepared
     from merlin_molar.distributed import data_parallel_config, world
-    from merlin_molar.id_models import SASRecConfig, sasrec_model
+    from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
     from merlin_molar.training import TrainConfig, make_trainer
 
     data = load_prepared(args.prepared)

@@ -35,13 +35,13 @@ import torch  # noqa: E402
 
 from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
 from merlin_molar.data import ITEM_SEQUENCE, load_prepared, prepare, read_dataset  # noqa: E402
-from merlin_molar.model import MolarConfig, molar_model  # noqa: E402
+from merlin_molar.models.molar import MolarConfig, molar_model  # noqa: E402
 from merlin_molar.persistence import load_model, save_model  # noqa: E402
 from merlin_molar.serving import TritonServer, build_ensemble, export_triton  # noqa: E402
 from merlin_molar.serving.client import connect, history_tensors, recommend  # noqa: E402
 from merlin_molar.serving.ops import right_padded_window  # noqa: E402
 from merlin_molar.training import TrainConfig, make_trainer  # noqa: E402
-from merlin_molar.user import small_decoder_config  # noqa: E402
+from merlin_molar.models.dueg import small_decoder_config  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 

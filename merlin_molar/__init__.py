@@ -16,9 +16,44 @@ _compat.apply()
 
 __version__ = "0.1.0"
 
-from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402,F401
-from merlin_molar.id_models import SASRecConfig, sasrec_body, sasrec_model  # noqa: E402,F401
-from merlin_molar.model import MolarConfig, molar_model  # noqa: E402,F401
-from merlin_molar.persistence import load_model, save_model  # noqa: E402,F401
-from merlin_molar.task import FullRankingNextItemTask, MolarTask  # noqa: E402,F401
-from merlin_molar.user import ContentItemEmbedding, MolarBlock, content_item_inputs, small_decoder_config  # noqa: E402,F401
+from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
+from merlin_molar.models import (  # noqa: E402
+    ContentItemEmbedding,
+    FullRankingNextItemTask,
+    MolarBlock,
+    MolarBody,
+    MolarConfig,
+    MolarTask,
+    SASRecConfig,
+    build_llm,
+    content_item_inputs,
+    load_id_branch,
+    molar_model,
+    sasrec_body,
+    sasrec_model,
+    small_decoder_config,
+)
+from merlin_molar.persistence import load_model, save_model  # noqa: E402
+
+__all__ = [
+    "ContentItemEmbedding",
+    "FullRankingNextItemTask",
+    "MolarBlock",
+    "MolarBody",
+    "MolarConfig",
+    "MolarTask",
+    "SASRecConfig",
+    "__version__",
+    "build_llm",
+    "content_item_inputs",
+    "load_id_branch",
+    "load_model",
+    "load_prepared",
+    "molar_model",
+    "prepare",
+    "read_dataset",
+    "sasrec_body",
+    "sasrec_model",
+    "save_model",
+    "small_decoder_config",
+]

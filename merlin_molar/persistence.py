@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 
 import merlin_molar
 from merlin_molar.errors import MolarDataError
-from merlin_molar.id_models import SASRecConfig, sasrec_model
 from merlin_molar.io import atomic_path, read_json, write_json
-from merlin_molar.model import MolarConfig, molar_model
+from merlin_molar.models.molar import MolarConfig, molar_model
+from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 
 
 def _is_pretrained_llm(config: MolarConfig) -> bool:

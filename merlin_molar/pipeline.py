@@ -21,9 +21,9 @@ import torch
 
 from merlin_molar.data import PreparedData, prepare, read_dataset
 from merlin_molar.errors import MolarDataError
-from merlin_molar.id_models import SASRecConfig, sasrec_model
 from merlin_molar.io import claim_output_dir, write_json
-from merlin_molar.model import MolarConfig, molar_model
+from merlin_molar.models.molar import MolarConfig, molar_model
+from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.persistence import load_model, save_model
 from merlin_molar.training import TrainConfig, evaluate, make_trainer
 
@@ -130,7 +130,7 @@ def train(
     kind: str,
     output_dir,
     model_options: Optional[dict] = None,
-    train_config: TrainConfig = TrainConfig(),
+    train_config: Optional[TrainConfig] = None,
     item_table_path=None,
     resume: bool = False,
     init_id_branch_from=None,
@@ -142,11 +142,12 @@ def train(
     from transformers.trainer_utils import get_last_checkpoint
 
     output_dir = Path(output_dir)
+    train_config = train_config or TrainConfig()
     torch.manual_seed(train_config.seed)
     model, config, table = build_model(kind, prepared, model_options, item_table_path)
     claim_output_dir(output_dir, _run_identity(prepared, kind, config, train_config, item_table_path))
     if init_id_branch_from:
-        from merlin_molar.model import load_id_branch
+        from merlin_molar.models.molar import load_id_branch
 
         load_id_branch(model, load_model(init_id_branch_from)[0])
     checkpoints = output_dir / "checkpoints"
@@ -200,7 +201,9 @@ def recommend(model_dir, prepared: PreparedData, histories: Sequence[Sequence], 
             scores = model({"item_id-list": batch})
         top_scores, top_ids = torch.topk(scores[0], k=top_k)
         for rank, (code, score) in enumerate(zip(top_ids.tolist(), top_scores.tolist()), 1):
-            rows.append({"history": user, "rank": rank, "item_id": to_raw[code], "title": titles.get(code, ""), "score": score})
+            rows.append(
+                {"history": user, "rank": rank, "item_id": to_raw[code], "title": titles.get(code, ""), "score": score}
+            )
     return pd.DataFrame(rows)
 
 

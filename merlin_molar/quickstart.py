@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from merlin_molar.io import write_json
+from merlin_molar.models.dueg import small_decoder_config
 from merlin_molar.pipeline import (
     embed_item_table,
     metrics_table,
@@ -16,7 +17,6 @@ from merlin_molar.pipeline import (
     train,
 )
 from merlin_molar.training import TrainConfig
-from merlin_molar.user import small_decoder_config
 
 MAX_LENGTH = 50
 DEFAULT_EPOCHS = 20

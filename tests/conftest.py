@@ -1,5 +1,5 @@
+"""Shared by both tiers: offline Hugging Face, the compatibility layer, and a small synthetic dataset."""
 import os
-from pathlib import Path
 
 import pytest
 
@@ -8,29 +8,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import merlin_molar  # noqa: E402,F401  (applies the compatibility layer before tests import T4Rec)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A synthetic csv-layout dataset (300 users, 120 items, genre-coloured images)."""
+    from merlin_molar.data.synthetic import write_synthetic_dataset
 
-def shared_dataset(name: str) -> Path:
-    path = Path(os.environ.get("MOLAR_SHARED_DATA", SHARED_DATA)) / name
-    if not path.exists():
-        pytest.fail(f"{path} is missing: the tests read the real MovieLens data from ../shared/data")
-    return path
+    return write_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", images=True)
 
 
 @pytest.fixture(scope="session")
-def ml100k_dir() -> Path:
-    return shared_dataset("ml-100k")
-
-
-@pytest.fixture(scope="session")
-def ml1m_dir() -> Path:
-    return shared_dataset("ml-1m")
-
-
-@pytest.fixture(scope="session")
-def ml100k_prepared(tmp_path_factory, ml100k_dir):
-    """ml-100k through the real NVTabular workflow, max length 20 (shared by every test that trains)."""
+def tiny_prepared(tmp_path_factory, tiny_dir):
+    """The synthetic dataset through the real NVTabular workflow, max length 20."""
     from merlin_molar.data import prepare, read_dataset
 
-    return prepare(read_dataset(ml100k_dir), tmp_path_factory.mktemp("ml100k") / "prepared", max_length=20)
+    return prepare(read_dataset(tiny_dir), tmp_path_factory.mktemp("tiny") / "prepared", max_length=20)

@@ -361,12 +361,13 @@ class TextLLMEncoder(_CurItemEncoder):
     def __init__(
         self,
         name_or_path,
-        prompts: ItemPromptBuilder = ItemPromptBuilder(),
+        prompts: Optional[ItemPromptBuilder] = None,
         device: Optional[str] = None,
         dtype=None,
         max_text_tokens: Optional[int] = 200,
         attn_implementation: str = "sdpa",
     ):
+        prompts = prompts or ItemPromptBuilder()
         super().__init__(name_or_path, self.kind, prompts, device, dtype, max_text_tokens, attn_implementation)
 
     def _prompts(self, items):
@@ -395,13 +396,14 @@ class VisionLanguageEncoder(_CurItemEncoder):
     def __init__(
         self,
         name_or_path,
-        prompts: ItemPromptBuilder = ItemPromptBuilder(),
+        prompts: Optional[ItemPromptBuilder] = None,
         device: Optional[str] = None,
         dtype=None,
         image_size: Optional[int] = 224,
         max_text_tokens: Optional[int] = 200,
         attn_implementation: str = "sdpa",
     ):
+        prompts = prompts or ItemPromptBuilder()
         super().__init__(name_or_path, self.kind, prompts, device, dtype, max_text_tokens, attn_implementation)
         self.image_size = image_size
         image_token = getattr(self.preprocessor, "image_token", None) or "<image>"

@@ -51,7 +51,7 @@ def test_a_sequence_without_a_target_is_reported_not_silently_misaligned():
     import pytest
 
     from merlin_molar.errors import MolarDataError
-    from merlin_molar.task import require_one_target_per_row
+    from merlin_molar.models.task import require_one_target_per_row
 
     require_one_target_per_row(4, 4)
     with pytest.raises(MolarDataError, match="1 rows have fewer"):

@@ -22,17 +22,6 @@ def write_csv_layout(root, interactions=None, items=None):
     return root
 
 
-def test_shared_ml1m_layout(ml1m_dir):
-    raw = read_dataset(ml1m_dir)
-    assert len(raw.interactions) == 1_000_209
-    assert raw.interactions["user_id"].nunique() == 6040
-    assert list(raw.interactions.columns) == ["user_id", "item_id", "timestamp"]
-    assert raw.text_columns == ["clean_title", "year", "genres"]
-    with_image = raw.items["image"].notna()
-    assert with_image.sum() == 3256
-    assert raw.items.loc[with_image, "image"].map(lambda p: p.startswith("/")).all()
-
-
 def test_csv_layout_resolves_relative_images(tmp_path):
     raw = read_dataset(write_csv_layout(tmp_path / "d"))
     assert raw.items.loc[0, "image"] == str((tmp_path / "d" / "images" / "10.jpg").resolve())
@@ -41,7 +30,8 @@ def test_csv_layout_resolves_relative_images(tmp_path):
 
 def test_movielens_dat(tmp_path):
     (tmp_path / "ratings.dat").write_text("1::10::5::978300760\n1::11::3::978300761\n2::10::4::978300762\n")
-    (tmp_path / "movies.dat").write_bytes("10::Am\xe9lie (2001)::Comedy|Romance\n11::Heat (1995)::Action\n".encode("latin-1"))
+    movies = "10::Am\xe9lie (2001)::Comedy|Romance\n11::Heat (1995)::Action\n"
+    (tmp_path / "movies.dat").write_bytes(movies.encode("latin-1"))
     raw = read_dataset(tmp_path)
     assert raw.items.loc[raw.items.item_id == 10, "title"].item() == "Amélie (2001)"
     assert raw.items.loc[raw.items.item_id == 10, "genres"].item() == "Comedy, Romance"
@@ -49,8 +39,12 @@ def test_movielens_dat(tmp_path):
 
 
 def test_recbole_atomic(tmp_path):
-    (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t5\t4\t10\n1\t6\t3\t11\n")
-    (tmp_path / "x.item").write_text("item_id:token\tmovie_title:token_seq\tgenre:token_seq\n5\tHeat\tAction\n6\tUp\tKids\n")
+    (tmp_path / "x.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t5\t4\t10\n1\t6\t3\t11\n"
+    )
+    (tmp_path / "x.item").write_text(
+        "item_id:token\tmovie_title:token_seq\tgenre:token_seq\n5\tHeat\tAction\n6\tUp\tKids\n"
+    )
     raw = read_dataset(tmp_path)
     assert raw.text_columns == ["movie_title", "genre"]
     assert raw.interactions["item_id"].tolist() == [5, 6]
@@ -63,7 +57,8 @@ def test_amazon_jsonl(tmp_path):
             f.write(json.dumps({"user_id": r[0], "parent_asin": r[1], "timestamp": r[2], "rating": 5}) + "\n")
     meta = tmp_path / "meta.jsonl"
     meta.write_text(
-        json.dumps({"parent_asin": "B01", "title": "Lamp", "description": ["Bright", "LED"], "categories": ["Home"]}) + "\n"
+        json.dumps({"parent_asin": "B01", "title": "Lamp", "description": ["Bright", "LED"], "categories": ["Home"]})
+        + "\n"
         + json.dumps({"parent_asin": "B02", "title": "Mug", "description": [], "categories": ["Kitchen"]}) + "\n"
     )
     raw = read_amazon(reviews, meta)
@@ -75,7 +70,8 @@ def test_amazon_jsonl(tmp_path):
 def test_generic_table_with_column_map(tmp_path):
     pd.DataFrame({"uid": ["a", "a"], "sku": ["x", "y"], "ts": [1, 2]}).to_parquet(tmp_path / "i.parquet")
     pd.DataFrame({"sku": ["x", "y"], "name": ["X", "Y"]}).to_csv(tmp_path / "c.csv", index=False)
-    raw = read_table(tmp_path / "i.parquet", tmp_path / "c.csv", {"uid": "user_id", "sku": "item_id", "ts": "timestamp"})
+    columns = {"uid": "user_id", "sku": "item_id", "ts": "timestamp"}
+    raw = read_table(tmp_path / "i.parquet", tmp_path / "c.csv", columns)
     assert raw.text_columns == ["name"]
     assert raw.interactions["user_id"].tolist() == ["a", "a"]
 

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from merlin.schema import Tags
 
-from merlin_molar.data import FIRST_ITEM_ID, ITEM_SEQUENCE, load_prepared, prepare, read_dataset
+from merlin_molar.data import FIRST_ITEM_ID, ITEM_SEQUENCE, load_prepared, prepare
 from merlin_molar.data.readers import RawDataset
 from merlin_molar.data.workflow import k_core
 from merlin_molar.errors import MolarDataError
@@ -99,30 +99,3 @@ def test_k_core_is_iterative(tmp_path):
     out = k_core(inter, 2, cat_path=str(tmp_path))
     assert sorted(out["item_id"].unique()) == [10, 11]
     assert sorted(out["user_id"].unique()) == [1, 2]
-
-
-def test_ml100k_prepared(ml100k_prepared):
-    m = ml100k_prepared.manifest
-    assert (m["users"], m["interactions"], m["items_interacted"]) == (943, 100_000, 1682)
-    test = ml100k_prepared.split_frame("test")
-    assert test[ITEM_SEQUENCE].map(len).max() == 20
-
-
-def test_real_ml100k_histories_are_time_ordered(ml100k_dir, ml100k_prepared):
-    # the raw file is not in time order within users; the workflow must sort each history by timestamp
-    raw = read_dataset(ml100k_dir)
-    times = raw.interactions.set_index(["user_id", "item_id"])["timestamp"]
-    items = ml100k_prepared.items()
-    decode = dict(zip(items["item_id"], items["item_id_raw"]))
-    frame = ml100k_prepared.split_frame("test").set_index("user_id")
-    for user in (1, 100, 500):
-        seq = [decode[int(i)] for i in frame.loc[user, ITEM_SEQUENCE]]
-        stamps = [times[(user, i)] for i in seq]
-        assert stamps == sorted(stamps), user
-
-
-def test_same_data_through_another_path_is_the_same_dataset(tmp_path, ml100k_dir, monkeypatch):
-    out = tmp_path / "out"
-    prepare(read_dataset(ml100k_dir), out, max_length=5)
-    monkeypatch.chdir(ml100k_dir.parent)
-    prepare(read_dataset("ml-100k"), out, max_length=5)  # relative path, same data: accepted

@@ -1,5 +1,5 @@
-"""Fixtures for the MIRM tests: a small real ML-1M slice with posters (plus one missing and one corrupt
-image), prepared by the real NVTabular workflow, and tiny random Qwen-family backbones saved to disk."""
+"""Fixtures for the MIRM tests: a slice of the synthetic catalogue with images (plus one missing and one
+corrupt image), prepared by the real NVTabular workflow, and tiny random Qwen-family backbones saved to disk."""
 from pathlib import Path
 
 import pandas as pd
@@ -12,12 +12,12 @@ N_USERS = 60
 
 
 @pytest.fixture(scope="session")
-def ml1m_raw(ml1m_dir):
-    return read_dataset(ml1m_dir)
+def catalogue_raw(tiny_dir):
+    return read_dataset(tiny_dir)
 
 
 def _slice(raw: RawDataset) -> RawDataset:
-    """The N_ITEMS most rated movies that have a poster, and N_USERS users' interactions with them."""
+    """The N_ITEMS most interacted items that have an image, and N_USERS users' interactions with them."""
     with_poster = raw.items.loc[raw.items["image"].notna(), "item_id"]
     inter = raw.interactions[raw.interactions["item_id"].isin(with_poster)]
     top = inter["item_id"].value_counts().index[:N_ITEMS]
@@ -37,9 +37,9 @@ def broken_images(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def small_raw(ml1m_raw, broken_images):
+def small_raw(catalogue_raw, broken_images):
     """The slice, with the posters of its two least rated items replaced by a missing and a corrupt file."""
-    raw = _slice(ml1m_raw)
+    raw = _slice(catalogue_raw)
     least = raw.interactions["item_id"].value_counts().index[-2:]
     items = raw.items.copy()
     items.loc[items["item_id"] == least[0], "image"] = broken_images["missing"]
@@ -84,12 +84,12 @@ def remapped_prepared(tmp_path_factory, small_raw):
 
 
 @pytest.fixture(scope="session")
-def backbones(tmp_path_factory, ml1m_raw):
+def backbones(tmp_path_factory, catalogue_raw):
     """Tiny random backbones saved with save_pretrained: {model_type: path}."""
     from merlin_molar.items.testing import save_random_backbone
 
     root = tmp_path_factory.mktemp("backbones")
-    corpus = ml1m_raw.items["title"].astype(str).tolist()[:500]
+    corpus = catalogue_raw.items["title"].astype(str).tolist()[:500]
     return {t: save_random_backbone(root / t, t, corpus=corpus) for t in ("qwen2_vl", "qwen2_5_vl", "qwen2", "llama")}
 
 
@@ -108,5 +108,5 @@ def vlm(backbones):
 
 
 @pytest.fixture(scope="session")
-def poster_paths(ml1m_dir) -> list:
-    return sorted(str(p) for p in (Path(ml1m_dir) / "images").glob("*.jpg"))[:4]
+def poster_paths(tiny_dir) -> list:
+    return sorted(str(p) for p in (Path(tiny_dir) / "images").glob("*.png"))[:4]

@@ -8,8 +8,8 @@ import torch
 from merlin_molar.errors import MolarDataError
 from merlin_molar.items import (
     CUR_ITEM_TOKEN,
-    ItemContent,
     STAGE1_TASKS,
+    ItemContent,
     Stage1Example,
     build_encoder,
     build_stage1_mixture,

@@ -145,12 +145,12 @@ def test_work_dir_of_another_run_is_refused(tmp_path, small_prepared, minilm):
     assert run(small_prepared, minilm, out, batch_size=8, resume=False).complete
 
 
-def test_loader_refuses_tables_of_other_data(reference, remapped_prepared, ml100k_prepared):
+def test_loader_refuses_tables_of_other_data(reference, remapped_prepared, tiny_prepared):
     assert remapped_prepared.item_cardinality == 43
     with pytest.raises(MolarDataError, match="item id mapping differs"):
         load_item_table(reference, remapped_prepared)
     with pytest.raises(MolarDataError, match="made for 43 item ids"):
-        load_item_table(reference, ml100k_prepared)
+        load_item_table(reference, tiny_prepared)
 
 
 def test_loader_refuses_reordered_rows(tmp_path, reference, small_prepared):

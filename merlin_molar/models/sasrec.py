@@ -9,13 +9,14 @@ Molar's post-alignment; :func:`sasrec_model` adds the full-ranking next-item tas
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import transformers4rec.torch as tr
 from merlin.schema import Schema, Tags
 from transformers4rec.torch.block.transformer import TransformerPrepare
 
-from merlin_molar.task import FullRankingNextItemTask
+from merlin_molar.models.task import FullRankingNextItemTask
 
 
 @dataclass
@@ -67,16 +68,18 @@ def sasrec_transformer(config: SASRecConfig) -> tr.TransformerBlock:
     return tr.TransformerBlock(gpt2, prepare_module=CausalPrepare)
 
 
-def sasrec_body(schema: Schema, config: SASRecConfig = SASRecConfig()) -> tr.SequentialBlock:
+def sasrec_body(schema: Schema, config: Optional[SASRecConfig] = None) -> tr.SequentialBlock:
     """Item-id inputs >> causal transformer: per-position ID user embeddings ``[batch, length, d_model]``."""
+    config = config or SASRecConfig()
     inputs = item_id_inputs(schema, config)
     transformer = sasrec_transformer(config)
     transformer.masking = inputs.masking
     return tr.SequentialBlock(inputs, transformer)
 
 
-def sasrec_model(schema: Schema, config: SASRecConfig = SASRecConfig()) -> tr.Model:
+def sasrec_model(schema: Schema, config: Optional[SASRecConfig] = None) -> tr.Model:
     """SASRec with weight-tied full-softmax cross-entropy at every position and full-ranking evaluation."""
+    config = config or SASRecConfig()
     body = sasrec_body(schema, config)
     # softmax_temperature=0 skips T4Rec's division of the [positions, items] logits by the default
     # temperature 1.0: same loss, one full pass over the largest tensor less (~14% of a CPU step on ML-1M).

@@ -1,15 +1,11 @@
 """DUEG, the Dynamic User Embedding Generator: an LLM over a user's history of content item embeddings.
 
-Two pieces, both plain Transformers4Rec building blocks:
-
-* :class:`ContentItemEmbedding` replaces the item-id embedding table of a ``TabularSequenceFeatures``
-  input: it holds the precomputed multimodal item table (MIRM output) as a frozen buffer and projects it
-  to the LLM width. Its ``weight`` is the projected table, so ``NextItemPredictionTask(weight_tying=True)``
-  scores items by content. IDs never enter the LLM.
-* :class:`MolarBlock` is a body block that runs a Hugging Face decoder (any ``AutoModel`` base model:
+:class:`MolarBlock` is a body block that runs a Hugging Face decoder (any ``AutoModel`` base model:
   Qwen2, Llama, ...; random init from a config or pretrained from a path; optional LoRA via peft) over
   the sequence as ``inputs_embeds`` and returns the causal per-position user embeddings. It drops in
   where ``TransformerBlock`` goes::
+
+      from merlin_molar.models.item_tower import content_item_inputs
 
       inputs = content_item_inputs(schema, item_table, d_model=llm_config.hidden_size)
       body = tr.SequentialBlock(inputs, MolarBlock(llm_config))
@@ -18,77 +14,13 @@ Two pieces, both plain Transformers4Rec building blocks:
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+from typing import Union
 
 import torch
-import transformers4rec.torch as tr
-from merlin.schema import Schema, Tags
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers4rec.torch.block.base import BlockBase
 
-from merlin_molar.errors import MolarDataError
-
 LLMSpec = Union[str, dict, PretrainedConfig, PreTrainedModel]
-
-
-class ContentItemEmbedding(torch.nn.Module):
-    """Frozen content item table -> trainable projection; usable as a T4Rec item embedding table.
-
-    ``table`` is ``[item_cardinality, content_dim]`` in Categorify id order (row 0 = padding)."""
-
-    def __init__(self, table: torch.Tensor, dim: int, padding_idx: int = 0):
-        super().__init__()
-        if table.dim() != 2:
-            raise MolarDataError("item table", f"expected a 2-D [items, dim] table, got shape {tuple(table.shape)}")
-        if not torch.isfinite(table).all():
-            raise MolarDataError("item table", "contains NaN or infinite values")
-        self.register_buffer("table", table.detach().float().clone(), persistent=False)
-        self.projection = torch.nn.Sequential(torch.nn.Linear(table.size(1), dim), torch.nn.LayerNorm(dim))
-        self.num_embeddings, self.embedding_dim = table.size(0), dim
-        self.padding_idx = padding_idx
-        self._cached_weight = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.training:
-            self._cached_weight = None
-            return self.projection(self.table)
-        # Evaluation scores every batch against the whole projected table: project it once, and again
-        # only when the projection's parameters change (their version counters move on every update).
-        key = tuple(p._version for p in self.projection.parameters()) + (self.table.device,)
-        if getattr(self, "_cached_key", None) != key or self._cached_weight is None:
-            self._cached_weight, self._cached_key = self.projection(self.table), key
-        return self._cached_weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and int(ids.max()) >= self.num_embeddings:
-            raise MolarDataError("item ids", f"id {int(ids.max())} is outside the item table ({self.num_embeddings} rows)")
-        out = self.projection(self.table[ids.long()])
-        return out * (ids != self.padding_idx).unsqueeze(-1).to(out.dtype)
-
-
-def content_item_inputs(
-    schema: Schema, item_table: torch.Tensor, d_model: int, max_length: Optional[int] = None
-) -> tr.TabularSequenceFeatures:
-    """A causal-masked ``TabularSequenceFeatures`` whose item embeddings come from the content table."""
-    item_col = schema.select_by_tag(Tags.ITEM_ID).column_names
-    if len(item_col) != 1:
-        raise MolarDataError("schema", f"expected exactly one ITEM_ID column, found {item_col}")
-    item_col = item_col[0]
-    cardinality = schema[item_col].int_domain.max + 1
-    if item_table.size(0) != cardinality:
-        raise MolarDataError(
-            "item table", f"has {item_table.size(0)} rows but the schema's item id domain has {cardinality}"
-        )
-    inputs = tr.TabularSequenceFeatures.from_schema(
-        schema.select_by_name([item_col]),
-        max_sequence_length=max_length,
-        aggregation="concat",
-        masking="causal",
-        embedding_dim_default=d_model,
-    )
-    inputs.categorical_module.embedding_tables[item_col] = ContentItemEmbedding(item_table, d_model)
-    return inputs
 
 
 def build_llm(spec: LLMSpec, attn_implementation: str = "sdpa", torch_dtype=None) -> PreTrainedModel:

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from merlin_molar.data.workflow import ITEM_SEQUENCE
-from merlin_molar.model import MolarConfig, molar_model
+from merlin_molar.models.dueg import small_decoder_config
+from merlin_molar.models.molar import MolarConfig, molar_model
 from merlin_molar.persistence import load_model, save_model
 from merlin_molar.training import TrainConfig, make_trainer
-from merlin_molar.user import small_decoder_config
 
 TOP_K = 10
 MAX_BATCH = 16

@@ -4,12 +4,13 @@ import transformers4rec.torch as tr
 from peft import LoraConfig
 
 from merlin_molar.errors import MolarDataError
-from merlin_molar.user import ContentItemEmbedding, MolarBlock, content_item_inputs, small_decoder_config
+from merlin_molar.models.dueg import MolarBlock, small_decoder_config
+from merlin_molar.models.item_tower import ContentItemEmbedding, content_item_inputs
 
 
 @pytest.fixture(scope="module")
-def schema(ml100k_prepared):
-    return ml100k_prepared.schema
+def schema(tiny_prepared):
+    return tiny_prepared.schema
 
 
 def item_table(n, dim=12, seed=0):
@@ -37,13 +38,13 @@ def test_table_rows_must_match_the_schema(schema):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_molar_block_drops_in_where_transformer_block_goes(schema, ml100k_prepared, family):
+def test_molar_block_drops_in_where_transformer_block_goes(schema, tiny_prepared, family):
     torch.manual_seed(0)
     config = small_decoder_config(family, hidden_size=16, num_layers=1)
-    inputs = content_item_inputs(schema, item_table(ml100k_prepared.item_cardinality), 16, max_length=20)
+    inputs = content_item_inputs(schema, item_table(tiny_prepared.item_cardinality), 16, max_length=20)
     body = tr.SequentialBlock(inputs, MolarBlock(config))
     model = tr.Model(tr.Head(body, tr.NextItemPredictionTask(weight_tying=True), inputs=inputs))
-    batch = {"item_id-list": torch.randint(3, 100, (4, 20))}
+    batch = {"item_id-list": torch.randint(3, tiny_prepared.item_cardinality, (4, 20))}
     batch["item_id-list"][1, 10:] = 0
     out = model(batch, training=True)
     assert torch.isfinite(out["loss"])

@@ -34,7 +34,7 @@ from merlin_molar.distributed import (
     gathered_evaluation_loop,
     per_device_batch_size,
 )
-from merlin_molar.id_models import SASRecConfig, sasrec_model
+from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.training import TrainConfig, make_trainer
 
 WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -13,7 +13,7 @@ from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
 
 from merlin_molar.errors import MolarDataError
 from merlin_molar.evaluation import TOP_KS, history_without_last, mask_seen_items, ranking_metrics
-from merlin_molar.losses import REC_LOSSES, SampledInfoNCELoss, symmetric_infonce
+from merlin_molar.models.losses import REC_LOSSES, SampledInfoNCELoss, symmetric_infonce
 
 
 def require_one_target_per_row(targets: int, rows: int) -> None:

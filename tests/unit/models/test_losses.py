@@ -1,6 +1,6 @@
 import torch
 
-from merlin_molar.losses import FullSoftmaxLoss, SampledBCELoss, SampledInfoNCELoss, symmetric_infonce
+from merlin_molar.models.losses import FullSoftmaxLoss, SampledBCELoss, SampledInfoNCELoss, symmetric_infonce
 
 
 def test_alignment_loss_decreases_when_one_side_learns_the_other():

@@ -98,12 +98,11 @@ def test_right_padded_window_keeps_the_last_items():
 
 
 def test_the_exported_graph_run_in_process_matches_the_model(molar_saved, ml100k_prepared, raw_histories, in_process):
+    import torch
     from merlin.table import TensorTable
 
     from merlin_molar.serving import build_ensemble
     from merlin_molar.serving.client import history_tensors
-
-    import torch
 
     threads = torch.get_num_threads()
     ensemble = build_ensemble(molar_saved, ml100k_prepared.root, top_k=TOP_K, max_batch_size=MAX_BATCH)
@@ -123,7 +122,7 @@ def test_a_sasrec_model_exports_too(ml100k_prepared, tmp_path):
     import torch
     from merlin.table import TensorTable
 
-    from merlin_molar.id_models import SASRecConfig, sasrec_model
+    from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
     from merlin_molar.persistence import save_model
     from merlin_molar.serving import build_ensemble
 

@@ -17,9 +17,10 @@ import transformers4rec.torch as tr
 from merlin.schema import Schema
 from transformers4rec.torch.block.base import BlockBase
 
-from merlin_molar.id_models import SASRecConfig, sasrec_body
-from merlin_molar.task import MolarTask
-from merlin_molar.user import MolarBlock, content_item_inputs, small_decoder_config
+from merlin_molar.models.dueg import MolarBlock, small_decoder_config
+from merlin_molar.models.item_tower import content_item_inputs
+from merlin_molar.models.sasrec import SASRecConfig, sasrec_body
+from merlin_molar.models.task import MolarTask
 
 
 @dataclass
@@ -73,7 +74,8 @@ class MolarBody(BlockBase):
         return self.content.output_size()
 
 
-def molar_model(schema: Schema, item_table: torch.Tensor, config: MolarConfig = MolarConfig()) -> tr.Model:
+def molar_model(schema: Schema, item_table: torch.Tensor, config: Optional[MolarConfig] = None) -> tr.Model:
+    config = config or MolarConfig()
     lora = None
     if config.lora:
         from peft import LoraConfig

@@ -39,7 +39,9 @@ TRAIN = textwrap.dedent(
 
 
 def run(prepared_dir, out, mode):
-    proc = subprocess.run([sys.executable, "-c", TRAIN, str(prepared_dir), str(out), mode], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN, str(prepared_dir), str(out), mode], capture_output=True, text=True
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     return proc.returncode, (json.loads(lines[-1][7:]) if lines else None), proc.stderr
 

@@ -1,4 +1,4 @@
-"""Worker for tests/unit/distributed: run as ``python ddp_worker.py SPEC`` or under ``torchrun``.
+"""Worker for tests/integration/distributed: run as ``python ddp_worker.py SPEC`` or under ``torchrun``.
 
 SPEC is a JSON file: {"prepared": dir, "out": dir, "jobs": [...]}; every job runs in this process, in order,
 and rank 0 writes ``<out>/<job name>.json``. Jobs:
@@ -27,7 +27,7 @@ from transformers4rec.torch.utils.data_utils import MerlinDataLoader
 from merlin_molar.data import ITEM_SEQUENCE, load_prepared
 from merlin_molar.distributed import data_parallel_config, world
 from merlin_molar.errors import MolarDataError
-from merlin_molar.id_models import SASRecConfig, sasrec_model
+from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.training import TrainConfig, evaluate, make_trainer
 
 MODEL = SASRecConfig(max_length=20, d_model=32, dropout=0.0)

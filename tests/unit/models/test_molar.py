@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from merlin_molar.losses import symmetric_infonce
-from merlin_molar.model import MolarConfig, load_id_branch, molar_model
-from merlin_molar.id_models import SASRecConfig, sasrec_model
+from merlin_molar.models.dueg import small_decoder_config
+from merlin_molar.models.losses import symmetric_infonce
+from merlin_molar.models.molar import MolarConfig, load_id_branch, molar_model
+from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.persistence import load_model, save_model
 from merlin_molar.training import TrainConfig, evaluate, make_trainer
-from merlin_molar.user import small_decoder_config
 
 SASREC = dict(d_model=16, n_layers=1, n_heads=1, dropout=0.1, max_length=20)
 
@@ -28,19 +28,19 @@ def first_batch(trainer):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_molar_trains_evaluates_and_reloads_identically(ml100k_prepared, tmp_path, family):
+def test_molar_trains_evaluates_and_reloads_identically(tiny_prepared, tmp_path, family):
     torch.manual_seed(0)
     config = tiny_config(family)
-    table = content_table(ml100k_prepared)
-    model = molar_model(ml100k_prepared.schema, table, config)
-    trainer = make_trainer(model, ml100k_prepared, tmp_path / "run", TrainConfig(epochs=1, batch_size=64))
-    before = evaluate(trainer, ml100k_prepared, "valid")
+    table = content_table(tiny_prepared)
+    model = molar_model(tiny_prepared.schema, table, config)
+    trainer = make_trainer(model, tiny_prepared, tmp_path / "run", TrainConfig(epochs=1, batch_size=64))
+    before = evaluate(trainer, tiny_prepared, "valid")
     trainer.train()
-    after = evaluate(trainer, ml100k_prepared, "valid")
+    after = evaluate(trainer, tiny_prepared, "valid")
     assert after["loss"] < before["loss"]
     assert set(after) >= {"ndcg@10", "recall@50"}
 
-    saved = save_model(trainer.model, tmp_path / "model", "molar", config, ml100k_prepared.schema, table)
+    saved = save_model(trainer.model, tmp_path / "model", "molar", config, tiny_prepared.schema, table)
     reloaded, kind, _, _ = load_model(saved)
     inputs, _ = first_batch(trainer)
     trainer.model.eval()
@@ -51,10 +51,10 @@ def test_molar_trains_evaluates_and_reloads_identically(ml100k_prepared, tmp_pat
     torch.testing.assert_close(got, expected)
 
 
-def test_gradients_reach_trainable_parts_and_not_the_frozen_table(ml100k_prepared, tmp_path):
+def test_gradients_reach_trainable_parts_and_not_the_frozen_table(tiny_prepared, tmp_path):
     torch.manual_seed(0)
-    model = molar_model(ml100k_prepared.schema, content_table(ml100k_prepared), tiny_config(alpha=1.0))
-    trainer = make_trainer(model, ml100k_prepared, tmp_path, TrainConfig())
+    model = molar_model(tiny_prepared.schema, content_table(tiny_prepared), tiny_config(alpha=1.0))
+    trainer = make_trainer(model, tiny_prepared, tmp_path, TrainConfig())
     inputs, targets = next(iter(trainer.get_train_dataloader()))
     model.train()
     model(inputs, targets=targets, training=True)["loss"].backward()
@@ -67,12 +67,12 @@ def test_gradients_reach_trainable_parts_and_not_the_frozen_table(ml100k_prepare
     assert body.id_body.inputs.categorical_module.item_embedding_table.weight.grad.abs().sum() > 0
 
 
-def test_frozen_id_branch_gets_no_gradient_but_shapes_the_content_side(ml100k_prepared, tmp_path):
+def test_frozen_id_branch_gets_no_gradient_but_shapes_the_content_side(tiny_prepared, tmp_path):
     torch.manual_seed(0)
-    sasrec = sasrec_model(ml100k_prepared.schema, SASRecConfig(**SASREC))
-    model = molar_model(ml100k_prepared.schema, content_table(ml100k_prepared), tiny_config(id_branch="frozen", alpha=1.0))
+    sasrec = sasrec_model(tiny_prepared.schema, SASRecConfig(**SASREC))
+    model = molar_model(tiny_prepared.schema, content_table(tiny_prepared), tiny_config(id_branch="frozen", alpha=1.0))
     load_id_branch(model, sasrec)
-    trainer = make_trainer(model, ml100k_prepared, tmp_path, TrainConfig())
+    trainer = make_trainer(model, tiny_prepared, tmp_path, TrainConfig())
     inputs, targets = next(iter(trainer.get_train_dataloader()))
     model.train()
     model(inputs, targets=targets, training=True)["loss"].backward()
@@ -81,10 +81,10 @@ def test_frozen_id_branch_gets_no_gradient_but_shapes_the_content_side(ml100k_pr
     assert body.content[1].llm.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def test_alignment_pulls_content_and_id_user_embeddings_together(ml100k_prepared, tmp_path):
+def test_alignment_pulls_content_and_id_user_embeddings_together(tiny_prepared, tmp_path):
     torch.manual_seed(0)
-    model = molar_model(ml100k_prepared.schema, content_table(ml100k_prepared), tiny_config(alpha=1.0))
-    trainer = make_trainer(model, ml100k_prepared, tmp_path, TrainConfig(epochs=2, batch_size=64, learning_rate=3e-3))
+    model = molar_model(tiny_prepared.schema, content_table(tiny_prepared), tiny_config(alpha=1.0))
+    trainer = make_trainer(model, tiny_prepared, tmp_path, TrainConfig(epochs=2, batch_size=64, learning_rate=3e-3))
     task = model.heads[0].prediction_task_dict["next-item"]
     inputs, targets = first_batch(trainer)
 
@@ -101,12 +101,12 @@ def test_alignment_pulls_content_and_id_user_embeddings_together(ml100k_prepared
     assert end < start - 0.5, (start, end)
 
 
-def test_content_only_and_id_only_scoring(ml100k_prepared):
+def test_content_only_and_id_only_scoring(tiny_prepared):
     torch.manual_seed(0)
-    content_only = molar_model(ml100k_prepared.schema, content_table(ml100k_prepared), tiny_config(id_branch="none"))
+    content_only = molar_model(tiny_prepared.schema, content_table(tiny_prepared), tiny_config(id_branch="none"))
     assert content_only.heads[0].body.id_body is None
-    batch = {"item_id-list": torch.randint(3, 200, (3, 20))}
+    batch = {"item_id-list": torch.randint(3, tiny_prepared.item_cardinality, (3, 20))}
     with torch.no_grad():
         scores = content_only.eval()(batch)
-    assert scores.shape == (3, ml100k_prepared.item_cardinality)
+    assert scores.shape == (3, tiny_prepared.item_cardinality)
     assert torch.isinf(scores[0, batch["item_id-list"][0]]).all()
