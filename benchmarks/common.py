@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = RESULTS_DIR.parents[1]
+
+
+def data_dir(name: str) -> Path:
+    """``$MOLAR_DATA/<name>``, else ``../shared/data/<name>`` beside the checkout."""
+    root = os.environ.get("MOLAR_DATA")
+    return Path(root) / name if root else REPO.parent / "shared" / "data" / name
 
 
 def cpu_model() -> str:

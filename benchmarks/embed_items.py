@@ -6,7 +6,7 @@ Rows (``--device cpu``, the default):
   ``items.csv`` (:func:`merlin_molar.items.encode_items`, length-sorted batches).
 * ``minilm_item_table``: :func:`merlin_molar.items.embed_catalogue` over the prepared ML-1M items (the
   3,706 interacted ones), end to end with planning, chunk files, merge and the parquet/schema/metadata
-  write; ``--table-out`` keeps that table (e.g. ``/tmp/p1m/item_table``, the one the Molar model reads).
+  write; ``--table-out`` keeps that table (e.g. ``outputs/p1m/item_table``, the one the Molar model reads).
 * ``tiny_qwen2_vl``: a tiny randomly initialised Qwen2-VL (real processor, real 224-px posters) over the
   first ``--vlm-items`` catalogue items, so the VLM path is exercised by the benchmark.
 
@@ -17,7 +17,7 @@ Model FLOPs per batch: 2 x (vision params x patches + language-model non-embeddi
 + attention (vision: 4 x depth x patches^2 x width per image, full; LLM: 2 x layers x tokens^2 x hidden,
 causal). The tokenizer is a byte-level BPE trained here (no hub access), so token counts are reported.
 
-    nice -n 10 .venv/bin/python benchmarks/embed_items.py --table-out /tmp/p1m/item_table
+    nice -n 10 .venv/bin/python benchmarks/embed_items.py --table-out outputs/p1m/item_table
     python benchmarks/embed_items.py --device cuda --skip-cpu-rows     # on a GPU machine
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merlin_molar  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from common import RESULTS_DIR, command_line, git_commit, machine, now, peak_flops, table, write_result  # noqa: E402
+from common import REPO, RESULTS_DIR, data_dir, command_line, git_commit, machine, now, peak_flops, table, write_result  # noqa: E402
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.items import (  # noqa: E402
     ItemPromptBuilder,
@@ -120,8 +120,8 @@ def vlm_row(name, path, items, batch_size, device, image_size, peak=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"))
-    parser.add_argument("--prepared", default="/tmp/p1m", help="prepared ML-1M (made here if missing)")
+    parser.add_argument("--data", default=str(data_dir("ml-1m")))
+    parser.add_argument("--prepared", default=str(REPO / "outputs" / "p1m"), help="prepared ML-1M (made if missing)")
     parser.add_argument("--table-out", default=None, help="keep the MiniLM item table here (default: a temp dir)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=64)

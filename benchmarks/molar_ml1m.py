@@ -28,7 +28,7 @@ from merlin_molar.pipeline import embed_item_table, metrics_table, prepare_datas
 from merlin_molar.training import TrainConfig, evaluate, make_trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import REPO, data_dir, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,8 +68,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/ml-1m")
-    p.add_argument("--workdir", default="/tmp/molar_bench")
+    p.add_argument("--data", default=str(data_dir("ml-1m")))
+    p.add_argument("--workdir", default=str(REPO / "outputs" / "molar_bench"))
     p.add_argument("--item-table", help="existing item table dir (default: embed with MiniLM)")
     p.add_argument("--epochs", type=float, default=20, help="SASRec epochs")
     p.add_argument("--molar-epochs", type=float, default=None, help="epochs of the Molar variants (default: --epochs)")

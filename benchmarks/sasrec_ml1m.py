@@ -25,7 +25,7 @@ import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is import
 import pyarrow.parquet as pq  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
+from common import REPO, RESULTS_DIR, data_dir, command_line, git_commit, machine, now, table, write_result  # noqa: E402
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.evaluation import summarise  # noqa: E402
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model  # noqa: E402
@@ -96,10 +96,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--data", type=Path, default=Path("/work/shared/data/ml-1m"), help="raw dataset directory")
+    p.add_argument("--data", type=Path, default=data_dir("ml-1m"), help="raw dataset directory")
     p.add_argument("--prepared", type=Path, default=None,
                    help="prepared splits directory (reused when it matches --data and --max-length); "
-                        "default /tmp/merlin_molar_bench/<dataset>_L<max-length>")
+                        "default outputs/merlin_molar_bench/<dataset>_L<max-length>")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop at the first epoch end after this much training wall time")
@@ -112,7 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--run-dir", type=Path, default=Path("/tmp/merlin_molar_bench/sasrec_run"),
+    p.add_argument("--run-dir", type=Path, default=REPO / "outputs" / "merlin_molar_bench" / "sasrec_run",
                    help="Trainer output directory (no checkpoints are saved)")
     p.add_argument("--output", type=Path, default=RESULTS_DIR / "sasrec_ml1m.json")
     p.add_argument("--note", default="", help="free text stored in the JSON")
@@ -122,7 +122,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     data_dir = args.data.resolve()
-    prepared_dir = args.prepared or Path(f"/tmp/merlin_molar_bench/{data_dir.name}_L{args.max_length}")
+    prepared_dir = args.prepared or REPO / "outputs" / "merlin_molar_bench" / f"{data_dir.name}_L{args.max_length}"
     info = machine()
     started = now()
     t0 = time.perf_counter()

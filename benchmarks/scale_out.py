@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
+from common import RESULTS_DIR, data_dir, command_line, git_commit, machine, now, table, write_result  # noqa: E402
 
 
 class StepClock:
@@ -148,7 +148,7 @@ def score_throughput(n_items: int, dim: int, batch: int = 256, repeats: int = 3)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=Path("/work/shared/data/ml-1m"))
+    p.add_argument("--data", type=Path, default=data_dir("ml-1m"))
     p.add_argument("--repeats", type=int, default=3, help="timed prepare runs per setting (after one warm-up)")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per training run")

@@ -10,15 +10,18 @@ the 450 rated movies without a poster are encoded text-only and listed in the ta
 SASRec -> Molar (DUEG + frozen SASRec ID branch, post-aligned) -> test metrics.
 """
 import argparse
+import os
 from pathlib import Path
 
 from merlin_molar.pipeline import embed_item_table, metrics_table, prepare_dataset, train
 from merlin_molar.training import TrainConfig
 
+DATA_ROOT = Path(os.environ.get("MOLAR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/ml-1m")
+    p.add_argument("--data", default=str(DATA_ROOT / "ml-1m"))
     p.add_argument("--workdir", default="outputs/ml1m_multimodal")
     p.add_argument("--encoder", help="local path of a Qwen2-VL / Qwen2.5-VL (or other HF VLM) checkpoint")
     p.add_argument("--tiny-random-vlm", action="store_true", help="random tiny Qwen2-VL (pipeline check only)")

@@ -7,6 +7,7 @@ with a `NextItemPredictionTask`. Here the input block's item embeddings come fro
 the transformer is a Hugging Face decoder LLM run by MolarBlock; the head, Trainer and metrics are T4Rec's.
 """
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from transformers4rec.config.trainer import T4RecTrainingArguments  # noqa: E402
 from merlin_molar.pipeline import embed_item_table
 
 
+DATA_ROOT = Path(os.environ.get("MOLAR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/ml-100k")
+    parser.add_argument("--data", default=str(DATA_ROOT / "ml-100k"))
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--epochs", type=float, default=3)
     args = parser.parse_args()

@@ -56,6 +56,7 @@ def _train_config(args):
         learning_rate=args.lr,
         seed=args.seed,
         save_steps=args.save_steps,
+        early_stopping_patience=args.patience,
         bf16=args.bf16,
     )
 
@@ -63,7 +64,9 @@ def _train_config(args):
 def cmd_prepare(args):
     from merlin_molar.pipeline import prepare_dataset
 
-    data = prepare_dataset(args.data, args.output, max_length=args.max_length, k_core=args.k_core, fmt=args.format)
+    text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()] if args.text_columns else None
+    data = prepare_dataset(args.data, args.output, max_length=args.max_length, k_core=args.k_core, fmt=args.format,
+                           text_columns=text_columns)
     m = data.manifest
     print(f"prepared {m['users']} users, {m['interactions']} interactions, {m['items_interacted']} items")
     print(f"wrote {data.root}/{{train,valid,test}}/, {data.workflow_path}, {data.items_path}")
@@ -152,11 +155,20 @@ def cmd_quickstart(args):
 
 
 def _add_train_options(p):
-    p.add_argument("--epochs", type=float, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (0: no checkpoints)")
+    from merlin_molar.training import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--epochs", type=float, default=d.epochs,
+                   help="maximum number of epochs (early stopping on validation NDCG@10 decides)")
+    p.add_argument("--patience", type=int, default=d.early_stopping_patience,
+                   help="stop after N epochs without a better validation NDCG@10 and keep the best epoch's "
+                   "weights (0: no early stopping, train --epochs and keep the last weights)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.learning_rate)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-steps", type=int, default=200,
+                   help="with --patience 0: checkpoint every N steps (0: no checkpoints); with early stopping "
+                   "a checkpoint is written after every epoch")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
 
 
@@ -177,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--max-length", type=int, default=200, help="keep the last N items of each history")
     p.add_argument("--k-core", type=int, default=0, help="iteratively keep users/items with >= K interactions")
+    p.add_argument("--text-columns", help="comma-separated item columns for the item text, in this order "
+                   "(default: every column of the item table but item_id and image, in file order)")
 
     p = add("embed-items", cmd_embed_items, "MIRM: embed the item catalogue into the item feature table")
     p.add_argument("--prepared", required=True, help="directory written by `prepare`")

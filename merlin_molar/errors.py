@@ -8,3 +8,9 @@ class MolarDataError(ValueError):
         self.source = str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
+
+
+def check_choice(option: str, value, allowed) -> None:
+    """A string option must be one of ``allowed``; the message lists them."""
+    if value not in allowed:
+        raise ValueError(f"{option} must be one of {sorted(allowed)}, got {value!r}")

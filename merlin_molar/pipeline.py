@@ -18,6 +18,7 @@ from typing import Dict, Optional, Sequence
 
 import pandas as pd
 import torch
+from transformers import EarlyStoppingCallback
 
 from merlin_molar.data import PreparedData, prepare, read_dataset
 from merlin_molar.errors import MolarDataError
@@ -70,8 +71,10 @@ def download_movielens_100k(cache: Path) -> Path:
     return cache
 
 
-def prepare_dataset(data, output_dir, max_length: int = 200, k_core: int = 0, fmt: str = "auto") -> PreparedData:
-    return prepare(read_dataset(data, fmt), output_dir, max_length=max_length, k=k_core)
+def prepare_dataset(
+    data, output_dir, max_length: int = 200, k_core: int = 0, fmt: str = "auto", text_columns=None
+) -> PreparedData:
+    return prepare(read_dataset(data, fmt, text_columns), output_dir, max_length=max_length, k=k_core)
 
 
 def embed_item_table(prepared: PreparedData, output_path=None, encoder: Optional[str] = None, **kwargs) -> Path:
@@ -158,18 +161,47 @@ def train(
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
+    trainer.remove_callback(EarlyStoppingCallback)  # it reads only the Trainer's own per-epoch evaluations
     result = {
         "kind": kind,
         "train_seconds": seconds,
         "resumed_from": last,
+        "best_epoch": _best_epoch(trainer),
+    }
+    if kind == "molar" and config.id_branch != "none" and config.id_weight_grid:
+        result["fusion"] = select_id_weight(trainer, prepared, config.id_weight_grid)
+        config.id_weight = result["fusion"]["id_weight"]
+    result.update({
         "valid": evaluate(trainer, prepared, "valid"),
         "test": evaluate(trainer, prepared, "test"),
         "log_history": trainer.state.log_history,
-    }
+    })
     model_dir = save_model(trainer.model, output_dir / "model", kind, config, prepared.schema, table)
     result["model_dir"] = str(model_dir)
     write_json(output_dir / "metrics.json", {k: v for k, v in result.items() if k != "log_history"})
     return result
+
+
+def _best_epoch(trainer) -> Optional[float]:
+    """The epoch whose weights the Trainer restored (early stopping), or None without early stopping."""
+    best = trainer.state.best_model_checkpoint
+    if best is None:
+        return None
+    step = int(Path(best).name.split("-")[-1])
+    return next((h["epoch"] for h in trainer.state.log_history if h.get("step") == step and "epoch" in h), None)
+
+
+def select_id_weight(trainer, prepared: PreparedData, grid: Sequence[float]) -> Dict:
+    """Choose Molar's fusion weight on the validation split (never on test): the grid value with the best
+    validation NDCG@10 (ties go to the smaller weight); the task keeps it, and the saved config records it."""
+    task = trainer.model.heads[0].prediction_task_dict["next-item"]
+    scores = {}
+    for weight in grid:
+        task.id_weight = float(weight)
+        scores[float(weight)] = evaluate(trainer, prepared, "valid")["ndcg@10"]
+    best = max(scores, key=lambda w: (scores[w], -w))
+    task.id_weight = best
+    return {"id_weight": best, "valid_ndcg@10_by_weight": scores}
 
 
 def evaluate_saved(model_dir, prepared: PreparedData, split: str = "test", batch_size: int = 256) -> Dict[str, float]:

@@ -7,24 +7,34 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import transformers4rec.torch as tr
+from transformers import EarlyStoppingCallback, PrinterCallback
 from transformers4rec.config.trainer import T4RecTrainingArguments
 
 from merlin_molar.data.workflow import PreparedData
 from merlin_molar.distributed import GatheredEvaluation, check_launch
 from merlin_molar.evaluation import summarise
+from merlin_molar.progress import SparseProgressCallback, interactive
 
 LOG = logging.getLogger(__name__)
 
 
+# The Trainer's key for validation NDCG@10 (T4Rec names task metrics "<task>/<metric>_at_<k>").
+BEST_MODEL_METRIC = "/next-item/ndcg_at_10"
+
+
 @dataclass
 class TrainConfig:
-    epochs: float = 10
+    """Trainer settings. With ``early_stopping_patience > 0`` (the default) the model is evaluated on the
+    validation split after every epoch, training stops after that many epochs without a better validation
+    NDCG@10, and the best epoch's weights are restored: ``epochs`` is then a maximum."""
+
+    epochs: float = 200
+    early_stopping_patience: int = 10
     batch_size: int = 128
     eval_batch_size: int = 256
     learning_rate: float = 1e-3
@@ -64,10 +74,19 @@ def training_arguments(output_dir, config: TrainConfig, max_length: int) -> T4Re
         report_to=[],
         dataloader_drop_last=False,
         compute_metrics_each_n_steps=1,
-        disable_tqdm=False,
+        disable_tqdm=not interactive(),
         # without CUDA, Hugging Face joins a torchrun process group (gloo) only with use_cpu=True
         use_cpu=not torch.cuda.is_available(),
     )
+    if config.early_stopping_patience > 0:
+        defaults.update(
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            save_total_limit=1,
+            load_best_model_at_end=True,
+            metric_for_best_model=BEST_MODEL_METRIC,
+            greater_is_better=True,
+        )
     return T4RecTrainingArguments(**{**defaults, **config.extra})
 
 
@@ -106,6 +125,11 @@ def make_trainer(model: tr.Model, data: PreparedData, output_dir, config: TrainC
         test_dataset_or_path=str(data.split_path("test")),
         compute_metrics=True,
     )
+    if args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(SparseProgressCallback())
+    if config.early_stopping_patience > 0:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     check_launch(trainer)
     return trainer
 
@@ -119,17 +143,3 @@ def evaluate(trainer: tr.Trainer, data: PreparedData, split: str) -> Dict[str, f
         trainer.eval_dataset_or_path = str(data.split_path("valid"))
     return summarise(metrics, split)
 
-
-def fit_and_evaluate(
-    model: tr.Model, data: PreparedData, output_dir, config: TrainConfig, resume: Optional[str] = None
-) -> Dict:
-    trainer = make_trainer(model, data, output_dir, config)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.perf_counter() - start
-    return {
-        "trainer": trainer,
-        "train_seconds": train_seconds,
-        "valid": evaluate(trainer, data, "valid"),
-        "test": evaluate(trainer, data, "test"),
-    }

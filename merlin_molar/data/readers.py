@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -115,10 +115,12 @@ def read_csv_layout(root: Path) -> RawDataset:
     inter_path = _require_file(root / "interactions.csv")
     items_path = _require_file(root / "items.csv")
     interactions = validate_interactions(pd.read_csv(inter_path), inter_path)
-    items = pd.read_csv(items_path, dtype={"year": "string"}, keep_default_na=False, na_values={"image": [""]})
-    text = [c for c in ("clean_title", "title", "year", "genres") if c in items.columns]
+    items = pd.read_csv(items_path, keep_default_na=False, na_values={"image": [""]})
+    # every column but the id and the image is item text, in file order (numbers too: "price: 12.99")
+    text = [c for c in items.columns if c not in ("item_id", "image")]
     if "clean_title" in text and "title" in text:
-        text.remove("title")  # the clean title without the year; the year is its own field
+        text.remove("title")  # MovieLens: the clean title without the year; the year is its own field
+    items = _text_as_strings(items, text)
     items = validate_items(items, items_path, text)
     return RawDataset(interactions, _resolve_images(items, root), str(root), text)
 
@@ -226,6 +228,30 @@ def read_amazon(reviews: Path, meta: Path, image_dir: Optional[Path] = None) -> 
     return RawDataset(inter, validate_items(items, meta, text), str(reviews.parent), text)
 
 
+def _text_as_strings(items: pd.DataFrame, text_columns: List[str]) -> pd.DataFrame:
+    """Text columns as strings, numbers written as they are in the file (1995, not 1995.0); empty stays empty."""
+    items = items.copy()
+    for col in text_columns:
+        values = items[col]
+        if pd.api.types.is_float_dtype(values) and (values.dropna() == values.dropna().round()).all():
+            values = values.astype("Int64")
+        items[col] = values.astype("string").fillna("")
+    return items
+
+
+def select_text_columns(raw: RawDataset, text_columns: Optional[Sequence[str]]) -> RawDataset:
+    """``raw`` with the item text restricted to ``text_columns`` (in that order), e.g. from ``--text-columns``."""
+    if not text_columns:
+        return raw
+    missing = [c for c in text_columns if c not in raw.items.columns]
+    if missing:
+        raise MolarDataError(
+            "--text-columns", f"unknown column(s) {missing}; the item table has {list(raw.items.columns)}"
+        )
+    return RawDataset(raw.interactions, _text_as_strings(raw.items, list(text_columns)), raw.source,
+                      list(text_columns))
+
+
 def _flatten_text(value) -> str:
     if isinstance(value, (list, tuple, np.ndarray)):
         return ", ".join(_flatten_text(v) for v in value if v is not None and str(v).strip())
@@ -270,8 +296,13 @@ _DETECTORS: List[tuple] = [
 ]
 
 
-def read_dataset(path, fmt: str = "auto") -> RawDataset:
-    """Read a dataset directory in one of the supported layouts (``auto`` detects it)."""
+def read_dataset(path, fmt: str = "auto", text_columns: Optional[Sequence[str]] = None) -> RawDataset:
+    """Read a dataset directory in one of the supported layouts (``auto`` detects it). The item text is
+    every text column of the item table unless ``text_columns`` names the columns to use."""
+    return select_text_columns(_read_layout(path, fmt), text_columns)
+
+
+def _read_layout(path, fmt: str) -> RawDataset:
     root = Path(os.path.expanduser(str(path))).resolve()
     if not root.exists():
         raise MolarDataError(root, "dataset directory not found")

@@ -29,6 +29,7 @@ from merlin_molar.items.prompts import (  # noqa: F401
 )
 from merlin_molar.items.stage1 import (  # noqa: F401
     STAGE1_TASKS,
+    Stage1Config,
     Stage1Example,
     attribute_description_examples,
     build_stage1_mixture,

@@ -29,11 +29,11 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from merlin_molar.errors import MolarDataError
+from merlin_molar.errors import MolarDataError, check_choice
 from merlin_molar.io import atomic_path
 from merlin_molar.items.encoders import (
     STAGE1_META,
@@ -46,6 +46,7 @@ from merlin_molar.items.encoders import (
 )
 from merlin_molar.items.images import load_image
 from merlin_molar.items.prompts import CUR_ITEM_TOKEN, ItemContent, ItemPromptBuilder
+from merlin_molar.progress import progress_bar
 
 LOG = logging.getLogger(__name__)
 STAGE1_TASKS = ("image_description", "attribute_description", "user_behaviour")
@@ -251,29 +252,41 @@ class _Collator:
         return batch
 
 
+@dataclass
+class Stage1Config:
+    """Stage-1 fine-tuning settings (:func:`finetune`); any field can also be passed to it as a keyword."""
+
+    method: str = "lora"  # "lora" | "full"
+    kind: Optional[str] = None  # "vlm" | "text-llm" (default: detected from the backbone)
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    image_size: Optional[int] = 224
+    max_prompt_tokens: int = 1024
+    max_target_tokens: int = 128
+    device: Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("method", self.method, ("lora", "full"))
+        self.target_modules = tuple(self.target_modules)
+
+
 def finetune(
     base_model,
     examples: Sequence[Stage1Example],
     output_dir,
-    method: str = "lora",
-    kind: Optional[str] = None,
-    epochs: float = 1.0,
-    max_steps: Optional[int] = None,
-    batch_size: int = 8,
-    gradient_accumulation_steps: int = 1,
-    learning_rate: float = 1e-4,
-    warmup_ratio: float = 0.03,
-    weight_decay: float = 0.0,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
-    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-    image_size: Optional[int] = 224,
-    max_prompt_tokens: int = 1024,
-    max_target_tokens: int = 128,
-    device: Optional[str] = None,
-    seed: int = 0,
+    config: Optional["Stage1Config"] = None,
     progress: bool = True,
+    **overrides,
 ) -> Path:
     """Fine-tune ``base_model`` (VLM or text LLM: local dir or hub id) on ``examples``; returns ``output_dir``.
 
@@ -284,78 +297,77 @@ def finetune(
 
         >>> finetune("/models/Qwen2-VL-2B-Instruct", examples, "/tmp/stage1", max_steps=1000)  # doctest: +SKIP
     """
+    c = replace(config or Stage1Config(), **overrides)
     import torch
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    if method not in ("lora", "full"):
-        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
-    kind = kind or detect_kind(base_model)
-    if kind not in ("vlm", "text-llm"):
-        raise ValueError(f"stage-1 fine-tuning needs an LLM or vision-language backbone; {base_model} is {kind!r}")
+    c.kind = c.kind or detect_kind(base_model)
+    if c.kind not in ("vlm", "text-llm"):
+        raise ValueError(f"stage-1 fine-tuning needs an LLM or vision-language backbone; {base_model} is {c.kind!r}")
     examples = list(examples)
-    if kind == "text-llm" and any(ex.image for ex in examples):
+    if c.kind == "text-llm" and any(ex.image for ex in examples):
         LOG.warning("stage 1: %s is text-only: image_description examples skipped", base_model)
         examples = [ex for ex in examples if ex.image is None]
     if not examples:
         raise MolarDataError("stage-1 mixture", "no training examples")
 
-    device = device or default_device()
-    on_gpu = str(device).startswith("cuda")
-    torch.manual_seed(seed)
-    preprocessor = load_preprocessor(base_model, kind)
+    c.device = c.device or default_device()
+    on_gpu = str(c.device).startswith("cuda")
+    torch.manual_seed(c.seed)
+    preprocessor = load_preprocessor(base_model, c.kind)
     tokenizer = tokenizer_of(preprocessor)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    weights_dtype = torch.bfloat16 if on_gpu and method == "lora" else torch.float32
-    model = task_model_class(kind).from_pretrained(str(base_model), dtype=weights_dtype, attn_implementation="sdpa")
+    weights_dtype = torch.bfloat16 if on_gpu and c.method == "lora" else torch.float32
+    model = task_model_class(c.kind).from_pretrained(str(base_model), dtype=weights_dtype, attn_implementation="sdpa")
     cur_id = add_cur_item_token(tokenizer, model)
-    if method == "lora":
+    if c.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=list(target_modules),
+            r=c.lora_r,
+            lora_alpha=c.lora_alpha,
+            lora_dropout=c.lora_dropout,
+            target_modules=list(c.target_modules),
             task_type="CAUSAL_LM",
             trainable_token_indices={"embed_tokens": [cur_id]},
         )
         model = get_peft_model(model, config)
-    model.to(device).train()
+    model.to(c.device).train()
 
     placeholder = ""
-    if kind == "vlm":
+    if c.kind == "vlm":
         image_token = getattr(preprocessor, "image_token", None) or "<image>"
         vocab = tokenizer.get_vocab()
         qwen = "<|vision_start|>" in vocab and "<|vision_end|>" in vocab
         placeholder = f"<|vision_start|>{image_token}<|vision_end|>" if qwen else image_token
-    collate = _Collator(preprocessor, kind, placeholder, image_size, max_prompt_tokens, max_target_tokens)
+    collate = _Collator(preprocessor, c.kind, placeholder, c.image_size, c.max_prompt_tokens, c.max_target_tokens)
 
-    steps_per_epoch = math.ceil(len(examples) / (batch_size * gradient_accumulation_steps))
-    total_steps = max_steps or max(1, math.ceil(steps_per_epoch * epochs))
+    steps_per_epoch = math.ceil(len(examples) / (c.batch_size * c.gradient_accumulation_steps))
+    total_steps = c.max_steps or max(1, math.ceil(steps_per_epoch * c.epochs))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
-    order = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(trainable, lr=c.learning_rate, weight_decay=c.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * total_steps), total_steps)
+    order = torch.Generator().manual_seed(c.seed)
 
     def batches():
         while True:
             perm = torch.randperm(len(examples), generator=order).tolist()
-            for start in range(0, len(perm), batch_size):
-                yield [examples[i] for i in perm[start : start + batch_size]]
+            for start in range(0, len(perm), c.batch_size):
+                yield [examples[i] for i in perm[start : start + c.batch_size]]
 
     losses: List[float] = []
     stream = batches()
     started = time.perf_counter()
-    with tqdm(total=total_steps, desc=f"stage-1 {method} ({kind})", unit="step", disable=not progress) as bar:
+    desc = f"stage-1 {c.method} ({c.kind})"
+    with progress_bar(total=total_steps, desc=desc, unit="step", disable=not progress) as bar:
         for _ in range(total_steps):
             step_loss = 0.0
-            for _ in range(gradient_accumulation_steps):
-                batch = {k: v.to(device) for k, v in collate(next(stream)).items()}
+            for _ in range(c.gradient_accumulation_steps):
+                batch = {k: v.to(c.device) for k, v in collate(next(stream)).items()}
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-                    loss = model(**batch).loss / gradient_accumulation_steps
+                    loss = model(**batch).loss / c.gradient_accumulation_steps
                 loss.backward()
                 step_loss += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -370,8 +382,8 @@ def finetune(
     output_dir = Path(output_dir)
     base = Path(str(base_model))
     meta = {
-        "kind": kind,
-        "method": method,
+        "kind": c.kind,
+        "method": c.method,
         "base_model": str(base.resolve()) if base.exists() else str(base_model),
         "cur_item_token": CUR_ITEM_TOKEN,
         "cur_item_id": cur_id,
@@ -379,13 +391,7 @@ def finetune(
         "steps": total_steps,
         "seconds": round(time.perf_counter() - started, 2),
         "losses": losses,
-        "hyperparameters": {
-            "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
-            "gradient_accumulation_steps": gradient_accumulation_steps, "learning_rate": learning_rate,
-            "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "lora_r": lora_r, "lora_alpha": lora_alpha,
-            "lora_dropout": lora_dropout, "target_modules": list(target_modules), "image_size": image_size,
-            "seed": seed, "device": str(device),
-        },
+        "hyperparameters": {**asdict(c), "target_modules": list(c.target_modules), "device": str(c.device)},
     }
     with atomic_path(output_dir, is_dir=True) as tmp:
         model.save_pretrained(str(tmp))

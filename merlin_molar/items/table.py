@@ -42,6 +42,7 @@ from merlin_molar.errors import MolarDataError
 from merlin_molar.io import atomic_path, read_json, write_json
 from merlin_molar.items.encoders import EncodedBatch, ItemEncoder
 from merlin_molar.items.prompts import ItemContent, ItemPromptBuilder
+from merlin_molar.progress import progress_bar
 
 LOG = logging.getLogger(__name__)
 EMBEDDINGS_FILE = "embeddings.parquet"
@@ -85,7 +86,6 @@ def encode_items(
 
         >>> batch = encode_items(build_encoder(), items, batch_size=64)  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
 
     lengths = encoder.lengths(items)
     order = sorted(range(len(items)), key=lambda i: (lengths[i], items[i].item_id))
@@ -94,7 +94,7 @@ def encode_items(
     problems: Dict[int, str] = {}
     indices = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     batches = encode_batches(encoder, [[items[i] for i in index] for index in indices])
-    with tqdm(total=len(items), desc=f"encode ({encoder.kind})", unit="item", disable=not progress) as bar:
+    with progress_bar(total=len(items), desc=f"encode ({encoder.kind})", unit="item", disable=not progress) as bar:
         for index, batch in zip(indices, batches):
             embeddings[index] = batch.embeddings
             used[index] = batch.used_image
@@ -234,7 +234,6 @@ def embed_catalogue(
     """
     import time
 
-    from tqdm.auto import tqdm
 
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
@@ -274,7 +273,7 @@ def embed_catalogue(
     if done and todo:
         LOG.info("resuming %s: %d of %d chunks already done", output_path, len(done), len(mine))
     desc = f"embed items [{encoder.kind}]" + (f" shard {shard_index}/{num_shards}" if num_shards > 1 else "")
-    with tqdm(total=total_items, initial=initial, desc=desc, unit="item", disable=not progress) as bar:
+    with progress_bar(total=total_items, initial=initial, desc=desc, unit="item", disable=not progress) as bar:
         for c in todo:
             if max_chunks is not None and encoded_chunks >= max_chunks:
                 break

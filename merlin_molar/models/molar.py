@@ -9,44 +9,72 @@ Example::
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, Optional, Tuple, Union
 
 import torch
 import transformers4rec.torch as tr
 from merlin.schema import Schema
 from transformers4rec.torch.block.base import BlockBase
 
+from merlin_molar.errors import check_choice
 from merlin_molar.models.dueg import MolarBlock, small_decoder_config
 from merlin_molar.models.item_tower import content_item_inputs
+from merlin_molar.models.losses import REC_LOSSES
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_body
 from merlin_molar.models.task import MolarTask
+
+ID_BRANCHES = ("joint", "frozen", "none")
+ALIGN_POSITIONS = ("last", "all")
 
 
 @dataclass
 class MolarConfig:
-    """Everything needed to rebuild a Molar model (saved next to its weights).
+    """Everything needed to rebuild a Molar model (saved next to its weights; round-trips through JSON).
 
     ``llm`` is a HF config dict (with ``model_type``; random init) or a local path / hub id (pretrained).
     ``id_branch``: ``"joint"`` (trained with its own next-item loss), ``"frozen"`` (load pretrained SASRec
     weights with :func:`load_id_branch`, kept fixed) or ``"none"`` (content only, no alignment).
+    ``id_weight`` fuses the two scores; after training it is chosen on the validation split from
+    ``id_weight_grid`` (an empty grid keeps ``id_weight``).
     """
 
-    llm: object = field(default_factory=lambda: small_decoder_config().to_dict())
+    llm: Union[str, dict] = field(default_factory=lambda: small_decoder_config().to_dict())
     lora: Optional[dict] = None  # peft.LoraConfig kwargs, e.g. {"r": 8, "lora_alpha": 16, "target_modules": [...]}
     user_token: bool = False
-    id_branch: str = "joint"
-    sasrec: dict = field(default_factory=lambda: SASRecConfig().to_dict())
-    rec_loss: str = "ce"
+    id_branch: Literal["joint", "frozen", "none"] = "joint"
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    rec_loss: Literal["ce", "infonce", "bce"] = "ce"
     alpha: float = 0.1
     temperature: float = 0.1
     id_weight: float = 0.5
-    align_positions: str = "last"
+    id_weight_grid: Tuple[float, ...] = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
+    align_positions: Literal["last", "all"] = "last"
+    max_align_rows: int = 4096
     num_negatives: int = 512
     max_length: int = 200
 
+    def __post_init__(self):
+        check_choice("id_branch", self.id_branch, ID_BRANCHES)
+        check_choice("rec_loss", self.rec_loss, REC_LOSSES)
+        check_choice("align_positions", self.align_positions, ALIGN_POSITIONS)
+        if isinstance(self.sasrec, dict):
+            self.sasrec = SASRecConfig(**self.sasrec)
+        if not isinstance(self.llm, (str, dict)):
+            raise ValueError(f"llm must be a config dict (with model_type) or a path / hub id, got {type(self.llm)}")
+        if isinstance(self.llm, dict):
+            self.llm = json.loads(json.dumps(self.llm))  # as saved: JSON keys (HF reads id2label keys back as ints)
+        self.id_weight_grid = tuple(float(w) for w in self.id_weight_grid)
+        if not all(0.0 <= w <= 1.0 for w in (self.id_weight, *self.id_weight_grid)):
+            raise ValueError("id_weight and id_weight_grid values must lie in [0, 1]")
+
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MolarConfig":
+        return cls(**values)
 
 
 class MolarBody(BlockBase):
@@ -87,7 +115,7 @@ def molar_model(schema: Schema, item_table: torch.Tensor, config: Optional[Molar
 
     id_body = None
     if config.id_branch != "none":
-        sasrec = SASRecConfig(**{**config.sasrec, "max_length": config.max_length})
+        sasrec = replace(config.sasrec, max_length=config.max_length)
         id_body = sasrec_body(schema, sasrec)
         if config.id_branch == "frozen":
             id_body.requires_grad_(False)
@@ -98,6 +126,7 @@ def molar_model(schema: Schema, item_table: torch.Tensor, config: Optional[Molar
         id_weight=config.id_weight if id_body is not None else 0.0,
         train_id_branch=config.id_branch == "joint",
         align_positions=config.align_positions,
+        max_align_rows=config.max_align_rows,
         num_negatives=config.num_negatives,
     )
     body = MolarBody(content, id_body)

@@ -27,8 +27,18 @@ class SASRecConfig:
     dropout: float = 0.2
     max_length: int = 200
 
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (a history and a target), got {self.max_length}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SASRecConfig":
+        return cls(**values)
 
 
 def item_id_inputs(schema: Schema, config: SASRecConfig) -> tr.TabularSequenceFeatures:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
 
-from merlin_molar.errors import MolarDataError
+from merlin_molar.errors import MolarDataError, check_choice
 from merlin_molar.evaluation import TOP_KS, history_without_last, mask_seen_items, ranking_metrics
 from merlin_molar.models.losses import REC_LOSSES, SampledInfoNCELoss, symmetric_infonce
 
@@ -87,10 +87,8 @@ class MolarTask(FullRankingNextItemTask):
         **kwargs,
     ):
         super().__init__(weight_tying=True, **kwargs)
-        if rec_loss not in REC_LOSSES:
-            raise ValueError(f"rec_loss must be one of {sorted(REC_LOSSES)}, got {rec_loss!r}")
-        if align_positions not in ("last", "all"):
-            raise ValueError("align_positions must be 'last' or 'all'")
+        check_choice("rec_loss", rec_loss, REC_LOSSES)
+        check_choice("align_positions", align_positions, ("last", "all"))
         if rec_loss == "infonce":
             self.content_loss = SampledInfoNCELoss(num_negatives)
             self.id_loss = SampledInfoNCELoss(num_negatives)

@@ -32,7 +32,8 @@ TRAIN = textwrap.dedent(
             return trainer
         pipeline.make_trainer = make_and_arm
     result = pipeline.train(prepared, "sasrec", out, {"d_model": 16, "n_layers": 1},
-                            TrainConfig(epochs=2, batch_size=64, save_steps=5, seed=7), resume=mode == "resume")
+                            TrainConfig(epochs=2, batch_size=64, save_steps=5, seed=7, early_stopping_patience=0),
+                            resume=mode == "resume")
     print("RESULT " + json.dumps({"test": result["test"], "resumed_from": result["resumed_from"]}))
     """
 )

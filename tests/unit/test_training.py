@@ -1,4 +1,4 @@
-"""SASRec through the Transformers4Rec Trainer on real ml-100k: train, evaluate, checkpoint, reload."""
+"""SASRec through the Transformers4Rec Trainer on the synthetic dataset: train, evaluate, checkpoint, reload."""
 import pytest
 import torch
 import transformers4rec.torch as tr
@@ -72,3 +72,17 @@ def test_inference_returns_top_k_without_history(trained, tiny_prepared):
         assert torch.isinf(row[history[history > 0]]).all()
         assert torch.isfinite(row[3:]).sum() == tiny_prepared.item_cardinality - 3 - history.gt(0).sum()
     assert isinstance(model, tr.Model)
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_prepared, tmp_path):
+    from merlin_molar.pipeline import train
+
+    config = TrainConfig(epochs=40, early_stopping_patience=2, batch_size=64, learning_rate=0.02, logging_steps=1000)
+    result = train(tiny_prepared, "sasrec", tmp_path / "run", {"d_model": 16, "n_layers": 1}, config)
+    curve = [(h["epoch"], h["eval_/next-item/ndcg_at_10"]) for h in result["log_history"]
+             if "eval_/next-item/ndcg_at_10" in h]
+    best_epoch, best = max(curve, key=lambda c: c[1])
+    assert curve[-1][0] < 40, "early stopping never stopped"
+    assert curve[-1][0] - best_epoch == 2  # stopped after `patience` epochs without improvement
+    assert result["best_epoch"] == best_epoch
+    assert result["valid"]["ndcg@10"] == pytest.approx(best, abs=1e-6)  # the best epoch's weights were restored

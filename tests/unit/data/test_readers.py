@@ -118,3 +118,35 @@ def test_movielens_100k_original_files(tmp_path):
     raw = read_dataset(tmp_path)
     assert raw.items.set_index("item_id").loc[10, "genres"] == "Comedy"
     assert len(raw.interactions) == 3
+
+
+def product_catalogue(root):
+    items = pd.DataFrame({
+        "item_id": ["B01", "B02"], "title": ["Lamp", "Mug"], "brand": ["Lumo", ""],
+        "attributes": ["colour: white | LED", "ceramic"], "price": [12.5, 3.0], "image": ["", ""],
+    })
+    inter = pd.DataFrame({"user_id": [1, 1, 2], "item_id": ["B01", "B02", "B01"], "timestamp": [1, 2, 3]})
+    return write_csv_layout(root, inter, items)
+
+
+def test_csv_layout_takes_every_item_column_as_text_in_file_order(tmp_path):
+    raw = read_dataset(product_catalogue(tmp_path))
+    assert raw.text_columns == ["title", "brand", "attributes", "price"]
+    row = raw.items.set_index("item_id").loc["B02"]
+    assert (row["brand"], row["attributes"], row["price"]) == ("", "ceramic", "3.0")
+
+
+def test_text_columns_option_selects_and_orders_the_item_text(tmp_path):
+    raw = read_dataset(product_catalogue(tmp_path), text_columns=["attributes", "title"])
+    assert raw.text_columns == ["attributes", "title"]
+    with pytest.raises(MolarDataError, match=r"--text-columns: unknown column\(s\) \['colour'\]"):
+        read_dataset(tmp_path, text_columns=["colour"])
+
+
+def test_prompt_names_every_field(tmp_path):
+    from merlin_molar.items import ItemPromptBuilder
+
+    raw = read_dataset(product_catalogue(tmp_path))
+    builder = ItemPromptBuilder(text_columns=raw.text_columns)
+    lamp = builder.items_from_frame(raw.items.assign(item_id=[1, 2]))[0]
+    assert builder.item_text(lamp) == "title: Lamp; brand: Lumo; attributes: colour: white | LED; price: 12.5"

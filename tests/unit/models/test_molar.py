@@ -1,4 +1,4 @@
-"""Molar (content DUEG + SASRec ID branch + MolarTask) inside the Transformers4Rec Trainer on real ml-100k."""
+"""Molar (content DUEG + SASRec ID branch + MolarTask) inside the Transformers4Rec Trainer (synthetic data)."""
 import pytest
 import torch
 
@@ -110,3 +110,20 @@ def test_content_only_and_id_only_scoring(tiny_prepared):
         scores = content_only.eval()(batch)
     assert scores.shape == (3, tiny_prepared.item_cardinality)
     assert torch.isinf(scores[0, batch["item_id-list"][0]]).all()
+
+
+def test_fusion_weight_is_chosen_on_validation(tiny_prepared, tmp_path):
+    from merlin_molar.pipeline import select_id_weight
+
+    config = TrainConfig(epochs=2, batch_size=64, early_stopping_patience=0, logging_steps=1000)
+    options = {**tiny_config().to_dict(), "id_weight_grid": [0.0, 0.5, 1.0]}
+    model = molar_model(tiny_prepared.schema, content_table(tiny_prepared), MolarConfig(**options))
+    trainer = make_trainer(model, tiny_prepared, tmp_path / "run", config)
+    trainer.train()
+    fusion = select_id_weight(trainer, tiny_prepared, [0.0, 0.5, 1.0])
+    by_weight = fusion["valid_ndcg@10_by_weight"]
+    assert set(by_weight) == {0.0, 0.5, 1.0}
+    assert by_weight[fusion["id_weight"]] == max(by_weight.values())
+    assert len(set(by_weight.values())) > 1  # content-only, fused and ID-only rank differently
+    assert trainer.model.heads[0].prediction_task_dict["next-item"].id_weight == fusion["id_weight"]
+    assert evaluate(trainer, tiny_prepared, "valid")["ndcg@10"] == pytest.approx(by_weight[fusion["id_weight"]])

@@ -1,0 +1,216 @@
+"""Multi-seed quality runner: datasets x variants x seeds, every model early-stopped on validation NDCG@10.
+
+Each run goes through :func:`merlin_molar.pipeline.train`, the function behind `merlin-molar train`, with the
+CLI's default training settings, so the ``sasrec`` and ``molar`` rows are what a user gets without tuning.
+Writes ``benchmarks/results/quality_<dataset>.json`` (top-level ``summary``: mean and std over seeds, and the
+per-seed paired ratio to SASRec), a markdown table and a plot. Finished runs are kept in the work directory
+and skipped on a rerun, so an interrupted benchmark resumes.
+
+Datasets (read from ``--data-root``, default ``$MOLAR_DATA`` or ``../shared/data`` beside the checkout):
+
+* ``ml-100k``: MovieLens-100K, maximum length 50 (CPU budget; ``--max-length 200`` for the issue's setting);
+* ``ml-1m``: MovieLens-1M, maximum length 50 (CPU budget);
+* ``ml-1m-sparse``: the sparse proxy for product catalogues: each ML-1M user's last 15 interactions,
+  maximum length 50.
+
+Example::
+
+    python benchmarks/quality.py --datasets ml-100k --seeds 0,1,2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is imported)
+from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
+
+from merlin_molar.data import prepare, read_dataset  # noqa: E402
+from merlin_molar.data.readers import RawDataset  # noqa: E402
+from merlin_molar.io import read_json  # noqa: E402
+from merlin_molar.pipeline import embed_item_table, train  # noqa: E402
+from merlin_molar.training import TrainConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = {
+    "ml-100k": {"source": "ml-100k", "max_length": 50, "last_n": None},
+    "ml-1m": {"source": "ml-1m", "max_length": 50, "last_n": None},
+    "ml-1m-sparse": {"source": "ml-1m", "max_length": 50, "last_n": 15},
+}
+# name -> (model kind, model options on top of the defaults). "sasrec" and "molar" are the CLI defaults.
+VARIANTS = {
+    "sasrec": ("sasrec", {}),
+    "molar": ("molar", {}),
+    "molar_no_align": ("molar", {"alpha": 0.0}),
+    "content_only": ("molar", {"id_branch": "none"}),
+    "molar_fixed_fusion": ("molar", {"id_weight_grid": []}),
+    "molar_whiten": ("molar", {"item_adaptor": "whiten"}),
+    "molar_moe": ("molar", {"item_adaptor": "moe"}),
+    "molar_cosine": ("molar", {"content_scoring": "cosine"}),
+    "molar_align_all": ("molar", {"align_positions": "all"}),
+    "molar_gru4rec": ("molar", {"id_model": "gru4rec"}),
+}
+METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("MOLAR_DATA") or REPO.parent / "shared" / "data")
+
+
+def last_n(raw: RawDataset, n: int) -> RawDataset:
+    """Each user's last ``n`` interactions (by time): short histories, as in product catalogues."""
+    inter = raw.interactions.sort_values(["user_id", "timestamp"], kind="stable")
+    inter = inter.groupby("user_id", sort=False).tail(n).reset_index(drop=True)
+    return RawDataset(inter, raw.items, f"{raw.source}#last{n}", list(raw.text_columns))
+
+
+def prepared_dataset(name: str, data_root: Path, workdir: Path):
+    spec = DATASETS[name]
+    raw = read_dataset(data_root / spec["source"])
+    if spec["last_n"]:
+        raw = last_n(raw, spec["last_n"])
+    prepared = prepare(raw, workdir / name / f"prepared_L{spec['max_length']}", max_length=spec["max_length"])
+    return prepared, embed_item_table(prepared, batch_size=64)  # a finished table is reused
+
+
+def run_one(prepared, table, variant: str, seed: int, run_dir: Path, config: TrainConfig) -> dict:
+    done = run_dir / "metrics.json"
+    if done.exists():
+        return read_json(done)
+    kind, options = VARIANTS[variant]
+    result = train(prepared, kind, run_dir, dict(options), config, item_table_path=table if kind == "molar" else None)
+    return {k: v for k, v in result.items() if k != "log_history"}
+
+
+def mean_std(values):
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise(runs: dict) -> dict:
+    """{variant: {"seeds": n, "test": {metric: {mean, std}}, "valid": ..., "ratio_to_sasrec": ...}}"""
+    summary = {}
+    for variant, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        entry = {"seeds": len(seeds), "seed_list": seeds}
+        for split in ("valid", "test"):
+            entry[split] = {m: mean_std([by_seed[s][split][m] for s in seeds]) for m in METRICS}
+        entry["best_epoch"] = [by_seed[s].get("best_epoch") for s in seeds]
+        entry["train_seconds"] = mean_std([by_seed[s]["train_seconds"] for s in seeds])
+        base = runs.get("sasrec", {})
+        paired = [s for s in seeds if s in base]
+        if paired:
+            ratios = [by_seed[s]["test"]["ndcg@10"] / base[s]["test"]["ndcg@10"] for s in paired]
+            entry["test_ndcg@10_ratio_to_sasrec"] = {**mean_std(ratios), "per_seed": dict(zip(paired, ratios))}
+        fusion = [by_seed[s]["fusion"]["id_weight"] for s in seeds if by_seed[s].get("fusion")]
+        if fusion:
+            entry["chosen_id_weight"] = fusion
+        summary[variant] = entry
+    return summary
+
+
+def markdown(dataset: str, summary: dict) -> str:
+    lines = [
+        f"### {dataset}: test metrics, mean ± std over seeds (each run early-stopped on valid NDCG@10)",
+        "",
+        "| variant | seeds | NDCG@10 | Recall@10 | NDCG@20 | Recall@20 | NDCG@10 / SASRec (paired) | best epochs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for variant, e in summary.items():
+        cells = [f"{e['test'][m]['mean']:.4f} ± {e['test'][m]['std']:.4f}" for m in METRICS]
+        ratio = e.get("test_ndcg@10_ratio_to_sasrec")
+        ratio = f"{ratio['mean']:.3f} ± {ratio['std']:.3f}" if ratio else "-"
+        epochs = ", ".join(f"{x:g}" if x is not None else "-" for x in e["best_epoch"])
+        lines.append(f"| {variant} | {e['seeds']} | " + " | ".join(cells) + f" | {ratio} | {epochs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(dataset: str, summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    means = [summary[n]["test"]["ndcg@10"]["mean"] for n in names]
+    stds = [summary[n]["test"]["ndcg@10"]["std"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 3.5))
+    ax.bar(names, means, yerr=stds, capsize=4, color=["#888" if n == "sasrec" else "#3a7" for n in names])
+    ax.set_ylabel("test NDCG@10 (mean ± std)")
+    ax.set_title(f"{dataset}: early-stopped, {summary[names[0]]['seeds']} seeds")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--datasets", default="ml-100k", help=f"comma-separated, from {sorted(DATASETS)}")
+    p.add_argument("--variants", default="sasrec,molar,molar_no_align,content_only",
+                   help=f"comma-separated, from {sorted(VARIANTS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--data-root", type=Path, default=default_data_root())
+    p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "quality")
+    p.add_argument("--max-epochs", type=float, default=TrainConfig.epochs, help="early stopping decides")
+    p.add_argument("--max-length", type=int, help="override the dataset's maximum sequence length")
+    p.add_argument("--suffix", default="", help="appended to the result file names")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"quality.py: error: --variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    for dataset in args.datasets.split(","):
+        if args.max_length:
+            DATASETS[dataset] = {**DATASETS[dataset], "max_length": args.max_length}
+        start = time.perf_counter()
+        info = machine()
+        prepared, item_table = prepared_dataset(dataset, args.data_root, args.workdir)
+        runs = {}
+        for seed in seeds:
+            for variant in variants:
+                config = TrainConfig(seed=seed, epochs=args.max_epochs, logging_steps=10_000)
+                run_dir = args.workdir / dataset / f"runs_L{DATASETS[dataset]['max_length']}" / f"{variant}-seed{seed}"
+                runs.setdefault(variant, {})[seed] = run_one(prepared, item_table, variant, seed, run_dir, config)
+                r = runs[variant][seed]
+                print(f"{dataset} {variant} seed {seed}: test N@10 {r['test']['ndcg@10']:.4f} "
+                      f"R@10 {r['test']['recall@10']:.4f} (best epoch {r.get('best_epoch')}, "
+                      f"{r['train_seconds']:.0f} s)", flush=True)
+        summary = summarise(runs)
+        name = f"quality_{dataset.replace('-', '')}{args.suffix}"
+        md = markdown(dataset, summary)
+        (RESULTS_DIR / f"{name}.md").write_text(md)
+        plot(dataset, summary, RESULTS_DIR / f"{name}.png")
+        write_result(RESULTS_DIR / f"{name}.json", {
+            "benchmark": name,
+            "command": command_line(),
+            "git_commit": git_commit(),
+            "date": now(),
+            "machine": {**info, "load_average_at_end": list(os.getloadavg())},
+            "dataset": {"name": dataset, **DATASETS[dataset], "manifest": prepared.manifest},
+            "train_config": {**TrainConfig().__dict__, "epochs": args.max_epochs, "seed": seeds},
+            "variants": {v: {"kind": VARIANTS[v][0], "options": VARIANTS[v][1]} for v in variants},
+            "summary": summary,
+            "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
+            "wall_seconds": time.perf_counter() - start,
+        })
+        print(md)
+        rows = [{"variant": v, "test N@10": e["test"]["ndcg@10"]["mean"], "std": e["test"]["ndcg@10"]["std"],
+                 "ratio": (e.get("test_ndcg@10_ratio_to_sasrec") or {}).get("mean")} for v, e in summary.items()]
+        print(table(rows, ["variant", "test N@10", "std", "ratio"]))
+
+
+if __name__ == "__main__":
+    main()
