@@ -73,9 +73,22 @@ def catalogue_items(prepared, encoder: ItemEncoder) -> Tuple[List[ItemContent], 
     if len(np.unique(ids)) != len(ids) or ids.min() < 3 or ids.max() >= prepared.item_cardinality:
         raise MolarDataError(source, f"item_id is not a set of distinct ids in [3, {prepared.item_cardinality})")
     prompts = encoder.prompts.with_columns(prepared.manifest.get("text_columns") or [])
-    with_content = frame[frame["has_content"]]
-    no_content = sorted(int(i) for i in frame.loc[~frame["has_content"], "item_id"])
-    return prompts.items_from_frame(with_content, source), no_content, prompts
+    from merlin_molar.data.workflow import report_items_without_content
+    from merlin_molar.items.prompts import _present
+
+    # an item with a row but neither text nor an image is treated (and reported) like one without a row:
+    # the same warning with raw ids, whether one item or half the catalogue lacks content
+    columns = [c for c in prompts.text_columns if c in frame]
+    has_any = frame[columns].apply(lambda col: col.map(_present)).any(axis=1) if columns else False
+    if "image" in frame:
+        has_any = has_any | frame["image"].map(_present)
+    usable = frame["has_content"] & has_any
+    raw = frame["item_id_raw"] if "item_id_raw" in frame else frame["item_id"]
+    report_items_without_content(
+        raw[~usable], len(frame), source, "have no content (no item-table row, or neither text nor image)"
+    )
+    no_content = sorted(int(i) for i in frame.loc[~usable, "item_id"])
+    return prompts.items_from_frame(frame[usable], source), no_content, prompts
 
 
 def encode_items(
@@ -320,7 +333,7 @@ def _write_shard(work: _WorkDir, chunks: List[int], shard_file: Path) -> None:
     _save_npz(shard_file, ids, emb, used, problems)
     if problems:
         LOG.warning("%s: %d item(s) had a missing or unreadable image and were encoded text-only, e.g. %s",
-                    shard_file.name, len(problems), sorted(problems)[:REPORT_FIRST])
+                    shard_file.name, len(problems), [problems[k] for k in sorted(problems)[:REPORT_FIRST]])
     for c in chunks:
         work.chunk(c).unlink(missing_ok=True)
 
@@ -381,7 +394,7 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
     if problems:
         message = (
             f"{len(problems)} item(s) had a missing or unreadable image and were embedded from text only, "
-            f"e.g. item_id {sorted(problems)[:REPORT_FIRST]} (all listed in {METADATA_FILE})"
+            f"e.g. {[problems[k] for k in sorted(problems)[:5]]} (all listed in {METADATA_FILE})"
         )
         LOG.warning(message)
         warnings.warn(message, stacklevel=2)
