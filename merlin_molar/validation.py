@@ -291,11 +291,11 @@ def check_command(args) -> None:
     if command == "embed-items" and not args.output:
         check_writable_dir(Path(os.path.expanduser(str(args.prepared))) / "item_table", "--prepared")
     if command == "train":
-        check_model_options(args.model, parse_model_options(args.model_options))
         if args.model == "molar" and not args.item_table:
             raise MolarDataError("--item-table", "required for --model molar (run `merlin-molar embed-items` first)")
         check_existing(args.item_table, "--item-table", "metadata.json")
         check_existing(args.init_id_branch, "--init-id-branch", "molar_model.json")
+        check_model_options(args.model, parse_model_options(args.model_options))
     if command == "recommend":
         for n, history in enumerate(args.history):
             if not [h for h in str(history).split(",") if h.strip()]:

@@ -78,6 +78,10 @@ def k_core(interactions: pd.DataFrame, k: int, cat_path: Optional[str] = None) -
         return interactions
     current = interactions
     while True:
+        # NVTabular's Filter fails on an empty result: say so before running a step that would empty the table
+        users, items = current["user_id"].value_counts(), current["item_id"].value_counts()
+        if not ((current["user_id"].map(users) >= k) & (current["item_id"].map(items) >= k)).any():
+            raise MolarDataError("--k-core", f"{k} removes every interaction (no user and item both have {k})")
         counted = (
             ["user_id", "item_id", "timestamp"]
             + (["item_id"] >> nvt.ops.JoinGroupby(cont_cols=["timestamp"], stats=["count"], out_path=cat_path))
@@ -148,8 +152,16 @@ def load_prepared(root) -> PreparedData:
     manifest = read_json(root / "molar_manifest.json")
     if not isinstance(manifest, dict) or "item_cardinality" not in manifest:
         raise MolarDataError(root / "molar_manifest.json", "not the manifest of a finished `prepare` run")
-    if "sha256" in manifest:  # directories prepared before checksums were recorded are read unchecked
+    if "sha256" in manifest:
         verify_checksums(root, manifest["sha256"], "run `merlin-molar prepare` for this directory again")
+    else:  # prepared before checksums were recorded: at least every parquet footer must read
+        import pyarrow.parquet as pq
+
+        for path in [root / "items.parquet", *(p for s in SPLITS for p in sorted((root / s).glob("*.parquet")))]:
+            try:
+                pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises several types for damaged files
+                raise MolarDataError(path, f"not a readable parquet file ({type(e).__name__}): prepare again") from None
     return PreparedData(root)
 
 
@@ -241,7 +253,11 @@ REPORT_FIRST = 20
 
 def report_items_without_content(raw_ids, total: int, source, why: str) -> None:
     """One warning, worded the same for one item or for half the catalogue, naming raw item ids."""
-    raw_ids = sorted(pd.unique(pd.Series(raw_ids)).tolist(), key=str)
+    raw_ids = pd.unique(pd.Series(raw_ids)).tolist()
+    try:
+        raw_ids = sorted(raw_ids)
+    except TypeError:  # ids of mixed types
+        raw_ids = sorted(raw_ids, key=str)
     if not raw_ids:
         return
     LOG.warning(
