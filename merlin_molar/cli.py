@@ -289,6 +289,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if action.dest in values:
                 action.required = False
     args = parser.parse_args(argv)
+    for action in subparsers[args.command]._actions:  # argparse checks choices on the line, not from --config
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            return _error(args.command, f"--config {config_file}: {action.dest} must be one of "
+                                        f"{sorted(action.choices)}, got {value!r}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     import merlin_molar  # noqa: F401  (compat layer)
 

@@ -149,7 +149,8 @@ def train(
     train_config = train_config or TrainConfig()
     check_train_config(train_config)
     torch.manual_seed(train_config.seed)
-    model, config, table = build_model(kind, prepared, model_options, item_table_path)
+    with loading("--model-options", json.dumps(model_options or {}), "cannot build the model from them"):
+        model, config, table = build_model(kind, prepared, model_options, item_table_path)
     # a run that fails before its first checkpoint leaves nothing behind (its manifest included)
     with rollback_on_failure(output_dir, keep_if_present=("checkpoints",)):
         claim_output_dir(output_dir, _run_identity(prepared, kind, config, train_config, item_table_path))
@@ -215,10 +216,12 @@ def recommend(model_dir, prepared: PreparedData, histories: Sequence[Sequence], 
     rows = []
     for user, history in enumerate(histories):
         if len(history) == 0:
-            raise MolarDataError(f"history {user}", "is empty: give at least one item id")
+            raise MolarDataError("--history", f"history {user} is empty: give at least one item id")
         unknown = [h for h in history if str(h) not in to_code]
         if unknown:
-            raise MolarDataError(f"history {user}", f"unknown item id(s) {unknown[:5]} (not in the prepared catalogue)")
+            raise MolarDataError(
+                "--history", f"history {user}: unknown item id(s) {unknown[:5]} (not in the prepared catalogue)"
+            )
         codes = [to_code[str(h)] for h in history][-max_length:]
         candidates = len(to_code) - len(set(codes))
         if top_k > candidates:

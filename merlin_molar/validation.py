@@ -134,15 +134,16 @@ def check_model_path(value: Optional[str], option: str) -> None:
 
 
 @contextlib.contextmanager
-def loading(option: str, value) -> Iterator[None]:
-    """Turn any failure while loading a user-named model into a one-line error naming the option."""
+def loading(option: str, value, failure: str = "cannot load it as a model") -> Iterator[None]:
+    """Turn any failure while loading a user-named model (or building one from user options) into a
+    one-line error naming the option."""
     try:
         yield
     except MolarDataError:
         raise
     except Exception as e:  # transformers, safetensors, json, OS errors: the named model is unusable
         reason = one_line(str(e).splitlines()[0] if str(e).strip() else type(e).__name__, 300)
-        raise MolarDataError(option, f"{value}: cannot load it as a model ({reason})") from None
+        raise MolarDataError(option, f"{value}: {failure} ({type(e).__name__}: {reason})") from None
 
 
 def check_existing(path, option: str, required_file: Optional[str] = None) -> None:
@@ -152,7 +153,10 @@ def check_existing(path, option: str, required_file: Optional[str] = None) -> No
     if not path.exists():
         raise MolarDataError(option, f"{path}: not found")
     if required_file and not (path / required_file).is_file():
-        raise MolarDataError(option, f"{path}: no {required_file} (not the right kind of directory?)")
+        what = {"molar_manifest.json": "not written by `merlin-molar prepare`",
+                "molar_model.json": "not a model saved by `merlin-molar train`",
+                "metadata.json": "not an item table written by `merlin-molar embed-items`"}.get(required_file, "")
+        raise MolarDataError(option, f"{path}: no {required_file} ({what or 'not the right kind of directory'})")
 
 
 def _config_class(kind: str):
@@ -172,8 +176,8 @@ def _check_value(key: str, value, default, option: str) -> None:
     elif isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
-        if value < 1:
-            raise bad("at least 1")
+        if value < (2 if key == "max_length" else 1):
+            raise bad("at least 2" if key == "max_length" else "at least 1")
     elif isinstance(default, float):
         if isinstance(value, bool) or not _finite(value):
             raise bad("a number")
@@ -276,6 +280,11 @@ def check_command(args) -> None:
     anything: option ranges, output paths, device, model paths, model options, input directories."""
     command = getattr(args, "command", None)
     check_options(args)
+    for dest, option in {**OUTPUTS, **MODEL_PATHS, "data": "--data", "prepared": "--prepared",
+                         "model_dir": "--model-dir", "item_table": "--item-table"}.items():
+        value = getattr(args, dest, None)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise MolarDataError(option, f"must be a path, got {value!r}")
     for dest, option in OUTPUTS.items():
         if getattr(args, dest, None):
             check_writable_dir(getattr(args, dest), option)
@@ -288,6 +297,13 @@ def check_command(args) -> None:
     model_dir = getattr(args, "model_dir", None)
     if model_dir is not None:
         check_existing(model_dir, "--model-dir", "molar_model.json")
+    if command == "finetune-items" and Path(os.path.expanduser(str(args.base_model))).exists():
+        from merlin_molar.items.encoders import detect_kind
+
+        with loading("--base-model", args.base_model):
+            kind = detect_kind(args.base_model)
+        if kind not in ("vlm", "text-llm"):
+            raise MolarDataError("--base-model", f"{args.base_model} is a {kind} model: stage 1 needs a VLM or LLM")
     if command == "embed-items" and not args.output:
         check_writable_dir(Path(os.path.expanduser(str(args.prepared))) / "item_table", "--prepared")
     if command == "train":

@@ -92,6 +92,12 @@ def without_checksums(directory: Path) -> None:
     manifest.write_text(json.dumps(meta))
 
 
+def minilm_path():
+    from merlin_molar.items.encoders import default_sentence_model_path
+
+    return default_sentence_model_path()
+
+
 def copy_of(src: Path, tmp: Path, name: str) -> Path:
     dst = tmp / name
     shutil.copytree(src, dst)
@@ -238,6 +244,12 @@ CASES = [
     Case("train-model-option-wrong-type", train("--model-options", '{"d_model": "big"}'), "--model-options"),
     Case("train-model-option-heads-do-not-divide", train("--model-options", '{"d_model": 15, "n_heads": 2}'),
          "--model-options"),
+    Case("train-model-option-out-of-range", train("--model-options", '{"dropout": 1.5}'), "--model-options"),
+    Case("train-model-option-max-length-1", train("--model-options", '{"max_length": 1}'), "--model-options"),
+    Case("train-config-unknown-model", P("train", "--prepared", PREP, "--output", OUT, "--config",
+                                         with_file("cfg.yaml", b"model: transformer-xl\n")), "cfg.yaml"),
+    Case("train-config-output-not-a-path", lambda g, t: train()(g, t)[:-2] + ["--config", str(with_file(
+        "cfg.yaml", b"output: 5\n")(g, t))], "--output"),
     Case("train-molar-without-item-table", train("--model", "molar"), "--item-table"),
     Case("train-missing-item-table", train("--model", "molar", "--item-table", lambda g, t: t / "none"),
          "--item-table"),
@@ -280,6 +292,11 @@ CASES = [
                                           lambda g, t: t / "no-such-llm"), "--base-model"),
     Case("finetune-base-model-is-a-file", P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model",
                                             with_file("model.bin", b"\x00" * 64)), "--base-model"),
+    Case("finetune-base-model-bad-config", P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model",
+                                             encoder_dir({"config.json": "{not json"})), "--base-model"),
+    Case("finetune-base-model-is-a-sentence-encoder",
+         P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model", lambda g, t: minilm_path()),
+         "--base-model"),
     # evaluate / recommend / export: damaged models, mismatched prepared data, ranges
     Case("evaluate-other-prepared", P("evaluate", "--model-dir", MODEL, "--prepared", OTHER), "--prepared"),
     Case("evaluate-corrupt-weights",
@@ -313,7 +330,7 @@ CASES = [
     Case("recommend-empty-history", P("recommend", "--model-dir", MODEL, "--prepared", PREP, "--history", " , "),
          "--history"),
     Case("recommend-unknown-raw-id", P("recommend", "--model-dir", MODEL, "--prepared", PREP, "--history", "10,999999"),
-         "999999"),
+         "--history: history 0: unknown item id(s) ['999999']"),
     Case("export-other-prepared", P("export", "--model-dir", MODEL, "--prepared", OTHER, "--repository", OUT),
          "--prepared"),
     Case("export-top-k-0", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository", OUT, "--top-k", "0"),
@@ -322,6 +339,8 @@ CASES = [
                                           lambda g, t: read_only_path(t) / "repo"), "--repository"),
     Case("recommend-missing-weights", P("recommend", "--model-dir", edited_model(lambda m: (m / "weights.pt").unlink()),
                                         "--prepared", PREP, "--history", "10"), "weights.pt"),
+    Case("export-top-k-too-large", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository", OUT,
+                                     "--top-k", "100000"), "top_k"),
     Case("export-repository-is-a-file", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository", a_file),
          "--repository"),
     Case("quickstart-epochs-0", P("quickstart", "--data", DATA, "--workdir", OUT, "--epochs", "0"), "--epochs"),
