@@ -92,16 +92,18 @@ def claim_output_dir(output_dir: Path, identity: dict) -> None:
     manifest = output_dir / MANIFEST
     if manifest.exists():
         try:
-            existing = read_json(manifest)
+            recorded = read_json(manifest)
         except MolarDataError:
             if holds_results(output_dir):
                 raise
-            existing = {}
-        existing = {k: existing.get(k) for k in identity}
+            recorded = {}
+        existing = {k: recorded.get(k) for k in identity}
         if existing == identity:
             return
         changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
-        if holds_results(output_dir):
+        # `prepare` completes its manifest (with counts) last: without them its outputs are an unfinished run's
+        unfinished_prepare = recorded.get("stage") == "prepare" and "users" not in recorded
+        if holds_results(output_dir) and not unfinished_prepare:
             raise MolarDataError(
                 output_dir,
                 f"holds outputs of a different dataset or configuration (differs in {changed}); "

@@ -24,6 +24,7 @@ the batches are the same however the work is split or interrupted, the table is 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -268,7 +269,7 @@ def embed_catalogue(
     if work.plan.exists():
         existing = read_json(work.plan)
         if existing != plan:
-            if not resume and num_shards == 1:
+            if (not resume and num_shards == 1) or not _has_work(work):  # nothing finished: nothing to keep
                 shutil.rmtree(work.root)
             else:
                 raise MolarDataError(
@@ -287,7 +288,8 @@ def embed_catalogue(
     if done and todo:
         LOG.info("resuming %s: %d of %d chunks already done", output_path, len(done), len(mine))
     desc = f"embed items [{encoder.kind}]" + (f" shard {shard_index}/{num_shards}" if num_shards > 1 else "")
-    with tqdm(total=total_items, initial=initial, desc=desc, unit="item", disable=not progress) as bar:
+    with _forget_unstarted_work(work), tqdm(total=total_items, initial=initial, desc=desc, unit="item",
+                                            disable=not progress) as bar:
         for c in todo:
             if max_chunks is not None and encoded_chunks >= max_chunks:
                 break
@@ -321,6 +323,22 @@ def embed_catalogue(
         merge_shards(output_path)
         result.shard_path = None  # merged into the table; the work dir is gone
     return result
+
+
+def _has_work(work: _WorkDir) -> bool:
+    return any(work.root.glob("chunks/*.npz")) or any(work.root.glob("shard-*.npz"))
+
+
+@contextlib.contextmanager
+def _forget_unstarted_work(work: _WorkDir):
+    """A run that fails before any chunk is finished leaves no work directory (nothing to resume, and its
+    plan would refuse a corrected rerun with other arguments)."""
+    try:
+        yield
+    except BaseException:
+        if work.root.exists() and not _has_work(work):
+            shutil.rmtree(work.root, ignore_errors=True)
+        raise
 
 
 def _write_shard(work: _WorkDir, chunks: List[int], shard_file: Path) -> None:

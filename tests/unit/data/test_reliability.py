@@ -1,5 +1,6 @@
 """Issue 13's silent wrong results and dead ends, checked below the command line: duplicated rows, odd ids,
 items without content, failed runs that must not block the corrected rerun."""
+import json
 import logging
 
 import pandas as pd
@@ -102,3 +103,17 @@ def test_a_manifest_left_by_a_killed_run_without_results_does_not_refuse_the_rer
     (out / "metrics.json").write_text("{}")  # a finished run's result: now the directory is protected
     with pytest.raises(MolarDataError, match="differs in \\['config_sha'\\]"):
         claim_output_dir(out, {"config_sha": "third"})
+
+
+def test_a_prepare_killed_half_way_does_not_refuse_the_corrected_rerun(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "data", n_users=40, n_items=30)
+    raw = read_dataset(data)
+    out = tmp_path / "out"
+    finished = prepare(raw, out, max_length=10)
+    manifest = finished.manifest
+    unfinished = {k: manifest[k] for k in ("fingerprint", "max_length", "k_core", "stage")}
+    (out / MANIFEST).write_text(json.dumps(unfinished))  # as claimed, before the final manifest
+    (out / "test").rename(tmp_path / "gone")  # killed before the test split was written
+    assert prepare(raw, out, max_length=12).max_length == 12
+    with pytest.raises(MolarDataError, match="differs in \\['max_length'\\]"):  # a finished one is protected
+        prepare(raw, out, max_length=10)
