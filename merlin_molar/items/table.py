@@ -79,10 +79,16 @@ def catalogue_items(prepared, encoder: ItemEncoder) -> Tuple[List[ItemContent], 
 
     # an item with a row but neither text nor an image is treated (and reported) like one without a row:
     # the same warning with raw ids, whether one item or half the catalogue lacks content
+    # an image counts only for an encoder that reads images, and only if it can be read
     columns = [c for c in prompts.text_columns if c in frame]
-    has_any = frame[columns].apply(lambda col: col.map(_present)).any(axis=1) if columns else False
-    if "image" in frame:
-        has_any = has_any | frame["image"].map(_present)
+    has_any = frame["has_content"] & False
+    if columns:
+        has_any = frame[columns].apply(lambda col: col.map(_present)).any(axis=1)
+    if "image" in frame and encoder.uses_images:
+        from merlin_molar.items.images import load_image
+
+        image_only = frame["has_content"] & ~has_any & frame["image"].map(_present)
+        has_any[image_only] = frame.loc[image_only, "image"].map(lambda path: load_image(path, None)[1] is None)
     usable = frame["has_content"] & has_any
     raw = frame["item_id_raw"] if "item_id_raw" in frame else frame["item_id"]
     report_items_without_content(

@@ -30,3 +30,19 @@ def test_items_without_content_are_reported_alike_and_embedded_as_zero(tmp_path,
     codes = prepared.items().set_index("item_id_raw").loc[blank, "item_id"].to_numpy()
     assert np.all(table[codes] == 0)
     assert sorted(read_table_metadata(tmp_path / "table")["no_content_ids"]) == sorted(codes.tolist())
+
+
+def test_an_item_whose_only_content_is_an_unreadable_image_is_reported_like_the_others(tmp_path, small_raw, vlm,
+                                                                                       broken_images, caplog):
+    items = small_raw.items.copy()
+    target = sorted(items["item_id"].tolist())[0]
+    row = items["item_id"] == target
+    for column in small_raw.text_columns:
+        items.loc[row, column] = ""
+    items.loc[row, "image"] = broken_images["corrupt"]  # a VLM would read the image, but it is not one
+    raw = RawDataset(small_raw.interactions, items, small_raw.source + "#imageonly", small_raw.text_columns)
+    prepared = prepare(raw, tmp_path / "prepared", max_length=20)
+    with caplog.at_level(logging.WARNING, logger="merlin_molar"):
+        embed_catalogue(prepared, vlm, tmp_path / "table", batch_size=16, progress=False)
+    reports = [r.getMessage() for r in caplog.records if "zero content embedding" in r.getMessage()]
+    assert len(reports) == 1 and f"item_id {[target]}" in reports[0]
