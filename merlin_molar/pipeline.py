@@ -27,7 +27,7 @@ from merlin_molar.models.molar import MolarConfig, molar_model
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.persistence import load_model, save_model
 from merlin_molar.training import TrainConfig, evaluate, make_trainer
-from merlin_molar.validation import check_model_matches, check_train_config, loading
+from merlin_molar.validation import check_checkpoint, check_model_matches, check_train_config, loading
 
 LOG = logging.getLogger(__name__)
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -165,12 +165,15 @@ def _train_claimed(prepared, kind, output_dir, model, config, table, train_confi
     if init_id_branch_from:
         from merlin_molar.models.molar import load_id_branch
 
-        load_id_branch(model, load_model(init_id_branch_from)[0])
+        with loading("--init-id-branch", init_id_branch_from, "cannot initialise the ID branch from it"):
+            load_id_branch(model, load_model(init_id_branch_from)[0])
     checkpoints = output_dir / "checkpoints"
     trainer = make_trainer(model, prepared, checkpoints, train_config)
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.exists() else None
     if resume and last is None:
         LOG.warning("--resume: no checkpoint in %s: starting from scratch", checkpoints)
+    if last is not None:
+        check_checkpoint(last)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start

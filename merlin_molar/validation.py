@@ -316,3 +316,35 @@ def check_command(args) -> None:
         for n, history in enumerate(args.history):
             if not [h for h in str(history).split(",") if h.strip()]:
                 raise MolarDataError("--history", f"history {n} is empty: give comma-separated raw item ids")
+
+
+def check_checkpoint(checkpoint) -> None:
+    """The Trainer checkpoint ``--resume`` would continue from can be read (a run killed while saving can
+    leave a damaged one, which would otherwise fail deep inside the Trainer)."""
+    import json
+
+    checkpoint = Path(checkpoint)
+    remedy = "delete this checkpoint directory to resume from the one before it, or train without --resume"
+    state = checkpoint / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MolarDataError(state, f"file not found (an incomplete checkpoint): {remedy}") from None
+    except (ValueError, OSError):
+        raise MolarDataError(state, f"not valid JSON (a damaged checkpoint): {remedy}") from None
+    weights = [checkpoint / n for n in ("pytorch_model.bin", "model.safetensors") if (checkpoint / n).is_file()]
+    if not weights:
+        raise MolarDataError(checkpoint, f"holds no model weights (an incomplete checkpoint): {remedy}")
+    import torch
+
+    for path in weights:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            else:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise MolarDataError(path, f"unreadable checkpoint weights ({type(e).__name__}): {remedy}") from None

@@ -92,6 +92,23 @@ def without_checksums(directory: Path) -> None:
     manifest.write_text(json.dumps(meta))
 
 
+def _checkpoints(t: Path):
+    return sorted((t / "out" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def run_then_damage_last_checkpoint(g, t):
+    """A finished run with a checkpoint per step, whose last checkpoint is then truncated."""
+    argv = train("--save-steps", "1", "--resume")(g, t)
+    assert main(argv) == 0
+    truncate(_checkpoints(t)[-1] / "pytorch_model.bin")
+    return argv
+
+
+def drop_last_checkpoint(t: Path) -> list:
+    shutil.rmtree(_checkpoints(t)[-1])
+    return []
+
+
 def minilm_path():
     from merlin_molar.items.encoders import default_sentence_model_path
 
@@ -267,6 +284,8 @@ CASES = [
          train(prepared=edited_prepared(lambda p: (without_checksums(p), truncate(p / "test" / "part_0.parquet")))),
          "part_0.parquet"),
     Case("train-output-read-only", lambda g, t: train()(g, t)[:-1] + [str(read_only_path(t) / "r")], "--output"),
+    Case("train-resume-from-a-damaged-checkpoint", run_then_damage_last_checkpoint, "pytorch_model.bin",
+         rerun=lambda g, t: drop_last_checkpoint(t) + train("--save-steps", "1", "--resume")(g, t)),
     Case("train-damaged-prepared-manifest",
          train(prepared=edited_prepared(lambda p: (p / "molar_manifest.json").write_bytes(os.urandom(64)))),
          "molar_manifest.json"),
