@@ -45,15 +45,16 @@ RULES = {
     "examples_per_task": ("--examples-per-task", lambda v: v >= 1, "must be at least 1"),
     "max_steps": ("--max-steps", lambda v: v >= 1, "must be at least 1"),
 }
-# dest -> option, for the options that name a directory the command writes
 INTEGER_OPTIONS = set(RULES) - {"epochs", "lr"}
+# dest -> option, for the options that name a directory the command writes
 OUTPUTS = {"output": "--output", "repository": "--repository", "workdir": "--workdir"}
 MODEL_PATHS = {"encoder": "--encoder", "base_model": "--base-model"}
 MODEL_FILES = ("config.json", "modules.json", "molar_stage1.json")
 
 
 def check_options(args) -> None:
-    """Range checks of the numeric options present on ``args`` (an argparse namespace)."""
+    """Range checks of the numeric options present on ``args`` (an argparse namespace); a whole number
+    given as a float (``max_length: 20.0`` in a config file) becomes an int."""
     for dest, (option, ok, must) in RULES.items():
         value = getattr(args, dest, None)
         if value is None:
@@ -62,6 +63,9 @@ def check_options(args) -> None:
             raise MolarDataError(option, f"must be a number, got {value!r}")
         if dest in INTEGER_OPTIONS and not float(value).is_integer():
             raise MolarDataError(option, f"must be a whole number, got {value!r}")
+        if dest in INTEGER_OPTIONS and isinstance(value, float):
+            value = int(value)
+            setattr(args, dest, value)
         if not ok(value):
             raise MolarDataError(option, f"{must}, got {value!r}")
     if getattr(args, "num_shards", None) and not getattr(args, "shard_index", 0) < args.num_shards:
