@@ -7,27 +7,45 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 from merlin_molar.errors import MolarDataError
+from merlin_molar.validation import check_command, one_line
 
 LOG = logging.getLogger("merlin_molar")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line error: ``merlin-molar <cmd>: error: <option>: <problem>``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def _load_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise MolarDataError(p, "config file not found")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MolarDataError(p, "not a text file (not UTF-8)") from None
     if p.suffix in (".toml",):
         import tomllib
 
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise MolarDataError(p, f"not valid TOML ({one_line(e)})") from None
     else:
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise MolarDataError(p, f"not valid YAML ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise MolarDataError(p, "expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
@@ -173,7 +191,7 @@ def _add_train_options(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="merlin-molar", description=__doc__)
+    parser = _Parser(prog="merlin-molar", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -195,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("embed-items", cmd_embed_items, "MIRM: embed the item catalogue into the item feature table")
     p.add_argument("--prepared", required=True, help="directory written by `prepare`")
     p.add_argument("--encoder", help="local path or hub id of the item encoder (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--kind", help="sentence | text-llm | vlm (default: detected)")
+    p.add_argument("--kind", choices=["sentence", "text-llm", "vlm"], help="default: detected")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--output", help="table directory (default: PREPARED/item_table)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -258,7 +276,14 @@ def _config_path(argv: List[str]) -> Optional[str]:
     return None
 
 
+def _error(command: Optional[str], message: str, code: int = 2) -> int:
+    print(f"merlin-molar{' ' + command if command else ''}: error: {one_line(message)}", file=sys.stderr)
+    return code
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. A user error prints one line (``merlin-molar <cmd>: error: <file or option>:
+    <problem>``) and returns 2; the traceback is printed only with ``--verbose``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     subparsers = parser._subparsers._group_actions[0].choices
@@ -268,25 +293,48 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             values = _load_config_file(config_file)
         except MolarDataError as e:
-            parser.error(str(e))
+            return _error(command, f"--config {e}")
         sub = subparsers[command]
-        unknown = sorted(set(values) - {a.dest for a in sub._actions})
+        unknown = sorted(set(values) - {a.dest for a in sub._actions} - {"help"})
         if unknown:
-            parser.error(f"{config_file}: unknown option(s) {unknown}")
+            return _error(command, f"--config {config_file}: unknown option(s) {unknown}")
         sub.set_defaults(**values)
         for action in sub._actions:  # an option given in the file is no longer required on the line
             if action.dest in values:
                 action.required = False
     args = parser.parse_args(argv)
+    for action in subparsers[args.command]._actions:  # argparse checks choices on the line, not from --config
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            return _error(args.command, f"--config {config_file}: {action.dest} must be one of "
+                                        f"{sorted(action.choices)}, got {value!r}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     import merlin_molar  # noqa: F401  (compat layer)
 
     start = time.perf_counter()
     try:
+        check_command(args)
         args.func(args)
     except MolarDataError as e:
-        print(f"merlin-molar {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if args.verbose:
+            traceback.print_exc()
+        return _error(args.command, str(e))
+    except OSError as e:  # the file system's errors name their file
+        if args.verbose:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        return _error(args.command, f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        return _error(args.command, "interrupted (outputs written so far are complete; rerun to continue)", 130)
+    except Exception as e:
+        if args.verbose:
+            traceback.print_exc()
+        return _error(
+            args.command,
+            f"unexpected {type(e).__name__}: {e} (not a known input problem: please report it; "
+            "--verbose prints the traceback)",
+            1,
+        )
     LOG.info("%s finished in %.1f s", args.command, time.perf_counter() - start)
     return 0
 

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterable, Iterator, Optional
 
 from merlin_molar.errors import MolarDataError
+
+LOG = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -49,28 +53,124 @@ def read_json(path: Path):
     if not path.is_file():
         raise MolarDataError(path, "file not found")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise MolarDataError(path, f"not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise MolarDataError(path, "not valid JSON (not UTF-8 text: the file is damaged)") from None
 
 
 MANIFEST = "molar_manifest.json"
 
 
-def claim_output_dir(output_dir: Path, identity: dict) -> None:
-    """Record which dataset/schema an output directory belongs to, refusing a directory of another one."""
+# scratch names this package writes inside output directories (never results)
+SCRATCH_PREFIXES = (".tmp-", ".old-", ".categories")
+
+
+def holds_results(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds anything besides its manifest and scratch: a file anywhere below a
+    non-scratch entry (an empty ``checkpoints/`` left by a run that failed before its first save is not)."""
     output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return False
+    for entry in output_dir.iterdir():
+        if entry.name == MANIFEST or entry.name.startswith(SCRATCH_PREFIXES):
+            continue
+        if entry.is_file() or entry.is_symlink() or any(p.is_file() for p in entry.rglob("*")):
+            return True
+    return False
+
+
+def claim_output_dir(output_dir: Path, identity: dict) -> None:
+    """Record which dataset/schema an output directory belongs to, refusing a directory of another one.
+
+    A directory whose manifest came from a run that failed (or was killed) before it wrote any result is
+    not refused: it holds nothing to protect, so the corrected rerun claims it anew."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise MolarDataError(output_dir, "is a file, not a directory: choose another output path")
     manifest = output_dir / MANIFEST
     if manifest.exists():
-        existing = read_json(manifest)
-        existing = {k: existing.get(k) for k in identity}
-        if existing != identity:
-            changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+        try:
+            recorded = read_json(manifest)
+        except MolarDataError:
+            if holds_results(output_dir):
+                raise
+            recorded = {}
+        existing = {k: recorded.get(k) for k in identity}
+        if existing == identity:
+            return
+        changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+        # `prepare` completes its manifest (with counts) last: without them its outputs are an unfinished run's
+        unfinished_prepare = recorded.get("stage") == "prepare" and "users" not in recorded
+        if holds_results(output_dir) and not unfinished_prepare:
             raise MolarDataError(
                 output_dir,
                 f"holds outputs of a different dataset or configuration (differs in {changed}); "
                 "use another output directory or delete this one",
             )
-        return
+        LOG.info("%s: earlier run left no results (differs in %s): claiming it for this run", output_dir, changed)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(manifest, identity)
+
+
+@contextlib.contextmanager
+def rollback_on_failure(output_dir, keep_if_present: Iterable[str] = ()) -> Iterator[None]:
+    """Run a step that writes into ``output_dir``; if it fails, remove what it added (its manifest too),
+    so that no partial output is left and a corrected rerun is not refused.
+
+    Nothing is removed when one of ``keep_if_present`` (e.g. ``checkpoints``) holds a file: an
+    interrupted training run keeps its checkpoints (and its manifest) so that ``--resume`` can continue."""
+    output_dir = Path(output_dir)
+    existed = output_dir.is_dir()
+    before = set(os.listdir(output_dir)) if existed else set()
+    manifest_before = (output_dir / MANIFEST).read_bytes() if (output_dir / MANIFEST).is_file() else None
+    try:
+        yield
+    except BaseException:
+        if any(p.is_file() for name in keep_if_present for p in (output_dir / name).rglob("*")):
+            raise
+        if output_dir.is_dir():
+            for name in set(os.listdir(output_dir)) - before:
+                target = output_dir / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+            if manifest_before is not None and (output_dir / MANIFEST).is_file():
+                if (output_dir / MANIFEST).read_bytes() != manifest_before:
+                    (output_dir / MANIFEST).write_bytes(manifest_before)
+            if not existed:
+                shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_checksums(root: Path, names: Optional[Iterable[str]] = None) -> Dict[str, str]:
+    """``{relative path: sha256}`` of every file below ``root`` (or below the given entries of it)."""
+    root = Path(root)
+    entries = [root / n for n in names] if names is not None else [root]
+    files = []
+    for entry in entries:
+        files += [entry] if entry.is_file() else sorted(p for p in entry.rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def verify_checksums(root: Path, checksums: Dict[str, str], remedy: str) -> None:
+    """Raise :class:`MolarDataError` naming the first file that is missing or differs from ``checksums``."""
+    root = Path(root)
+    for name, expected in sorted(checksums.items()):
+        path = root / name
+        if not path.is_file():
+            raise MolarDataError(path, f"file not found: {remedy}")
+        if sha256_file(path) != expected:
+            raise MolarDataError(
+                path, f"checksum mismatch: the file is corrupted or changed since it was written; {remedy}"
+            )

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import urllib.request
 import zipfile
@@ -22,11 +23,12 @@ from transformers import EarlyStoppingCallback
 
 from merlin_molar.data import PreparedData, prepare, read_dataset
 from merlin_molar.errors import MolarDataError
-from merlin_molar.io import claim_output_dir, write_json
+from merlin_molar.io import claim_output_dir, rollback_on_failure, write_json
 from merlin_molar.models.molar import MolarConfig, molar_model
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.persistence import load_model, save_model
 from merlin_molar.training import TrainConfig, evaluate, make_trainer
+from merlin_molar.validation import check_checkpoint, check_model_matches, check_train_config, loading
 
 LOG = logging.getLogger(__name__)
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -74,7 +76,9 @@ def download_movielens_100k(cache: Path) -> Path:
 def prepare_dataset(
     data, output_dir, max_length: int = 200, k_core: int = 0, fmt: str = "auto", text_columns=None
 ) -> PreparedData:
-    return prepare(read_dataset(data, fmt, text_columns), output_dir, max_length=max_length, k=k_core)
+    raw = read_dataset(data, fmt, text_columns)
+    with rollback_on_failure(output_dir):  # a failed prepare leaves nothing that refuses the corrected rerun
+        return prepare(raw, output_dir, max_length=max_length, k=k_core)
 
 
 def embed_item_table(prepared: PreparedData, output_path=None, encoder: Optional[str] = None, **kwargs) -> Path:
@@ -82,7 +86,9 @@ def embed_item_table(prepared: PreparedData, output_path=None, encoder: Optional
 
     output_path = Path(output_path or prepared.root / "item_table")
     encoder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kind", "device", "image_size", "template")}
-    embed_catalogue(prepared, build_encoder(encoder, **encoder_kwargs), output_path, **kwargs)
+    with loading("--encoder", encoder or "the default encoder"):
+        built = build_encoder(encoder, **encoder_kwargs)
+    embed_catalogue(prepared, built, output_path, **kwargs)
     return output_path
 
 
@@ -142,22 +148,35 @@ def train(
 
     Checkpoints go to ``output_dir/checkpoints``; ``resume=True`` continues from the last one. An output
     directory that belongs to another dataset or configuration is refused."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     output_dir = Path(output_dir)
     train_config = train_config or TrainConfig()
+    check_train_config(train_config)
     torch.manual_seed(train_config.seed)
-    model, config, table = build_model(kind, prepared, model_options, item_table_path)
-    claim_output_dir(output_dir, _run_identity(prepared, kind, config, train_config, item_table_path))
+    with loading("--model-options", json.dumps(model_options or {}), "cannot build the model from them"):
+        model, config, table = build_model(kind, prepared, model_options, item_table_path)
+    # a run that fails before its first checkpoint leaves nothing behind (its manifest included)
+    with rollback_on_failure(output_dir, keep_if_present=("checkpoints",)):
+        claim_output_dir(output_dir, _run_identity(prepared, kind, config, train_config, item_table_path))
+        return _train_claimed(
+            prepared, kind, output_dir, model, config, table, train_config, resume, init_id_branch_from
+        )
+
+
+def _train_claimed(prepared, kind, output_dir, model, config, table, train_config, resume, init_id_branch_from):
+    from transformers.trainer_utils import get_last_checkpoint
+
     if init_id_branch_from:
         from merlin_molar.models.molar import load_id_branch
 
-        load_id_branch(model, load_model(init_id_branch_from)[0])
+        with loading("--init-id-branch", init_id_branch_from, "cannot initialise the ID branch from it"):
+            load_id_branch(model, load_model(init_id_branch_from)[0])
     checkpoints = output_dir / "checkpoints"
     trainer = make_trainer(model, prepared, checkpoints, train_config)
     last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.exists() else None
     if resume and last is None:
-        LOG.info("no checkpoint in %s: training from the start", checkpoints)
+        LOG.warning("--resume: no checkpoint in %s: starting from scratch", checkpoints)
+    if last is not None:
+        check_checkpoint(last)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
@@ -176,7 +195,14 @@ def train(
         "test": evaluate(trainer, prepared, "test"),
         "log_history": trainer.state.log_history,
     })
-    model_dir = save_model(trainer.model, output_dir / "model", kind, config, prepared.schema, table)
+    from merlin_molar.items.table import item_id_fingerprint
+
+    provenance = {
+        "id_mapping_fingerprint": item_id_fingerprint(prepared),  # checked by evaluate / recommend / export
+        "prepared": str(Path(prepared.root).resolve()),
+        "prepared_max_length": prepared.max_length,
+    }
+    model_dir = save_model(trainer.model, output_dir / "model", kind, config, prepared.schema, table, provenance)
     result["model_dir"] = str(model_dir)
     write_json(output_dir / "metrics.json", {k: v for k, v in result.items() if k != "log_history"})
     return result
@@ -205,13 +231,16 @@ def select_id_weight(trainer, prepared: PreparedData, grid: Sequence[float]) -> 
 
 
 def evaluate_saved(model_dir, prepared: PreparedData, split: str = "test", batch_size: int = 256) -> Dict[str, float]:
+    check_model_matches(model_dir, prepared)
     model, _, _, _ = load_model(model_dir)
-    trainer = make_trainer(model, prepared, Path(model_dir) / ".eval", TrainConfig(eval_batch_size=batch_size))
-    return evaluate(trainer, prepared, split)
+    with tempfile.TemporaryDirectory(prefix="molar-eval-") as scratch:  # nothing is written into model_dir
+        trainer = make_trainer(model, prepared, scratch, TrainConfig(eval_batch_size=batch_size))
+        return evaluate(trainer, prepared, split)
 
 
 def recommend(model_dir, prepared: PreparedData, histories: Sequence[Sequence], top_k: int = 10) -> pd.DataFrame:
     """Top-k raw item ids (with titles where known) for raw-id histories, history items excluded."""
+    check_model_matches(model_dir, prepared)
     model, _, _, _ = load_model(model_dir)
     items = prepared.items()
     to_code = dict(zip(items["item_id_raw"].astype(str), items["item_id"]))
@@ -222,11 +251,16 @@ def recommend(model_dir, prepared: PreparedData, histories: Sequence[Sequence], 
     rows = []
     for user, history in enumerate(histories):
         if len(history) == 0:
-            raise MolarDataError(f"history {user}", "is empty: give at least one item id")
+            raise MolarDataError("--history", f"history {user} is empty: give at least one item id")
         unknown = [h for h in history if str(h) not in to_code]
         if unknown:
-            raise MolarDataError(f"history {user}", f"unknown item id(s) {unknown[:5]} (not in the prepared catalogue)")
+            raise MolarDataError(
+                "--history", f"history {user}: unknown item id(s) {unknown[:5]} (not in the prepared catalogue)"
+            )
         codes = [to_code[str(h)] for h in history][-max_length:]
+        candidates = len(to_code) - len(set(codes))
+        if top_k > candidates:
+            raise MolarDataError("--top-k", f"{top_k} is more than the {candidates} items not in history {user}")
         batch = torch.zeros(1, max_length, dtype=torch.long)
         batch[0, : len(codes)] = torch.tensor(codes)
         with torch.no_grad():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import pandas as pd
 from merlin_molar.errors import MolarDataError
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp"]
+LOG = logging.getLogger(__name__)
+REPORT_FIRST = 20
 
 
 @dataclass
@@ -45,6 +48,52 @@ def _require_file(path: Path) -> Path:
     return path
 
 
+def _read_csv(path, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` whose failures (not text, not UTF-8, malformed rows) name the file."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except UnicodeDecodeError as e:
+        raise MolarDataError(
+            path, f"not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}): save it as UTF-8"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise MolarDataError(path, "no data (empty or only blank lines)") from None
+    except (pd.errors.ParserError, ValueError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise MolarDataError(path, f"not a readable {kwargs.get('sep', ',')!r}-separated file ({reason})") from None
+
+
+def _read_parquet(path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for damaged or foreign files
+        raise MolarDataError(path, f"not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
+
+
+def _warn_odd_ids(col: pd.Series, name: str, source) -> None:
+    """Warn about ids that are kept but are probably a mistake: negative numbers, blanks around the id,
+    non-integer numbers, a mix of numbers and text (all then read as text, so '7' and '07' differ)."""
+    values = pd.Series(col.unique())
+    problems = []
+    if pd.api.types.is_integer_dtype(values):
+        negative = values[values < 0]
+        if len(negative):
+            problems.append((f"{len(negative)} negative {name}(s)", negative))
+    else:
+        text = values.astype(str)
+        padded = values[text != text.str.strip()]
+        if len(padded):
+            problems.append((f"{len(padded)} {name}(s) with blanks around them", padded))
+        numeric = pd.to_numeric(values, errors="coerce")
+        if numeric.notna().any() and numeric.isna().any():
+            problems.append((f"a mix of numeric and non-numeric {name}s (all read as text)", values[numeric.isna()]))
+        elif numeric.notna().all():
+            problems.append((f"{len(values)} non-integer numeric {name}(s) (read as text)", values))
+    for what, examples in problems:
+        LOG.warning("%s: %s, e.g. %s: kept as they are; check the file", source, what,
+                    examples.head(5).tolist())
+
+
 def _require_columns(df: pd.DataFrame, columns, source) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -67,6 +116,16 @@ def validate_interactions(df: pd.DataFrame, source) -> pd.DataFrame:
     df["timestamp"] = ts.astype("int64")
     for col in ("user_id", "item_id"):
         df[col] = _as_id(df[col])
+        _warn_odd_ids(df[col], col, source)
+    duplicated = df.duplicated(INTERACTION_COLUMNS)
+    if duplicated.any():
+        # an exact repeat puts a test target into its own history; repeats at other times are kept
+        LOG.warning(
+            "%s: %d duplicate (user_id, item_id, timestamp) row(s) dropped, e.g. %s; repeat interactions at "
+            "different times are kept", source, int(duplicated.sum()),
+            df.loc[duplicated, INTERACTION_COLUMNS].head(3).values.tolist(),
+        )
+        df = df[~duplicated]
     return df.reset_index(drop=True)
 
 
@@ -114,8 +173,8 @@ def read_csv_layout(root: Path) -> RawDataset:
     """The ``interactions.csv`` + ``items.csv`` layout (e.g. ``../shared/data/ml-1m``)."""
     inter_path = _require_file(root / "interactions.csv")
     items_path = _require_file(root / "items.csv")
-    interactions = validate_interactions(pd.read_csv(inter_path), inter_path)
-    items = pd.read_csv(items_path, keep_default_na=False, na_values={"image": [""]})
+    interactions = validate_interactions(_read_csv(inter_path), inter_path)
+    items = _read_csv(items_path, keep_default_na=False, na_values={"image": [""]})
     # every column but the id and the image is item text, in file order (numbers too: "price: 12.99")
     text = [c for c in items.columns if c not in ("item_id", "image")]
     if "clean_title" in text and "title" in text:
@@ -129,10 +188,10 @@ def read_movielens_dat(root: Path) -> RawDataset:
     """Original GroupLens MovieLens-1M files: ``ratings.dat`` and ``movies.dat`` (``::``-separated)."""
     ratings = _require_file(root / "ratings.dat")
     movies = _require_file(root / "movies.dat")
-    inter = pd.read_csv(
+    inter = _read_csv(
         ratings, sep="::", engine="python", names=["user_id", "item_id", "rating", "timestamp"], encoding="latin-1"
     )
-    items = pd.read_csv(movies, sep="::", engine="python", names=["item_id", "title", "genres"], encoding="latin-1")
+    items = _read_csv(movies, sep="::", engine="python", names=["item_id", "title", "genres"], encoding="latin-1")
     items["genres"] = items["genres"].str.replace("|", ", ", regex=False)
     images = root / "images"
     if images.is_dir():
@@ -145,12 +204,12 @@ def read_movielens_100k(root: Path) -> RawDataset:
     """Original GroupLens ML-100K files: ``u.data`` (tab-separated) and ``u.item`` (``|``-separated)."""
     ratings = _require_file(root / "u.data")
     movies = _require_file(root / "u.item")
-    inter = pd.read_csv(ratings, sep="\t", names=["user_id", "item_id", "rating", "timestamp"])
+    inter = _read_csv(ratings, sep="\t", names=["user_id", "item_id", "rating", "timestamp"])
     genre_names = [
         "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
         "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
     ]
-    items = pd.read_csv(
+    items = _read_csv(
         movies, sep="|", encoding="latin-1", header=None,
         names=["item_id", "title", "release_date", "video_release_date", "url", *genre_names],
     )
@@ -163,7 +222,7 @@ def read_movielens_100k(root: Path) -> RawDataset:
 
 def _read_atomic(path: Path) -> pd.DataFrame:
     """RecBole atomic file: tab-separated, header fields written ``name:type``."""
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    df = _read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     df.columns = [c.split(":")[0] for c in df.columns]
     return df
 
@@ -280,11 +339,11 @@ def read_table(
 def _read_any(path: Path) -> pd.DataFrame:
     _require_file(path)
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        return _read_parquet(path)
     if path.suffix in (".csv", ".txt"):
-        return pd.read_csv(path)
+        return _read_csv(path)
     if path.suffix == ".tsv":
-        return pd.read_csv(path, sep="\t")
+        return _read_csv(path, sep="\t")
     raise MolarDataError(path, f"unsupported file type {path.suffix!r} (use .csv, .tsv or .parquet)")
 
 

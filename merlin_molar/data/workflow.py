@@ -9,7 +9,8 @@ Output directory layout written by :func:`prepare`::
     workflow/          fitted NVTabular workflow (Categorify mapping reused by serving and the item table)
     train/ valid/ test/  parquet + schema.pbtxt, column ``item_id-list`` (ITEM_ID/LIST/CATEGORICAL)
     items.parquet      item content table in Categorify id order (column ``item_id`` = encoded id)
-    molar_manifest.json  what this directory was made from (a different dataset is refused)
+    molar_manifest.json  what this directory was made from (a different dataset is refused), and the sha256
+                       of every file above (verified by :func:`load_prepared`)
 
 Leave-one-out (chronological): for a user history ``s``, ``test`` holds ``s`` (the model predicts its last
 item from the rest), ``valid`` holds ``s[:-1]`` and ``train`` holds ``s[:-2]``, each truncated to its
@@ -18,6 +19,8 @@ last ``max_length`` items.
 from __future__ import annotations
 
 import hashlib
+import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,7 +33,9 @@ from merlin.schema import Schema, Tags
 
 from merlin_molar.data.readers import RawDataset
 from merlin_molar.errors import MolarDataError
-from merlin_molar.io import atomic_path, claim_output_dir, read_json, write_json
+from merlin_molar.io import atomic_path, claim_output_dir, file_checksums, read_json, verify_checksums, write_json
+
+LOG = logging.getLogger(__name__)
 
 ITEM_SEQUENCE = "item_id-list"
 SPLITS = ("train", "valid", "test")
@@ -73,6 +78,10 @@ def k_core(interactions: pd.DataFrame, k: int, cat_path: Optional[str] = None) -
         return interactions
     current = interactions
     while True:
+        # NVTabular's Filter fails on an empty result: say so before running a step that would empty the table
+        users, items = current["user_id"].value_counts(), current["item_id"].value_counts()
+        if not ((current["user_id"].map(users) >= k) & (current["item_id"].map(items) >= k)).any():
+            raise MolarDataError("--k-core", f"{k} removes every interaction (no user and item both have {k})")
         counted = (
             ["user_id", "item_id", "timestamp"]
             + (["item_id"] >> nvt.ops.JoinGroupby(cont_cols=["timestamp"], stats=["count"], out_path=cat_path))
@@ -84,7 +93,7 @@ def k_core(interactions: pd.DataFrame, k: int, cat_path: Optional[str] = None) -
         if len(out) == len(current):
             return out
         if out.empty:
-            raise MolarDataError("k-core filter", f"k={k} removes every interaction")
+            raise MolarDataError("--k-core", f"{k} removes every interaction (no user and item both have {k})")
         current = out
 
 
@@ -140,6 +149,19 @@ def load_prepared(root) -> PreparedData:
     for required in ["molar_manifest.json", "workflow", *SPLITS, "items.parquet"]:
         if not (root / required).exists():
             raise MolarDataError(root / required, "missing: run `merlin-molar prepare` for this directory first")
+    manifest = read_json(root / "molar_manifest.json")
+    if not isinstance(manifest, dict) or "item_cardinality" not in manifest:
+        raise MolarDataError(root / "molar_manifest.json", "not the manifest of a finished `prepare` run")
+    if "sha256" in manifest:
+        verify_checksums(root, manifest["sha256"], "run `merlin-molar prepare` for this directory again")
+    else:  # prepared before checksums were recorded: at least every parquet footer must read
+        import pyarrow.parquet as pq
+
+        for path in [root / "items.parquet", *(p for s in SPLITS for p in sorted((root / s).glob("*.parquet")))]:
+            try:
+                pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises several types for damaged files
+                raise MolarDataError(path, f"not a readable parquet file ({type(e).__name__}): prepare again") from None
     return PreparedData(root)
 
 
@@ -151,8 +173,15 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, part
     output_dir = Path(output_dir)
     # The fingerprint identifies the data; where it was read from (relative or absolute path) does not.
     identity = {"fingerprint": _fingerprint(raw), "max_length": max_length, "k_core": k}
+    if max_length < 2:
+        raise MolarDataError("max_length", f"must be at least 2 (one history item and one target), got {max_length}")
+    with tempfile.TemporaryDirectory(prefix="molar-kcore-") as scratch:  # before the output dir is claimed
+        interactions = k_core(raw.interactions, k, cat_path=scratch)
+    if interactions["user_id"].value_counts().max() < MIN_HISTORY:
+        after = f" after the {k}-core filter" if k > 1 else ""
+        problem = f"no user has at least {MIN_HISTORY} interactions{after}"
+        raise MolarDataError("--k-core" if after else raw.source, problem)
     claim_output_dir(output_dir, {**identity, "stage": "prepare"})
-    interactions = k_core(raw.interactions, k, cat_path=str(output_dir / ".categories"))
 
     wf = sequence_workflow(cat_path=str(output_dir / ".categories"), order_column=ORDER_COLUMN)
     dataset = Dataset(interactions.assign(**{ORDER_COLUMN: np.arange(len(interactions))}), npartitions=partitions)
@@ -185,6 +214,7 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, part
         "item_cardinality": int(mapping.max() + 1),
         "items_with_content": int(items["has_content"].sum()),
         "text_columns": raw.text_columns,
+        "sha256": file_checksums(output_dir, ["workflow", *SPLITS, "items.parquet"]),
     }
     write_json(output_dir / "molar_manifest.json", manifest)
     return PreparedData(output_dir)
@@ -213,4 +243,24 @@ def encode_items(items: pd.DataFrame, mapping: pd.Series, source) -> pd.DataFram
     merged["has_content"] = merged.pop("_merge") == "both"
     if not merged["has_content"].any():
         raise MolarDataError(source, "no interacted item appears in the item table (do the item ids match?)")
+    report_items_without_content(merged.loc[~merged["has_content"], "item_id_raw"], len(merged), source,
+                                 "have no row in the item table")
     return merged.sort_values("item_id").reset_index(drop=True)
+
+
+REPORT_FIRST = 20
+
+
+def report_items_without_content(raw_ids, total: int, source, why: str) -> None:
+    """One warning, worded the same for one item or for half the catalogue, naming raw item ids."""
+    raw_ids = pd.unique(pd.Series(raw_ids)).tolist()
+    try:
+        raw_ids = sorted(raw_ids)
+    except TypeError:  # ids of mixed types
+        raw_ids = sorted(raw_ids, key=str)
+    if not raw_ids:
+        return
+    LOG.warning(
+        "%s: %d of %d interacted item(s) %s and get a zero content embedding: item_id %s%s",
+        source, len(raw_ids), total, why, raw_ids[:REPORT_FIRST], " ..." if len(raw_ids) > REPORT_FIRST else "",
+    )

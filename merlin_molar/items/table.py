@@ -24,6 +24,7 @@ the batches are the same however the work is split or interrupted, the table is 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -74,9 +75,28 @@ def catalogue_items(prepared, encoder: ItemEncoder) -> Tuple[List[ItemContent], 
     if len(np.unique(ids)) != len(ids) or ids.min() < 3 or ids.max() >= prepared.item_cardinality:
         raise MolarDataError(source, f"item_id is not a set of distinct ids in [3, {prepared.item_cardinality})")
     prompts = encoder.prompts.with_columns(prepared.manifest.get("text_columns") or [])
-    with_content = frame[frame["has_content"]]
-    no_content = sorted(int(i) for i in frame.loc[~frame["has_content"], "item_id"])
-    return prompts.items_from_frame(with_content, source), no_content, prompts
+    from merlin_molar.data.workflow import report_items_without_content
+    from merlin_molar.items.prompts import _present
+
+    # an item with a row but neither text nor an image is treated (and reported) like one without a row:
+    # the same warning with raw ids, whether one item or half the catalogue lacks content
+    # an image counts only for an encoder that reads images, and only if it can be read
+    columns = [c for c in prompts.text_columns if c in frame]
+    has_any = frame["has_content"] & False
+    if columns:
+        has_any = frame[columns].apply(lambda col: col.map(_present)).any(axis=1)
+    if "image" in frame and encoder.uses_images:
+        from merlin_molar.items.images import load_image
+
+        image_only = frame["has_content"] & ~has_any & frame["image"].map(_present)
+        has_any[image_only] = frame.loc[image_only, "image"].map(lambda path: load_image(path, None)[1] is None)
+    usable = frame["has_content"] & has_any
+    raw = frame["item_id_raw"] if "item_id_raw" in frame else frame["item_id"]
+    report_items_without_content(
+        raw[~usable], len(frame), source, "have no content (no item-table row, or neither text nor image)"
+    )
+    no_content = sorted(int(i) for i in frame.loc[~usable, "item_id"])
+    return prompts.items_from_frame(frame[usable], source), no_content, prompts
 
 
 def encode_items(
@@ -254,7 +274,7 @@ def embed_catalogue(
     if work.plan.exists():
         existing = read_json(work.plan)
         if existing != plan:
-            if not resume and num_shards == 1:
+            if (not resume and num_shards == 1) or not _has_work(work):  # nothing finished: nothing to keep
                 shutil.rmtree(work.root)
             else:
                 raise MolarDataError(
@@ -273,7 +293,8 @@ def embed_catalogue(
     if done and todo:
         LOG.info("resuming %s: %d of %d chunks already done", output_path, len(done), len(mine))
     desc = f"embed items [{encoder.kind}]" + (f" shard {shard_index}/{num_shards}" if num_shards > 1 else "")
-    with progress_bar(total=total_items, initial=initial, desc=desc, unit="item", disable=not progress) as bar:
+    with _forget_unstarted_work(work), progress_bar(total=total_items, initial=initial, desc=desc, unit="item",
+                                                    disable=not progress) as bar:
         for c in todo:
             if max_chunks is not None and encoded_chunks >= max_chunks:
                 break
@@ -309,6 +330,22 @@ def embed_catalogue(
     return result
 
 
+def _has_work(work: _WorkDir) -> bool:
+    return any(work.root.glob("chunks/*.npz")) or any(work.root.glob("shard-*.npz"))
+
+
+@contextlib.contextmanager
+def _forget_unstarted_work(work: _WorkDir):
+    """A run that fails before any chunk is finished leaves no work directory (nothing to resume, and its
+    plan would refuse a corrected rerun with other arguments)."""
+    try:
+        yield
+    except BaseException:
+        if work.root.exists() and not _has_work(work):
+            shutil.rmtree(work.root, ignore_errors=True)
+        raise
+
+
 def _write_shard(work: _WorkDir, chunks: List[int], shard_file: Path) -> None:
     parts = [_load_npz(work.chunk(c)) for c in chunks]
     problems = {k: v for p in parts for k, v in p[3].items()}
@@ -319,7 +356,7 @@ def _write_shard(work: _WorkDir, chunks: List[int], shard_file: Path) -> None:
     _save_npz(shard_file, ids, emb, used, problems)
     if problems:
         LOG.warning("%s: %d item(s) had a missing or unreadable image and were encoded text-only, e.g. %s",
-                    shard_file.name, len(problems), sorted(problems)[:REPORT_FIRST])
+                    shard_file.name, len(problems), [problems[k] for k in sorted(problems)[:REPORT_FIRST]])
     for c in chunks:
         work.chunk(c).unlink(missing_ok=True)
 
@@ -380,7 +417,7 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
     if problems:
         message = (
             f"{len(problems)} item(s) had a missing or unreadable image and were embedded from text only, "
-            f"e.g. item_id {sorted(problems)[:REPORT_FIRST]} (all listed in {METADATA_FILE})"
+            f"e.g. {[problems[k] for k in sorted(problems)[:5]]} (all listed in {METADATA_FILE})"
         )
         LOG.warning(message)
         warnings.warn(message, stacklevel=2)

@@ -124,6 +124,9 @@ def build_ensemble(
 
     model_dir = Path(model_dir)
     prepared = load_prepared(prepared_dir)
+    from merlin_molar.validation import check_model_matches
+
+    check_model_matches(model_dir, prepared)  # same item id mapping as the data the model was trained on
     cardinality = _model_cardinality(model_dir)
     if cardinality != prepared.item_cardinality:
         raise MolarDataError(

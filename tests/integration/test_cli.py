@@ -29,7 +29,7 @@ def test_bad_input_gives_a_clear_error_and_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing: dataset directory not found" in err
     assert main(["evaluate", "--model-dir", str(tmp_path), "--prepared", str(tmp_path)]) == 2
-    assert "molar_manifest.json: missing" in capsys.readouterr().err
+    assert "--prepared" in (err := capsys.readouterr().err) and "no molar_manifest.json" in err
 
 
 def test_options_from_a_config_file_and_flags_win(tmp_path, ml100k_dir, capsys):
@@ -42,8 +42,27 @@ def test_options_from_a_config_file_and_flags_win(tmp_path, ml100k_dir, capsys):
     assert load_prepared(tmp_path / "from_file").max_length == 9
     bad = tmp_path / "bad.toml"
     bad.write_text('nonsense = 1\n')
-    with pytest.raises(SystemExit):
-        main(["prepare", "--config", str(bad)])
+    assert main(["prepare", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err == f"merlin-molar prepare: error: --config {bad}: unknown option(s) ['nonsense']\n"
+
+
+def test_the_installed_entry_point_prints_one_line_and_no_traceback(tmp_path):
+    """The real process: exit status 2, one stderr line; ``--verbose`` adds the traceback."""
+    command = [sys.executable, "-m", "merlin_molar.cli"]
+    bad = ["train", "--prepared", str(tmp_path / "none"), "--output", str(tmp_path / "out"), "--epochs", "-1"]
+    out = subprocess.run(command + bad, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr == "merlin-molar train: error: --epochs: must be greater than 0, got -1.0\n"
+    assert not (tmp_path / "out").exists()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "molar_model.json").write_bytes(b"\x89garbage\xff")
+    bad = ["evaluate", "--model-dir", str(model), "--prepared", str(tmp_path / "none")]
+    out = subprocess.run(command + bad, capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
+    out = subprocess.run(command + ["--verbose", *bad], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" in out.stderr
+    assert out.stderr.splitlines()[-1].startswith("merlin-molar evaluate: error: ")
 
 
 def test_parser_lists_the_quickstart_data_sources():

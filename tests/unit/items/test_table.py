@@ -123,6 +123,15 @@ def test_resume_after_a_crash_is_byte_identical(tmp_path, reference, small_prepa
     assert table_bytes(out) == table_bytes(reference)
 
 
+def test_a_crash_before_the_first_chunk_leaves_nothing_that_refuses_another_run(tmp_path, reference, small_prepared,
+                                                                              minilm):
+    out = tmp_path / "item_table"
+    with pytest.raises(RuntimeError, match="killed"):
+        run(small_prepared, CrashingEncoder(minilm, calls=0), out)
+    assert not out.exists() and not out.with_name("item_table.work").exists()
+    assert run(small_prepared, minilm, out, batch_size=8).complete  # other arguments: not refused
+
+
 def test_two_shards_merged_equal_one_process(tmp_path, reference, small_prepared, minilm):
     out = tmp_path / "item_table"
     zero = run(small_prepared, minilm, out, shard_index=0, num_shards=2)

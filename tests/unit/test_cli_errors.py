@@ -1,0 +1,443 @@
+"""The command line under bad input and damaged files (issue 13): every case below must end with exit code 2,
+exactly one stderr line ``merlin-molar <cmd>: error: <file or option>: <problem>`` naming the file or option,
+no traceback, no partial output, and the earlier good outputs byte-for-byte unchanged; the cases that used to
+leave a manifest behind are then rerun with the corrected arguments into the same output directory.
+
+Everything runs in-process through ``merlin_molar.cli.main`` on the synthetic dataset: one module fixture
+prepares it, prepares a second dataset whose item ids are mapped differently, and trains a tiny SASRec."""
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+from merlin_molar.cli import main
+from merlin_molar.data.synthetic import write_synthetic_dataset
+
+SASREC = '{"d_model": 16, "n_layers": 1}'
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_good")
+    data = write_synthetic_dataset(root / "data", n_users=120, n_items=60)
+    other_data = write_synthetic_dataset(root / "other_data", n_users=120, n_items=60, seed=1)
+    collect = _Collect()
+    logging.getLogger("merlin_molar").addHandler(collect)
+    try:
+        assert main(["prepare", "--data", str(data), "--output", str(root / "prepared"), "--max-length", "20"]) == 0
+        assert main(["prepare", "--data", str(other_data), "--output", str(root / "other"), "--max-length", "20"]) == 0
+        assert main(["train", "--prepared", str(root / "prepared"), "--model", "sasrec", "--model-options", SASREC,
+                     "--epochs", "1", "--batch-size", "64", "--save-steps", "0", "--resume",
+                     "--output", str(root / "run")]) == 0
+    finally:
+        logging.getLogger("merlin_molar").removeHandler(collect)
+    return SimpleNamespace(root=root, data=data, prepared=root / "prepared", other=root / "other",
+                           run=root / "run", model=root / "run" / "model", log=collect.messages)
+
+
+def tree_checksums(*roots) -> dict:
+    out = {}
+    for root in roots:
+        root = Path(root)
+        for p in [root] if root.is_file() else sorted(root.rglob("*")):
+            if p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                out[str(p)] = "dir"
+    return out
+
+
+def overwrite(path: Path, offset: int, n: int = 4096) -> None:
+    """Overwrite ``n`` bytes at ``offset`` (bounded by the file) with random bytes."""
+    data = bytearray(path.read_bytes())
+    start = min(offset, max(0, len(data) - n))
+    data[start:start + n] = os.urandom(min(n, len(data) - start))
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def cut_mid_row(path: Path, rows: int = 4) -> None:
+    """Keep the header and ``rows`` rows, then half of the next row's first two fields (a cut-off copy)."""
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[: rows + 1]) + lines[rows + 1].split(",")[0] + ",")
+
+
+def without_checksums(directory: Path) -> None:
+    """Make ``directory`` look like one written before checksums were recorded."""
+    import json
+
+    manifest = next(directory / n for n in ("molar_model.json", "molar_manifest.json") if (directory / n).exists())
+    meta = json.loads(manifest.read_text())
+    del meta["sha256"]
+    manifest.write_text(json.dumps(meta))
+
+
+def _checkpoints(t: Path):
+    return sorted((t / "out" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def run_then_damage_last_checkpoint(g, t):
+    """A finished run with a checkpoint per step, whose last checkpoint is then truncated."""
+    argv = train("--save-steps", "1", "--resume")(g, t)
+    assert main(argv) == 0
+    truncate(_checkpoints(t)[-1] / "pytorch_model.bin")
+    return argv
+
+
+def drop_last_checkpoint(t: Path) -> list:
+    shutil.rmtree(_checkpoints(t)[-1])
+    return []
+
+
+def minilm_path():
+    from merlin_molar.items.encoders import default_sentence_model_path
+
+    return default_sentence_model_path()
+
+
+def copy_of(src: Path, tmp: Path, name: str) -> Path:
+    dst = tmp / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def read_only_path(tmp: Path) -> Path:
+    """A directory this process cannot create files in (root ignores permission bits: use sysfs then)."""
+    if os.geteuid() == 0:
+        return Path("/sys/molar-read-only-test")
+    ro = tmp / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return ro
+
+
+def bad_data(tmp: Path, good, edit: Callable[[Path], None]) -> Path:
+    data = copy_of(good.data, tmp, "data")
+    edit(data)
+    return data
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable  # (good, tmp) -> list of arguments; outputs go to tmp / "out"
+    names: object  # what the error line must name (the option or the file); or (good, tmp) -> that
+    rerun: Optional[Callable] = None  # (good, tmp) -> corrected arguments, same output directory
+
+
+def P(*args):
+    return lambda g, t: [str(a(g, t)) if callable(a) else str(a) for a in args]
+
+
+OUT = lambda g, t: t / "out"  # noqa: E731
+DATA = lambda g, t: g.data  # noqa: E731
+PREP = lambda g, t: g.prepared  # noqa: E731
+OTHER = lambda g, t: g.other  # noqa: E731
+MODEL = lambda g, t: g.model  # noqa: E731
+
+
+def prepare(data=DATA, *extra):
+    return P("prepare", "--data", data, "--output", OUT, "--max-length", "20", *extra)
+
+
+def train(*extra, prepared=PREP):
+    return P("train", "--prepared", prepared, "--model", "sasrec", "--model-options", SASREC, "--epochs", "1",
+             "--batch-size", "64", "--save-steps", "0", "--output", OUT, *extra)
+
+
+def with_file(name: str, content: bytes):
+    def make(g, t):
+        path = t / name
+        path.write_bytes(content)
+        return path
+    return make
+
+
+def edited_data(edit):
+    return lambda g, t: bad_data(t, g, edit)
+
+
+def edited_model(edit):
+    def make(g, t):
+        model = copy_of(g.model, t, "model")
+        edit(model)
+        return model
+    return make
+
+
+def edited_prepared(edit):
+    def make(g, t):
+        prepared = copy_of(g.prepared, t, "prepared")
+        edit(prepared)
+        return prepared
+    return make
+
+
+def a_file(g, t):
+    (t / "out").write_text("an earlier file the user keeps\n")
+    return t / "out"
+
+
+def encoder_dir(files: dict):
+    def make(g, t):
+        d = t / "encoder"
+        d.mkdir()
+        for name, content in files.items():
+            (d / name).write_text(content)
+        return d
+    return make
+
+
+NOT_UTF8 = "user_id,item_id,timestamp\n1,10,100\n2,20,200\n".encode() + b"\xff\xfe\x00\x81bad,\xe9\xe8,3\n"
+CASES = [
+    # prepare: option ranges, inputs, outputs, config files
+    Case("prepare-max-length-0", P("prepare", "--data", DATA, "--output", OUT, "--max-length", "0"), "--max-length",
+         rerun=prepare()),
+    Case("prepare-max-length-1", P("prepare", "--data", DATA, "--output", OUT, "--max-length", "1"), "--max-length"),
+    Case("prepare-max-length-not-a-number", P("prepare", "--data", DATA, "--output", OUT, "--max-length", "ten"),
+         "--max-length"),
+    Case("prepare-k-core-leaves-no-user", prepare(DATA, "--k-core", "100000"), "--k-core",
+         rerun=prepare(DATA, "--k-core", "2")),
+    Case("prepare-k-core-negative", prepare(DATA, "--k-core", "-3"), "--k-core"),
+    Case("prepare-missing-data", prepare(lambda g, t: t / "nowhere"), "nowhere"),
+    Case("prepare-data-is-a-file", prepare(with_file("data.csv", b"user_id,item_id\n")), "data.csv"),
+    Case("prepare-unknown-format", prepare(DATA, "--format", "excel"), "excel"),
+    Case("prepare-missing-output-option", P("prepare", "--data", DATA), "--output"),
+    Case("prepare-output-is-a-file", P("prepare", "--data", DATA, "--output", a_file), "--output"),
+    Case("prepare-output-read-only", P("prepare", "--data", DATA, "--output", lambda g, t: read_only_path(t) / "o"),
+         "--output"),
+    Case("prepare-non-utf8-csv", prepare(edited_data(lambda d: (d / "interactions.csv").write_bytes(NOT_UTF8))),
+         "interactions.csv"),
+    Case("prepare-binary-items-csv",
+         prepare(edited_data(lambda d: (d / "items.csv").write_bytes(os.urandom(3000)))), "items.csv"),
+    Case("prepare-truncated-csv", prepare(edited_data(lambda d: cut_mid_row(d / "interactions.csv"))),
+         "interactions.csv"),
+    Case("prepare-missing-timestamp-column",
+         prepare(edited_data(lambda d: (d / "interactions.csv").write_text("user_id,item_id\n1,10\n"))),
+         "interactions.csv"),
+    Case("prepare-item-ids-do-not-match",  # fails after the workflow ran: the rollback must remove everything
+         prepare(edited_data(lambda d: (d / "items.csv").write_text("item_id,title\n99999,Nothing\n"))),
+         lambda g, t: f"{t / 'data'}: no interacted item appears in the item table", rerun=prepare()),
+    Case("prepare-bad-yaml", P("prepare", "--config", with_file("bad.yaml", b"data: [unclosed\nmax_length: 3\n")),
+         "bad.yaml"),
+    Case("prepare-bad-toml", P("prepare", "--config", with_file("bad.toml", b"max_length = = 3\n")), "bad.toml"),
+    Case("prepare-binary-config", P("prepare", "--config", with_file("cfg.yaml", b"\xff\xfe\x00\x01\x02")),
+         "cfg.yaml"),
+    Case("prepare-config-unknown-key", P("prepare", "--config", with_file("cfg.toml", b"max_lenght = 20\n")),
+         "cfg.toml"),
+    Case("prepare-config-max-length-0",
+         lambda g, t: ["prepare", "--config", str(with_file("cfg.yaml", f"data: {g.data}\noutput: {t / 'out'}\n"
+                                                             "max_length: 0\n".encode())(g, t))],
+         "--max-length", rerun=prepare()),
+    # train: ranges, model options, inputs, outputs, damaged prepared data
+    Case("train-epochs-negative", train("--epochs", "-1"), "--epochs", rerun=train()),
+    Case("train-epochs-0", train("--epochs", "0"), "--epochs"),
+    Case("train-patience-negative", train("--patience", "-1"), "--patience"),
+    Case("train-batch-size-0", train("--batch-size", "0"), "--batch-size", rerun=train()),
+    Case("train-lr-0", train("--lr", "0"), "--lr"),
+    Case("train-save-steps-negative", train("--save-steps", "-5"), "--save-steps"),
+    Case("train-unknown-model-option", train("--model-options", '{"d_modle": 16}'), "--model-options"),
+    Case("train-model-options-not-json", train("--model-options", "{d_model: 16"), "--model-options"),
+    Case("train-model-option-wrong-type", train("--model-options", '{"d_model": "big"}'), "--model-options"),
+    Case("train-model-option-heads-do-not-divide", train("--model-options", '{"d_model": 15, "n_heads": 2}'),
+         "--model-options"),
+    Case("train-model-option-out-of-range", train("--model-options", '{"dropout": 1.5}'), "--model-options"),
+    Case("train-model-option-max-length-1", train("--model-options", '{"max_length": 1}'), "--model-options"),
+    Case("train-config-unknown-model", P("train", "--prepared", PREP, "--output", OUT, "--config",
+                                         with_file("cfg.yaml", b"model: transformer-xl\n")), "cfg.yaml"),
+    Case("train-config-output-not-a-path", lambda g, t: train()(g, t)[:-2] + ["--config", str(with_file(
+        "cfg.yaml", b"output: 5\n")(g, t))], "--output"),
+    Case("train-molar-without-item-table", train("--model", "molar"), "--item-table"),
+    Case("train-missing-item-table", train("--model", "molar", "--item-table", lambda g, t: t / "none"),
+         "--item-table"),
+    Case("train-missing-prepared", train(prepared=lambda g, t: t / "none"), "--prepared"),
+    Case("train-output-is-a-file", P("train", "--prepared", PREP, "--model", "sasrec", "--output", a_file), "--output"),
+    Case("train-into-another-runs-directory", P("train", "--prepared", PREP, "--model", "sasrec", "--model-options",
+                                                '{"d_model": 32, "n_layers": 1}', "--epochs", "1", "--save-steps",
+                                                "0", "--output", lambda g, t: g.run), lambda g, t: f"{g.run}:"),
+    Case("train-corrupt-prepared-parquet",
+         train(prepared=edited_prepared(lambda p: overwrite(p / "train" / "part_0.parquet", 100, 400))),
+         "part_0.parquet"),
+    Case("train-truncated-prepared-parquet",
+         train(prepared=edited_prepared(lambda p: truncate(p / "valid" / "part_0.parquet"))), "part_0.parquet"),
+    Case("train-truncated-parquet-of-a-prepared-dir-without-checksums",
+         train(prepared=edited_prepared(lambda p: (without_checksums(p), truncate(p / "test" / "part_0.parquet")))),
+         "part_0.parquet"),
+    Case("train-output-read-only", lambda g, t: train()(g, t)[:-1] + [str(read_only_path(t) / "r")], "--output"),
+    Case("train-resume-from-a-damaged-checkpoint", run_then_damage_last_checkpoint, "pytorch_model.bin",
+         rerun=lambda g, t: drop_last_checkpoint(t) + train("--save-steps", "1", "--resume")(g, t)),
+    Case("train-damaged-prepared-manifest",
+         train(prepared=edited_prepared(lambda p: (p / "molar_manifest.json").write_bytes(os.urandom(64)))),
+         "molar_manifest.json"),
+    # embed-items / finetune-items: encoders, devices, outputs
+    Case("embed-missing-encoder", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",
+                                    lambda g, t: t / "no-such-model"), "--encoder"),
+    Case("embed-encoder-not-a-model", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",
+                                        encoder_dir({"notes.txt": "hello"})), "--encoder"),
+    Case("embed-encoder-bad-config", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",
+                                       encoder_dir({"config.json": '{"model_type": "no-such-arch"}'})), "--encoder"),
+    Case("embed-device-unknown", P("embed-items", "--prepared", PREP, "--output", OUT, "--device", "gpu0"),
+         "--device"),
+    Case("embed-device-cuda-index-out-of-range",
+         P("embed-items", "--prepared", PREP, "--output", OUT, "--device", "cuda:99"), "--device"),
+    Case("embed-batch-size-0", P("embed-items", "--prepared", PREP, "--output", OUT, "--batch-size", "0"),
+         "--batch-size"),
+    Case("embed-shard-index-out-of-range",
+         P("embed-items", "--prepared", PREP, "--output", OUT, "--num-shards", "2", "--shard-index", "2"),
+         "--shard-index"),
+    Case("embed-output-is-a-file", P("embed-items", "--prepared", PREP, "--output", a_file), "--output"),
+    Case("embed-unknown-kind", P("embed-items", "--prepared", PREP, "--output", OUT, "--kind", "audio"), "--kind"),
+    Case("finetune-missing-base-model", P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model",
+                                          lambda g, t: t / "no-such-llm"), "--base-model"),
+    Case("finetune-base-model-is-a-file", P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model",
+                                            with_file("model.bin", b"\x00" * 64)), "--base-model"),
+    Case("finetune-base-model-bad-config", P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model",
+                                             encoder_dir({"config.json": "{not json"})), "--base-model"),
+    Case("finetune-base-model-is-a-sentence-encoder",
+         P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model", lambda g, t: minilm_path()),
+         "--base-model"),
+    # evaluate / recommend / export: damaged models, mismatched prepared data, ranges
+    Case("evaluate-other-prepared", P("evaluate", "--model-dir", MODEL, "--prepared", OTHER), "--prepared"),
+    Case("evaluate-corrupt-weights",
+         P("evaluate", "--model-dir", edited_model(lambda m: overwrite(m / "weights.pt", 2048)), "--prepared", PREP),
+         "weights.pt"),
+    Case("evaluate-truncated-weights",
+         P("evaluate", "--model-dir", edited_model(lambda m: truncate(m / "weights.pt")), "--prepared", PREP),
+         "weights.pt"),
+    Case("evaluate-truncated-weights-of-a-model-saved-without-checksums",
+         P("evaluate", "--model-dir", edited_model(lambda m: (without_checksums(m), truncate(m / "weights.pt"))),
+           "--prepared", PREP), "weights.pt"),
+    Case("evaluate-missing-weights",
+         P("evaluate", "--model-dir", edited_model(lambda m: (m / "weights.pt").unlink()), "--prepared", PREP),
+         "weights.pt"),
+    Case("evaluate-damaged-schema",
+         P("evaluate", "--model-dir", edited_model(lambda m: overwrite(m / "schema.json", 10, 20)), "--prepared", PREP),
+         "schema.json"),
+    Case("evaluate-damaged-model-description",
+         P("evaluate", "--model-dir", edited_model(lambda m: (m / "molar_model.json").write_bytes(os.urandom(80))),
+           "--prepared", PREP), "molar_model.json"),
+    Case("evaluate-missing-model-dir", P("evaluate", "--model-dir", lambda g, t: t / "none", "--prepared", PREP),
+         "--model-dir"),
+    Case("evaluate-unknown-split", P("evaluate", "--model-dir", MODEL, "--prepared", PREP, "--split", "train"),
+         "--split"),
+    Case("recommend-other-prepared", P("recommend", "--model-dir", MODEL, "--prepared", OTHER, "--history", "10,20"),
+         "--prepared"),
+    Case("recommend-top-k-0", P("recommend", "--model-dir", MODEL, "--prepared", PREP, "--history", "10", "--top-k",
+                                "0"), "--top-k"),
+    Case("recommend-top-k-too-large", P("recommend", "--model-dir", MODEL, "--prepared", PREP, "--history", "10",
+                                        "--top-k", "100000"), "--top-k"),
+    Case("recommend-empty-history", P("recommend", "--model-dir", MODEL, "--prepared", PREP, "--history", " , "),
+         "--history"),
+    Case("recommend-unknown-raw-id", P("recommend", "--model-dir", MODEL, "--prepared", PREP, "--history", "10,999999"),
+         "--history: history 0: unknown item id(s) ['999999']"),
+    Case("export-other-prepared", P("export", "--model-dir", MODEL, "--prepared", OTHER, "--repository", OUT),
+         "--prepared"),
+    Case("export-top-k-0", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository", OUT, "--top-k", "0"),
+         "--top-k"),
+    Case("export-repository-read-only", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository",
+                                          lambda g, t: read_only_path(t) / "repo"), "--repository"),
+    Case("recommend-missing-weights", P("recommend", "--model-dir", edited_model(lambda m: (m / "weights.pt").unlink()),
+                                        "--prepared", PREP, "--history", "10"), "weights.pt"),
+    Case("export-top-k-too-large", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository", OUT,
+                                     "--top-k", "100000"), "top_k"),
+    Case("export-repository-is-a-file", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository", a_file),
+         "--repository"),
+    Case("quickstart-epochs-0", P("quickstart", "--data", DATA, "--workdir", OUT, "--epochs", "0"), "--epochs"),
+]
+
+
+def test_the_table_has_at_least_40_cases():
+    assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_line_and_changes_nothing(case, good, tmp_path, capsys):
+    if case.name == "embed-device-cuda-index-out-of-range" and torch.cuda.device_count() > 99:
+        pytest.skip("a machine with 100 GPUs")
+    argv = case.argv(good, tmp_path)
+    out = tmp_path / "out"
+    before_out = tree_checksums(out) if out.exists() else None
+    before = tree_checksums(good.data, good.prepared, good.other, good.run)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse exits
+        code = e.code
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    command = argv[0]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"merlin-molar {command}: error: "), err
+    names = case.names(good, tmp_path) if callable(case.names) else case.names
+    assert names in lines[0], err
+    assert "Traceback" not in err
+    if before_out is None:
+        assert not out.exists(), f"partial output left: {sorted(out.rglob('*'))}"
+    else:
+        assert tree_checksums(out) == before_out
+    assert tree_checksums(good.data, good.prepared, good.other, good.run) == before
+    if case.rerun is not None:
+        assert main(case.rerun(good, tmp_path)) == 0, capsys.readouterr().err
+        assert (out / "molar_manifest.json").is_file()
+
+
+def test_cuda_without_cuda_is_a_one_line_error(good, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["embed-items", "--prepared", str(good.prepared), "--output", str(tmp_path / "t"),
+                 "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device: cuda asked for, but CUDA is not available" in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_scratch(good):
+    assert any("--resume: no checkpoint" in m and "starting from scratch" in m for m in good.log)
+
+
+def test_evaluate_writes_nothing_into_the_model_directory(good, capsys):
+    before = tree_checksums(good.model)
+    mode = good.model.stat().st_mode
+    good.model.chmod(0o555)  # read-only (for root, only the checksums below can show a write)
+    try:
+        assert main(["evaluate", "--model-dir", str(good.model), "--prepared", str(good.prepared)]) == 0
+    finally:
+        good.model.chmod(mode)
+    assert '"ndcg@10"' in capsys.readouterr().out
+    assert tree_checksums(good.model) == before
+
+
+def test_recommend_on_the_right_prepared_directory_works(good, capsys):
+    assert main(["recommend", "--model-dir", str(good.model), "--prepared", str(good.prepared), "--history", "10,20",
+                 "--top-k", "3"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4  # header + 3
+
+
+def test_verbose_prints_the_traceback(good, tmp_path, capsys):
+    model = copy_of(good.model, tmp_path, "model")
+    overwrite(model / "weights.pt", 2048)
+    assert main(["-v", "evaluate", "--model-dir", str(model), "--prepared", str(good.prepared)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("merlin-molar evaluate: error: ")
+    assert "weights.pt: checksum mismatch" in err
