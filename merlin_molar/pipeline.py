@@ -23,7 +23,7 @@ from transformers import EarlyStoppingCallback
 
 from merlin_molar.data import PreparedData, prepare, read_dataset
 from merlin_molar.errors import MolarDataError
-from merlin_molar.io import claim_output_dir, rollback_on_failure, write_json
+from merlin_molar.io import claim_output_dir, read_json, rollback_on_failure, write_json
 from merlin_molar.models.molar import MolarConfig, molar_model
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.persistence import load_model, save_model
@@ -147,11 +147,17 @@ def train(
     """Train with the T4Rec Trainer, evaluate on valid and test, save the model under ``output_dir/model``.
 
     Checkpoints go to ``output_dir/checkpoints``; ``resume=True`` continues from the last one. An output
-    directory that belongs to another dataset or configuration is refused."""
+    directory that belongs to another dataset or configuration is refused.
+
+    ``init_id_branch_from`` (a saved SASRec model directory) is the recommended Molar recipe, the paper's
+    post-alignment: the trained SASRec becomes Molar's ID branch, with its own architecture and, unless
+    ``model_options`` say otherwise, frozen (``id_branch="frozen"``)."""
     output_dir = Path(output_dir)
     train_config = train_config or TrainConfig()
     check_train_config(train_config)
     torch.manual_seed(train_config.seed)
+    if kind == "molar" and init_id_branch_from:
+        model_options = {**id_branch_options(init_id_branch_from), **(model_options or {})}
     with loading("--model-options", json.dumps(model_options or {}), "cannot build the model from them"):
         model, config, table = build_model(kind, prepared, model_options, item_table_path)
     # a run that fails before its first checkpoint leaves nothing behind (its manifest included)
@@ -160,6 +166,16 @@ def train(
         return _train_claimed(
             prepared, kind, output_dir, model, config, table, train_config, resume, init_id_branch_from
         )
+
+
+def id_branch_options(sasrec_dir) -> dict:
+    """Molar options that take over a saved SASRec as the (frozen) ID branch."""
+    meta_file = Path(sasrec_dir) / "molar_model.json"
+    with loading("--init-id-branch", sasrec_dir, "is not a saved SASRec model directory"):
+        meta = read_json(meta_file)
+    if meta.get("kind") != "sasrec":
+        raise MolarDataError("--init-id-branch", f"{sasrec_dir} holds a {meta.get('kind')!r} model, not a SASRec")
+    return {"id_branch": "frozen", "sasrec": meta["config"]}
 
 
 def _train_claimed(prepared, kind, output_dir, model, config, table, train_config, resume, init_id_branch_from):

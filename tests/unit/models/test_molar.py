@@ -127,3 +127,23 @@ def test_fusion_weight_is_chosen_on_validation(tiny_prepared, tmp_path):
     assert len(set(by_weight.values())) > 1  # content-only, fused and ID-only rank differently
     assert trainer.model.heads[0].prediction_task_dict["next-item"].id_weight == fusion["id_weight"]
     assert evaluate(trainer, tiny_prepared, "valid")["ndcg@10"] == pytest.approx(by_weight[fusion["id_weight"]])
+
+
+def test_molar_takes_over_a_trained_sasrec_as_its_frozen_id_branch(tiny_prepared, tmp_path):
+    from merlin_molar.pipeline import embed_item_table, train
+
+    config = TrainConfig(epochs=1, batch_size=64, early_stopping_patience=0, logging_steps=1000)
+    sasrec_options = {"d_model": 24, "n_layers": 1, "n_heads": 2}
+    sasrec = train(tiny_prepared, "sasrec", tmp_path / "sasrec", sasrec_options, config)
+    table = embed_item_table(tiny_prepared, tmp_path / "table", batch_size=64)
+    molar_options = {"llm": tiny_config().llm, "id_weight_grid": [0.0, 1.0]}
+    molar = train(tiny_prepared, "molar", tmp_path / "molar", molar_options, config, item_table_path=table,
+                  init_id_branch_from=sasrec["model_dir"])
+    model, _, molar_config, _ = load_model(molar["model_dir"])
+    assert molar_config.id_branch == "frozen"
+    assert (molar_config.sasrec.d_model, molar_config.sasrec.n_heads) == (24, 2)
+    trained_sasrec = load_model(sasrec["model_dir"])[0].heads[0].body.state_dict()
+    id_branch = model.heads[0].body.id_body.state_dict()
+    assert all(torch.equal(trained_sasrec[k], id_branch[k]) for k in trained_sasrec)  # frozen: unchanged
+    if molar["fusion"]["id_weight"] == 1.0:  # ID only: exactly the SASRec's ranking
+        assert molar["test"]["ndcg@10"] == pytest.approx(sasrec["test"]["ndcg@10"], abs=1e-6)
