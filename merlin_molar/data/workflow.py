@@ -143,23 +143,41 @@ def load_prepared(root) -> PreparedData:
     return PreparedData(root)
 
 
-def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, partitions: int = 1) -> PreparedData:
+def prepare(
+    raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, partitions: int = 1, cold_items: float = 0.0
+) -> PreparedData:
     """Run the NVTabular workflows on ``raw`` and write the splits, item table and fitted workflow.
 
     ``partitions`` > 1 splits the interactions into that many Dask partitions (shuffled by user, as
-    NVTabular's Groupby requires) so that the workers of an active Dask cluster share the work."""
+    NVTabular's Groupby requires) so that the workers of an active Dask cluster share the work.
+
+    ``cold_items`` > 0 holds out that fraction of items, the latest to appear, as new items for cold-start
+    evaluation (:mod:`merlin_molar.cold_start`): Categorify is fitted without them, they stay only as test
+    targets (out of vocabulary until ``add-items`` adds ``cold_items.csv``)."""
     output_dir = Path(output_dir)
     # The fingerprint identifies the data; where it was read from (relative or absolute path) does not.
     identity = {"fingerprint": _fingerprint(raw), "max_length": max_length, "k_core": k}
+    if cold_items:
+        identity["cold_items"] = cold_items
     claim_output_dir(output_dir, {**identity, "stage": "prepare"})
     interactions = k_core(raw.interactions, k, cat_path=str(output_dir / ".categories"))
+    interactions = interactions.assign(**{ORDER_COLUMN: np.arange(len(interactions))})
+    fit_on, cold = interactions, None
+    if cold_items:
+        from merlin_molar.cold_start import hold_out_items
+
+        interactions, cold = hold_out_items(interactions, cold_items, ORDER_COLUMN)
+        fit_on = interactions[~interactions["item_id"].isin(set(cold))]
 
     wf = sequence_workflow(cat_path=str(output_dir / ".categories"), order_column=ORDER_COLUMN)
-    dataset = Dataset(interactions.assign(**{ORDER_COLUMN: np.arange(len(interactions))}), npartitions=partitions)
+    dataset = Dataset(interactions, npartitions=partitions)
+    fit_dataset = dataset if cold is None else Dataset(fit_on, npartitions=partitions)
     if partitions > 1:
         # persisted once on the cluster: fit and transform would each redo the shuffle
         dataset = Dataset(dataset.shuffle_by_keys(["user_id"]).to_ddf().persist())
-    grouped = wf.fit_transform(dataset).to_ddf().compute().sort_values("user_id", ignore_index=True)
+        fit_dataset = dataset if cold is None else Dataset(fit_dataset.shuffle_by_keys(["user_id"]).to_ddf())
+    wf.fit(fit_dataset)
+    grouped = wf.transform(dataset).to_ddf().compute().sort_values("user_id", ignore_index=True)
     if grouped.empty:
         raise MolarDataError(raw.source, f"no user has at least {MIN_HISTORY} interactions")
     with atomic_path(output_dir / "workflow", is_dir=True) as tmp:
@@ -186,6 +204,11 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, part
         "items_with_content": int(items["has_content"].sum()),
         "text_columns": raw.text_columns,
     }
+    if cold is not None:
+        from merlin_molar.cold_start import write_cold_files
+
+        manifest["cold_start"] = {"fraction": cold_items, **write_cold_files(output_dir, raw.items, cold, grouped,
+                                                                                interactions)}
     write_json(output_dir / "molar_manifest.json", manifest)
     return PreparedData(output_dir)
 
