@@ -112,6 +112,15 @@ def cmd_add_items(args):
         print(f"nothing to add: all {len(result.skipped)} item(s) are already in catalogue version {result.version}")
 
 
+def cmd_extend_model(args):
+    from merlin_molar.data import load_prepared
+    from merlin_molar.persistence import extend_saved_model
+
+    out = extend_saved_model(args.model_dir, load_prepared(args.prepared), args.output, item_table=args.item_table)
+    print(f"wrote {out}: {args.model_dir} scoring the catalogue of {args.prepared} (no retraining); "
+          f"serve it with `merlin-molar export --model-dir {out} --prepared {args.prepared} --repository DIR`")
+
+
 def cmd_evaluate_cold_start(args):
     from merlin_molar.cold_start import (
         cold_start_table,
@@ -248,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-table", help="item table directory to extend (default: PREPARED/item_table)")
     p.add_argument("--encoder", help="must be the table's encoder (default: the one recorded in its metadata)")
     p.add_argument("--batch-size", type=int, default=32)
+
+    p = add("extend-model", cmd_extend_model,
+            "make a trained Molar model score the items added with add-items, without retraining (then export)")
+    p.add_argument("--model-dir", required=True, help="a saved Molar model")
+    p.add_argument("--prepared", required=True, help="the prepared directory, after add-items")
+    p.add_argument("--item-table", help="the extended item table (default: PREPARED/item_table)")
+    p.add_argument("--output", required=True, help="directory for the extended model")
 
     p = add("evaluate-cold-start", cmd_evaluate_cold_start,
             "cold vs warm test targets: a saved model and the random/popularity/content-kNN baselines")

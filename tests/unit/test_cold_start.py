@@ -321,3 +321,41 @@ def test_cold_and_warm_metrics_with_baselines(cold):
     h = torch.zeros(1, 20, dtype=torch.long)
     h[0, :2] = torch.tensor([5, 9])
     torch.testing.assert_close(content_knn_scorer(table)(h)[0], normed @ normed[9])
+
+
+# --- a saved model after add-items: extend-model, recommend ---------------------------------------------------
+def test_extended_saved_model_reloads_scores_new_items_and_recommends_them(cold, tmp_path):
+    from merlin_molar.persistence import extend_saved_model, load_model, save_model
+    from merlin_molar.pipeline import recommend
+
+    old_table = load_item_table(cold.root / "item_table", cold)
+    model = tiny_molar(cold, old_table)
+    config = MolarConfig(llm=small_decoder_config("qwen2", hidden_size=16, num_layers=1).to_dict(),
+                         sasrec=dict(d_model=16, n_layers=1, n_heads=1, dropout=0.0, max_length=20), max_length=20)
+    saved = save_model(model, tmp_path / "model", "molar", config, cold.schema, old_table)
+    sasrec = sasrec_model(cold.schema, SASRecConfig(d_model=16, n_layers=1, n_heads=1, max_length=20))
+    sasrec_dir = save_model(sasrec, tmp_path / "sasrec", "sasrec", SASRecConfig(d_model=16, n_layers=1, n_heads=1,
+                                                                                  max_length=20), cold.schema)
+    add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
+    prepared = load_prepared(cold.root)
+    out = extend_saved_model(saved, prepared, tmp_path / "extended")
+    reloaded, kind, _, schema = load_model(out)
+    assert schema.select_by_name(["item_id-list"]).first.int_domain.max == prepared.item_cardinality - 1
+    in_memory = model_for_catalogue(load_model(saved)[0], "molar", prepared)
+    histories = torch.zeros(3, 20, dtype=torch.long)
+    histories[:, :2] = torch.tensor([[3, 4], [7, 9], [20, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded({"item_id-list": histories}), in_memory({"item_id-list": histories}))
+
+    mapping = vocabulary(prepared)
+    new_raw = set(pd.read_csv(cold.root / COLD_ITEMS_FILE)["item_id"])
+    old_raw = [r for r in mapping.index if r not in new_raw]
+    histories = [old_raw[i : i + 3] for i in range(0, 60, 3)]
+    recs = recommend(saved, prepared, histories, top_k=10)  # the original model, extended on the fly
+    assert set(recs["item_id"]) & new_raw
+    recs_ext = recommend(out, prepared, histories, top_k=10)
+    pd.testing.assert_frame_equal(recs, recs_ext)
+    with pytest.raises(MolarDataError, match="SASRec model has no embedding"):
+        recommend(sasrec_dir, prepared, histories[:1])
+    with pytest.raises(MolarDataError, match="SASRec model has no embedding"):
+        extend_saved_model(sasrec_dir, prepared, tmp_path / "nope")
