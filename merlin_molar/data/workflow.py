@@ -175,7 +175,7 @@ def prepare(
     if partitions > 1:
         # persisted once on the cluster: fit and transform would each redo the shuffle
         dataset = Dataset(dataset.shuffle_by_keys(["user_id"]).to_ddf().persist())
-        fit_dataset = dataset if cold is None else Dataset(fit_dataset.shuffle_by_keys(["user_id"]).to_ddf())
+        fit_dataset = dataset if cold is None else fit_dataset  # only Categorify is fitted: no shuffle needed
     wf.fit(fit_dataset)
     grouped = wf.transform(dataset).to_ddf().compute().sort_values("user_id", ignore_index=True)
     if grouped.empty:

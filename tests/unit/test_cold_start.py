@@ -359,3 +359,15 @@ def test_extended_saved_model_reloads_scores_new_items_and_recommends_them(cold,
         recommend(sasrec_dir, prepared, histories[:1])
     with pytest.raises(MolarDataError, match="SASRec model has no embedding"):
         extend_saved_model(sasrec_dir, prepared, tmp_path / "nope")
+
+
+def test_cold_hold_out_does_not_depend_on_partitioning(cold_base, tiny_dir, tmp_path):
+    split = prepare(read_dataset(tiny_dir), tmp_path / "p2", max_length=20, cold_items=0.1, partitions=3)
+    assert vocabulary(split).equals(vocabulary(cold_base))
+    for name in ("train", "valid", "test"):
+        a = split.split_frame(name).sort_values("user_id").reset_index(drop=True)
+        b = cold_base.split_frame(name).sort_values("user_id").reset_index(drop=True)
+        assert a["user_id"].tolist() == b["user_id"].tolist()
+        assert [list(x) for x in a[ITEM_SEQUENCE]] == [list(x) for x in b[ITEM_SEQUENCE]]
+    pd.testing.assert_frame_equal(pd.read_parquet(split.root / COLD_TARGETS_FILE),
+                                  pd.read_parquet(cold_base.root / COLD_TARGETS_FILE))
