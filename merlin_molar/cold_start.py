@@ -7,7 +7,9 @@ Three parts, each used by the CLI, the benchmark (``benchmarks/cold_start.py``) 
   a user's last interaction: there it stays as that user's test target. NVTabular's Categorify is fitted
   on the warm interactions only, so the prepared vocabulary (and every model trained on it) has never
   seen a cold item; in the test split a cold target is Categorify's out-of-vocabulary id until the cold
-  items are added with ``merlin-molar add-items --items PREPARED/cold_items.csv``.
+  items are added with ``merlin-molar add-items --items PREPARED/cold_items.csv``. (So in such a directory
+  the test metrics that ``train`` prints score cold targets as the OOV id; :func:`evaluate_cold_start` is the
+  cold-start measurement.)
 * :func:`extend_catalogue`: a trained Molar model scores the extended catalogue with no retraining. The
   content tower reads the extended item table; the ID branch has no embedding for a new item, so the
   task gives it a content-only score calibrated on the known items' ID scores (see
