@@ -84,9 +84,13 @@ def cmd_prepare(args):
 
     text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()] if args.text_columns else None
     data = prepare_dataset(args.data, args.output, max_length=args.max_length, k_core=args.k_core, fmt=args.format,
-                           text_columns=text_columns)
+                           text_columns=text_columns, cold_items=args.cold_items)
     m = data.manifest
     print(f"prepared {m['users']} users, {m['interactions']} interactions, {m['items_interacted']} items")
+    if "cold_start" in m:
+        c = m["cold_start"]
+        print(f"held out {c['cold_items']} cold items ({c['cold_target_users']} users have one as test target); "
+              f"add them with `merlin-molar add-items --prepared {data.root} --items {data.root / c['items_file']}`")
     print(f"wrote {data.root}/{{train,valid,test}}/, {data.workflow_path}, {data.items_path}")
 
 
@@ -112,6 +116,60 @@ def cmd_embed_items(args):
               f"`merlin-molar embed-items --prepared {args.prepared} --merge --num-shards {args.num_shards}`")
     else:
         print(f"wrote item table {out}")
+
+
+def cmd_add_items(args):
+    from merlin_molar.data import load_prepared
+    from merlin_molar.items.add_items import add_items
+
+    result = add_items(load_prepared(args.prepared), args.items, item_table=args.item_table,
+                       images_dir=args.images, encoder=args.encoder, batch_size=args.batch_size)
+    if result.added:
+        print(f"added {len(result.added)} item(s) as ids {result.first_id}..{result.item_cardinality - 1}; "
+              f"catalogue version {result.version} ({result.item_cardinality} ids, fingerprint "
+              f"{result.id_mapping_fingerprint[:16]}); item table {result.item_table}")
+    else:
+        print(f"nothing to add: all {len(result.skipped)} item(s) are already in catalogue version {result.version}")
+
+
+def cmd_extend_model(args):
+    from merlin_molar.data import load_prepared
+    from merlin_molar.persistence import extend_saved_model
+
+    out = extend_saved_model(args.model_dir, load_prepared(args.prepared), args.output, item_table=args.item_table)
+    print(f"wrote {out}: {args.model_dir} scoring the catalogue of {args.prepared} (no retraining); "
+          f"serve it with `merlin-molar export --model-dir {out} --prepared {args.prepared} --repository DIR`")
+
+
+def cmd_evaluate_cold_start(args):
+    from merlin_molar.cold_start import (
+        cold_start_table,
+        content_knn_scorer,
+        evaluate_cold_start,
+        model_for_catalogue,
+        model_scorer,
+        popularity_scorer,
+        random_scorer,
+    )
+    from merlin_molar.data import load_prepared
+    from merlin_molar.items import load_item_table
+    from merlin_molar.persistence import load_model
+
+    data = load_prepared(args.prepared)
+    model, kind, _, _ = load_model(args.model_dir)
+    model = model_for_catalogue(model, kind, data, args.item_table)
+    width = data.item_cardinality
+    table = load_item_table(args.item_table or data.root / "item_table", data)
+    results = evaluate_cold_start(data, {
+        kind: model_scorer(model, width), "content_knn": content_knn_scorer(table),
+        "popularity": popularity_scorer(data, width), "random": random_scorer(width),
+    })
+    print(cold_start_table(results))
+    if args.output:
+        from merlin_molar.io import write_json
+
+        write_json(Path(args.output), results)
+        print(f"wrote {args.output}")
 
 
 def cmd_finetune_items(args):
@@ -155,7 +213,7 @@ def cmd_recommend(args):
     from merlin_molar.pipeline import recommend
 
     histories = [[h.strip() for h in history.split(",") if h.strip()] for history in args.history]
-    recs = recommend(args.model_dir, load_prepared(args.prepared), histories, args.top_k)
+    recs = recommend(args.model_dir, load_prepared(args.prepared), histories, args.top_k, args.item_table)
     print(recs.to_string(index=False))
 
 
@@ -209,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-core", type=int, default=0, help="iteratively keep users/items with >= K interactions")
     p.add_argument("--text-columns", help="comma-separated item columns for the item text, in this order "
                    "(default: every column of the item table but item_id and image, in file order)")
+    p.add_argument("--cold-items", type=float, default=0.0,
+                   help="hold out this fraction of items (the latest to appear) as new items for cold-start evaluation")
 
     p = add("embed-items", cmd_embed_items, "MIRM: embed the item catalogue into the item feature table")
     p.add_argument("--prepared", required=True, help="directory written by `prepare`")
@@ -220,6 +280,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1, help="split the catalogue over N processes (then --merge)")
     p.add_argument("--merge", action="store_true", help="merge finished shards into the final table")
+
+    p = add("add-items", cmd_add_items, "add new items to the vocabulary and item table (no re-fit, no retraining)")
+    p.add_argument("--prepared", required=True, help="directory written by `prepare`")
+    p.add_argument("--items", required=True, help="csv (or parquet) of new items: item_id + the text columns [+ image]")
+    p.add_argument("--images", help="directory that relative image paths in --items are resolved against")
+    p.add_argument("--item-table", help="item table directory to extend (default: PREPARED/item_table)")
+    p.add_argument("--encoder", help="must be the table's encoder (default: the one recorded in its metadata)")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = add("extend-model", cmd_extend_model,
+            "make a trained Molar model score the items added with add-items, without retraining (then export)")
+    p.add_argument("--model-dir", required=True, help="a saved Molar model")
+    p.add_argument("--prepared", required=True, help="the prepared directory, after add-items")
+    p.add_argument("--item-table", help="the extended item table (default: PREPARED/item_table)")
+    p.add_argument("--output", required=True, help="directory for the extended model")
+
+    p = add("evaluate-cold-start", cmd_evaluate_cold_start,
+            "cold vs warm test targets: a saved model and the random/popularity/content-kNN baselines")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--prepared", required=True, help="prepared with --cold-items, cold items added with add-items")
+    p.add_argument("--item-table", help="default: PREPARED/item_table")
+    p.add_argument("--output", help="write the metrics as JSON here")
 
     p = add("finetune-items", cmd_finetune_items, "MIRM stage 1: fine-tune the item encoder (LoRA or full)")
     p.add_argument("--prepared", required=True)
@@ -252,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", required=True)
     p.add_argument("--history", action="append", required=True, help="comma-separated raw item ids; repeatable")
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--item-table", help="item table with items added after training (default: PREPARED/item_table)")
 
     p = add("export", cmd_export, "write a Triton Inference Server model repository (workflow + model + top-k)")
     p.add_argument("--model-dir", required=True)

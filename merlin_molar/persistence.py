@@ -94,7 +94,12 @@ def load_model(path) -> tuple:
             table = load_file(str(table_file))["table"]
         except Exception as e:
             raise MolarDataError(table_file, f"not a readable item table ({type(e).__name__})") from None
-        model = molar_model(schema, table, config)
+        extension = meta.get("catalogue_extension")
+        if extension:  # items added after training: rebuild the trained model, then extend it (no new weights)
+            trained = int(extension["trained_items"])
+            model = molar_model(with_item_cardinality(schema, trained), table[:trained], config)
+        else:
+            model = molar_model(schema, table, config)
     else:
         raise MolarDataError(path / "molar_model.json", f"unknown model kind {kind!r}")
     weights = path / "weights.pt"
@@ -108,4 +113,68 @@ def load_model(path) -> tuple:
     missing, unexpected = model.load_state_dict(state, strict=strict)
     if unexpected or (not strict and any(".llm." not in k for k in missing)):
         raise MolarDataError(path / "weights.pt", f"weights do not match the model (unexpected {unexpected[:3]})")
+    if kind == "molar" and meta.get("catalogue_extension"):
+        from merlin_molar.cold_start import extend_catalogue
+
+        extend_catalogue(model, kind, table, meta["catalogue_extension"].get("new_item_scoring", "quantile"))
     return model.eval(), kind, config, schema
+
+
+def with_item_cardinality(schema: Schema, cardinality: int) -> Schema:
+    """``schema`` with its ITEM_ID column's domain (and embedding cardinality) set to ``cardinality`` ids."""
+    from merlin.schema import Tags
+
+    col = schema.select_by_tag(Tags.ITEM_ID).first
+    properties = dict(col.properties)
+    properties["domain"] = {**properties.get("domain", {}), "min": 0, "max": int(cardinality) - 1}
+    if "embedding_sizes" in properties:
+        properties["embedding_sizes"] = {**properties["embedding_sizes"], "cardinality": int(cardinality)}
+    return Schema([col.with_properties(properties) if c.name == col.name else c for c in schema])
+
+
+def extend_saved_model(model_dir, prepared, output_dir, item_table=None, new_item_scoring: str = "quantile") -> Path:
+    """Write ``output_dir``: the saved Molar model of ``model_dir`` made to score ``prepared``'s current catalogue
+    (items added with ``add-items`` since training), with no retraining. The weights are copied unchanged;
+    the item table is the extended one, checked to start with the model's own table byte for byte; the
+    saved schema has the new item cardinality, so ``export`` and ``load_model`` see the extended catalogue.
+    SASRec models are refused."""
+    import shutil
+
+    from merlin_molar.cold_start import extend_catalogue
+    from merlin_molar.items import item_id_fingerprint, load_item_table
+
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    model, kind, config, schema = load_model(model_dir)
+    meta = read_json(model_dir / "molar_model.json")
+    trained = int((meta.get("catalogue_extension") or {}).get("trained_items", 0)) or None
+    if kind != "molar":
+        extend_catalogue(model, kind, None)  # raises: only Molar's content tower can score new items
+    table = load_item_table(Path(item_table) if item_table else Path(prepared.root) / "item_table", prepared)
+    if kind == "molar" and trained is None:
+        trained = int(load_file(str(model_dir / "item_table.safetensors"))["table"].size(0))
+    extend_catalogue(model, kind, table, new_item_scoring)  # checks the table; refuses SASRec
+    catalogue = prepared.manifest.get("catalogue", {})
+    with atomic_path(output_dir, is_dir=True) as tmp:
+        shutil.copy2(model_dir / "weights.pt", tmp / "weights.pt")
+        if (model_dir / "adapter").exists():
+            shutil.copytree(model_dir / "adapter", tmp / "adapter")
+        save_file({"table": table.detach().float().contiguous().cpu()}, str(tmp / "item_table.safetensors"))
+        (tmp / "schema.json").write_text(
+            TensorflowMetadata.from_merlin_schema(with_item_cardinality(schema, table.size(0))).to_json()
+        )
+        fingerprint = item_id_fingerprint(prepared)
+        write_json(tmp / "molar_model.json", {
+            **meta,
+            "sha256": file_checksums(tmp),  # the extended table and schema, not the source model's
+            "id_mapping_fingerprint": fingerprint,
+            "catalogue_extension": {
+                "trained_items": trained,
+                "items": int(table.size(0)),
+                "new_item_scoring": new_item_scoring,
+                "catalogue_version": catalogue.get("version", 1),
+                "id_mapping_fingerprint": fingerprint,
+                "source_model": str(model_dir.resolve()),
+                "extended_at": datetime.now(timezone.utc).isoformat(),
+            },
+        })
+    return output_dir

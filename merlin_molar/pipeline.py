@@ -74,11 +74,12 @@ def download_movielens_100k(cache: Path) -> Path:
 
 
 def prepare_dataset(
-    data, output_dir, max_length: int = 200, k_core: int = 0, fmt: str = "auto", text_columns=None
+    data, output_dir, max_length: int = 200, k_core: int = 0, fmt: str = "auto", text_columns=None,
+    cold_items: float = 0.0,
 ) -> PreparedData:
     raw = read_dataset(data, fmt, text_columns)
     with rollback_on_failure(output_dir):  # a failed prepare leaves nothing that refuses the corrected rerun
-        return prepare(raw, output_dir, max_length=max_length, k=k_core)
+        return prepare(raw, output_dir, max_length=max_length, k=k_core, cold_items=cold_items)
 
 
 def embed_item_table(prepared: PreparedData, output_path=None, encoder: Optional[str] = None, **kwargs) -> Path:
@@ -254,10 +255,18 @@ def evaluate_saved(model_dir, prepared: PreparedData, split: str = "test", batch
         return evaluate(trainer, prepared, split)
 
 
-def recommend(model_dir, prepared: PreparedData, histories: Sequence[Sequence], top_k: int = 10) -> pd.DataFrame:
-    """Top-k raw item ids (with titles where known) for raw-id histories, history items excluded."""
+def recommend(
+    model_dir, prepared: PreparedData, histories: Sequence[Sequence], top_k: int = 10, item_table=None
+) -> pd.DataFrame:
+    """Top-k raw item ids (with titles where known) for raw-id histories, history items excluded.
+
+    Items added to the catalogue after training (``add-items``) are scored too (Molar: by content, read
+    from ``item_table``, default ``PREPARED/item_table``); a SASRec model refuses them."""
+    from merlin_molar.cold_start import model_for_catalogue
+
     check_model_matches(model_dir, prepared)
-    model, _, _, _ = load_model(model_dir)
+    model, kind, _, _ = load_model(model_dir)
+    model = model_for_catalogue(model, kind, prepared, item_table)
     items = prepared.items()
     to_code = dict(zip(items["item_id_raw"].astype(str), items["item_id"]))
     to_raw = dict(zip(items["item_id"], items["item_id_raw"]))

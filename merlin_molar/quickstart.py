@@ -1,13 +1,12 @@
 """The README's main job: MovieLens -> NVTabular -> MIRM item table -> SASRec and Molar -> metrics table
-and example recommendations, with CPU defaults that finish on 2 cores in well under 15 minutes on ML-100K."""
+and example recommendations, with the CLI's default (recommended) settings, on CPU."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 from typing import Optional
 
-from merlin_molar.io import write_json
-from merlin_molar.models.dueg import small_decoder_config
+from merlin_molar.io import read_json, write_json
 from merlin_molar.pipeline import (
     embed_item_table,
     metrics_table,
@@ -19,21 +18,16 @@ from merlin_molar.pipeline import (
 from merlin_molar.training import TrainConfig
 
 MAX_LENGTH = 50
-DEFAULT_EPOCHS = 20
-SASREC = {"d_model": 64, "n_layers": 2, "n_heads": 1, "dropout": 0.2}
-MOLAR = {
-    "llm": small_decoder_config("qwen2", hidden_size=64, num_layers=2, num_heads=2).to_dict(),
-    "sasrec": {**SASREC, "max_length": MAX_LENGTH},
-    "alpha": 0.1,
-    "id_weight": 0.5,
-}
+SEED = 0  # seed 0 of benchmarks/quality.py's ml-100k rows, so this run can be compared with them
+QUALITY_RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality_ml100k.json"
 
 
 def run_quickstart(data: Optional[str] = None, workdir="outputs/quickstart", epochs: Optional[float] = None,
                    download: bool = True) -> dict:
+    """SASRec, then Molar on top of it, with the CLI's default settings (early stopping on validation)."""
     start = time.perf_counter()
     workdir = Path(workdir)
-    epochs = epochs or DEFAULT_EPOCHS
+    config = TrainConfig(seed=SEED, **({"epochs": epochs} if epochs else {}))
     source = resolve_dataset(data, download=download)
     print(f"[1/5] data: {source}")
     prepared = prepare_dataset(source, workdir / "prepared", max_length=MAX_LENGTH)
@@ -42,16 +36,19 @@ def run_quickstart(data: Optional[str] = None, workdir="outputs/quickstart", epo
           f"-> NVTabular leave-one-out splits in {prepared.root}")
     print("[2/5] MIRM item table with the packaged all-MiniLM-L6-v2 (text; a Qwen2-VL path adds posters)")
     table = embed_item_table(prepared, batch_size=64)
-    config = TrainConfig(epochs=epochs, batch_size=64, save_steps=0, logging_steps=100)
-    print(f"[3/5] SASRec, {epochs:g} epochs (Transformers4Rec Trainer)")
-    results = {"SASRec (ID only)": train(prepared, "sasrec", workdir / "runs" / "sasrec", SASREC, config)}
-    print(f"[4/5] Molar: DUEG (random-init {MOLAR['llm']['num_hidden_layers']}-layer Qwen2) + SASRec ID branch, "
-          f"post-alignment alpha={MOLAR['alpha']}, {epochs:g} epochs")
+    print(f"[3/5] SASRec (Transformers4Rec Trainer, early stopping on validation NDCG@10, seed {SEED})")
+    results = {"SASRec (ID only)": train(prepared, "sasrec", workdir / "runs" / "sasrec", None, config)}
+    print("[4/5] Molar: DUEG (random-init 2-layer Qwen2) over the item table, the trained SASRec as its frozen ID "
+          "branch, post-aligned; fusion weight chosen on validation")
     results["Molar (content + ID)"] = train(
-        prepared, "molar", workdir / "runs" / "molar", MOLAR, config, item_table_path=table
+        prepared, "molar", workdir / "runs" / "molar", None, config, item_table_path=table,
+        init_id_branch_from=results["SASRec (ID only)"]["model_dir"],
     )
     print("[5/5] results on the held-out last item (full ranking, history masked)")
     print(metrics_table(results, "test"))
+    gain = results["Molar (content + ID)"]["test"]["ndcg@10"] / results["SASRec (ID only)"]["test"]["ndcg@10"]
+    print(f"Molar / SASRec test NDCG@10 on seed {SEED}: {gain:.3f}")
+    print(seed_spread_note())
 
     test = prepared.split_frame("test").head(3)
     items = prepared.items()
@@ -66,9 +63,26 @@ def run_quickstart(data: Optional[str] = None, workdir="outputs/quickstart", epo
         print(f"    held-out next: {title_of[int(seq[-1])]}")
         for _, row in recs[recs.history == user].iterrows():
             print(f"    {row['rank']}. {row['title']}")
-    summary = {name: {k: r[k] for k in ("valid", "test", "train_seconds", "model_dir")} for name, r in results.items()}
+    summary = {name: {k: r.get(k) for k in ("valid", "test", "train_seconds", "best_epoch", "fusion", "model_dir")}
+               for name, r in results.items()}
     summary["total_seconds"] = time.perf_counter() - start
     write_json(workdir / "summary.json", summary)
     print(f"\nwrote {workdir}/ (prepared data, item table, runs/*/model, summary.json) "
           f"in {summary['total_seconds'] / 60:.1f} min")
     return summary
+
+
+def seed_spread_note() -> str:
+    """How this one seed compares with the committed multi-seed benchmark of the same settings."""
+    if not QUALITY_RESULT.exists():
+        return "(no committed multi-seed result to compare with: run benchmarks/quality.py --datasets ml-100k)"
+    summary = read_json(QUALITY_RESULT)["summary"]
+    lines = [f"multi-seed benchmark ({QUALITY_RESULT.name}, same settings, early-stopped):"]
+    for variant in ("sasrec", "molar"):
+        e = summary[variant]
+        n = e["test"]["ndcg@10"]
+        lines.append(f"  {variant:<7} test NDCG@10 {n['mean']:.4f} +- {n['std']:.4f} over seeds {e['seed_list']}")
+    ratio = summary["molar"].get("test_ndcg@10_ratio_to_sasrec")
+    if ratio:
+        lines.append(f"  Molar / SASRec, paired by seed: {ratio['mean']:.3f} +- {ratio['std']:.3f}")
+    return "\n".join(lines)

@@ -224,6 +224,9 @@ def check_model_matches(model_dir, prepared, option: str = "--prepared") -> None
     model_dir = Path(model_dir)
     meta = read_json(model_dir / "molar_model.json")
     recorded = meta.get("id_mapping_fingerprint")
+    # add-items extends the catalogue: a model trained on an earlier version of it still matches (the old
+    # ids keep their codes; new items are scored by content)
+    history = prepared.manifest.get("catalogue", {}).get("history", [])
     if recorded is None:
         from merlin.schema import Tags
         from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
@@ -236,7 +239,7 @@ def check_model_matches(model_dir, prepared, option: str = "--prepared") -> None
             cardinality = int(schema.select_by_tag(Tags.ITEM_ID).first.int_domain.max) + 1
         except Exception as e:
             raise MolarDataError(schema_file, f"not a readable model schema ({one_line(e, 200)})") from None
-        if cardinality != prepared.item_cardinality:
+        if cardinality != prepared.item_cardinality and cardinality not in {v.get("item_cardinality") for v in history}:
             raise MolarDataError(
                 option,
                 f"{prepared.root} has {prepared.item_cardinality} item ids but the model at {model_dir} scores "
@@ -249,7 +252,8 @@ def check_model_matches(model_dir, prepared, option: str = "--prepared") -> None
             model_dir, prepared.root,
         )
         return
-    if recorded != item_id_fingerprint(prepared):
+    versions = {v.get("id_mapping_fingerprint") for v in history}
+    if recorded not in versions and recorded != item_id_fingerprint(prepared):
         trained_on = meta.get("prepared") or "another prepared directory"
         raise MolarDataError(
             option,

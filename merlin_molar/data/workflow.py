@@ -152,7 +152,11 @@ def load_prepared(root) -> PreparedData:
     manifest = read_json(root / "molar_manifest.json")
     if not isinstance(manifest, dict) or "item_cardinality" not in manifest:
         raise MolarDataError(root / "molar_manifest.json", "not the manifest of a finished `prepare` run")
-    if "sha256" in manifest:
+    if (root / ".add_items.work" / "staged" / "ready").exists():
+        # an add-items run was interrupted while moving its files in: the checksums describe the old
+        # catalogue until the rerun of add-items finishes the move (it must be able to load this directory)
+        LOG.warning("%s: an interrupted `merlin-molar add-items` is pending: rerun it to finish", root)
+    elif "sha256" in manifest:
         verify_checksums(root, manifest["sha256"], "run `merlin-molar prepare` for this directory again")
     else:  # prepared before checksums were recorded: at least every parquet footer must read
         import pyarrow.parquet as pq
@@ -165,14 +169,22 @@ def load_prepared(root) -> PreparedData:
     return PreparedData(root)
 
 
-def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, partitions: int = 1) -> PreparedData:
+def prepare(
+    raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, partitions: int = 1, cold_items: float = 0.0
+) -> PreparedData:
     """Run the NVTabular workflows on ``raw`` and write the splits, item table and fitted workflow.
 
     ``partitions`` > 1 splits the interactions into that many Dask partitions (shuffled by user, as
-    NVTabular's Groupby requires) so that the workers of an active Dask cluster share the work."""
+    NVTabular's Groupby requires) so that the workers of an active Dask cluster share the work.
+
+    ``cold_items`` > 0 holds out that fraction of items, the latest to appear, as new items for cold-start
+    evaluation (:mod:`merlin_molar.cold_start`): Categorify is fitted without them, they stay only as test
+    targets (out of vocabulary until ``add-items`` adds ``cold_items.csv``)."""
     output_dir = Path(output_dir)
     # The fingerprint identifies the data; where it was read from (relative or absolute path) does not.
     identity = {"fingerprint": _fingerprint(raw), "max_length": max_length, "k_core": k}
+    if cold_items:
+        identity["cold_items"] = cold_items
     if max_length < 2:
         raise MolarDataError("max_length", f"must be at least 2 (one history item and one target), got {max_length}")
     with tempfile.TemporaryDirectory(prefix="molar-kcore-") as scratch:  # before the output dir is claimed
@@ -182,13 +194,23 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, part
         problem = f"no user has at least {MIN_HISTORY} interactions{after}"
         raise MolarDataError("--k-core" if after else raw.source, problem)
     claim_output_dir(output_dir, {**identity, "stage": "prepare"})
+    interactions = interactions.assign(**{ORDER_COLUMN: np.arange(len(interactions))})
+    fit_on, cold = interactions, None
+    if cold_items:
+        from merlin_molar.cold_start import hold_out_items
+
+        interactions, cold = hold_out_items(interactions, cold_items, ORDER_COLUMN)
+        fit_on = interactions[~interactions["item_id"].isin(set(cold))]
 
     wf = sequence_workflow(cat_path=str(output_dir / ".categories"), order_column=ORDER_COLUMN)
-    dataset = Dataset(interactions.assign(**{ORDER_COLUMN: np.arange(len(interactions))}), npartitions=partitions)
+    dataset = Dataset(interactions, npartitions=partitions)
+    fit_dataset = dataset if cold is None else Dataset(fit_on, npartitions=partitions)
     if partitions > 1:
         # persisted once on the cluster: fit and transform would each redo the shuffle
         dataset = Dataset(dataset.shuffle_by_keys(["user_id"]).to_ddf().persist())
-    grouped = wf.fit_transform(dataset).to_ddf().compute().sort_values("user_id", ignore_index=True)
+        fit_dataset = dataset if cold is None else fit_dataset  # only Categorify is fitted: no shuffle needed
+    wf.fit(fit_dataset)
+    grouped = wf.transform(dataset).to_ddf().compute().sort_values("user_id", ignore_index=True)
     if grouped.empty:
         raise MolarDataError(raw.source, f"no user has at least {MIN_HISTORY} interactions")
     with atomic_path(output_dir / "workflow", is_dir=True) as tmp:
@@ -216,6 +238,11 @@ def prepare(raw: RawDataset, output_dir, max_length: int = 200, k: int = 0, part
         "text_columns": raw.text_columns,
         "sha256": file_checksums(output_dir, ["workflow", *SPLITS, "items.parquet"]),
     }
+    if cold is not None:
+        from merlin_molar.cold_start import write_cold_files
+
+        manifest["cold_start"] = {"fraction": cold_items, **write_cold_files(output_dir, raw.items, cold, grouped,
+                                                                                interactions)}
     write_json(output_dir / "molar_manifest.json", manifest)
     return PreparedData(output_dir)
 

@@ -12,7 +12,7 @@ import torch
 from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
 
 from merlin_molar.errors import MolarDataError, check_choice
-from merlin_molar.evaluation import TOP_KS, history_without_last, mask_seen_items, ranking_metrics
+from merlin_molar.evaluation import FIRST_ITEM_ID, TOP_KS, history_without_last, mask_seen_items, ranking_metrics
 from merlin_molar.models.losses import REC_LOSSES, SampledInfoNCELoss, symmetric_infonce
 
 
@@ -54,6 +54,38 @@ class FullRankingNextItemTask(NextItemPredictionTask):
         if top_k is None:
             return scores
         return torch.topk(scores, k=top_k, dim=-1)
+
+
+NEW_ITEM_SCORING = ("quantile", "content")
+
+
+def calibrated_new_item_scores(
+    content_logp: torch.Tensor, id_logp: torch.Tensor, id_weight: float, method: str = "quantile"
+) -> torch.Tensor:
+    """Fused-scale scores for the items the ID branch has no embedding for (ids ``>= id_logp.size(-1)``).
+
+    A known item ``i`` scores ``(1 - w) c_i + w d_i`` (``c``, ``d``: content and ID log-softmax). A new item
+    ``j`` has only ``c_j``; its missing ``d_j`` is imputed per user so that the score lands on the same scale:
+
+    * ``"quantile"`` (default): ``d_j`` = the ID log-probability found at the same rank among the user's known
+      items as ``c_j`` holds among their content log-probabilities (quantile mapping, content -> ID). A new
+      item that content ranks like the user's 5th known item gets the 5th best ID score, so it competes
+      as such an item would: it neither never ranks nor always ranks first.
+    * ``"content"``: ``d_j = c_j`` (the content log-softmax alone; the two scales are assumed equal).
+
+    The reserved ids (0..2) are left out of the calibration.
+    """
+    if method not in NEW_ITEM_SCORING:
+        raise ValueError(f"new_item_scoring must be one of {NEW_ITEM_SCORING}, got {method!r}")
+    known = id_logp.size(-1)
+    new_c = content_logp[:, known:]
+    if method == "content" or id_weight <= 0:
+        return new_c
+    c_sorted = content_logp[:, FIRST_ITEM_ID:known].sort(dim=-1).values
+    d_sorted = id_logp[:, FIRST_ITEM_ID:known].sort(dim=-1).values
+    rank = torch.searchsorted(c_sorted.contiguous(), new_c.contiguous())  # known items with a lower content score
+    imputed = d_sorted.gather(-1, rank.clamp(max=d_sorted.size(-1) - 1))
+    return (1 - id_weight) * new_c + id_weight * imputed
 
 
 class MolarTask(FullRankingNextItemTask):
@@ -101,6 +133,7 @@ class MolarTask(FullRankingNextItemTask):
         self.id_dim = id_dim
         self.id_item_table = None
         self.align_head = None
+        self.new_item_scoring = "quantile"  # how items added after training are scored (see calibrated_new_item_scores)
 
     def attach_id_branch(self, id_inputs, content_dim: int) -> None:
         """Called by the model builder: the ID branch's item table and the content -> ID-width projection."""
@@ -118,6 +151,13 @@ class MolarTask(FullRankingNextItemTask):
         if ident is None or self.id_weight <= 0:
             return content_scores
         id_scores = self.id_loss.logits(ident, self.id_item_table.weight)
+        known = id_scores.size(-1)
+        if known < content_scores.size(-1):  # items added after training (cold_start.extend_catalogue)
+            content_logp = torch.log_softmax(content_scores, -1)
+            id_logp = torch.log_softmax(id_scores, -1)
+            fused = (1 - self.id_weight) * content_logp[:, :known] + self.id_weight * id_logp
+            new = calibrated_new_item_scores(content_logp, id_logp, self.id_weight, self.new_item_scoring)
+            return torch.cat([fused, new], dim=-1)
         if self.id_weight >= 1:
             return id_scores
         return (1 - self.id_weight) * torch.log_softmax(content_scores, -1) + self.id_weight * torch.log_softmax(

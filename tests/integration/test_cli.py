@@ -8,7 +8,8 @@ from merlin_molar.errors import MolarDataError
 from merlin_molar.pipeline import metrics_table, recommend, resolve_dataset, train
 from merlin_molar.training import TrainConfig
 
-COMMANDS = ["prepare", "embed-items", "finetune-items", "train", "evaluate", "recommend", "export", "quickstart"]
+COMMANDS = ["prepare", "embed-items", "add-items", "finetune-items", "train", "evaluate", "evaluate-cold-start",
+            "recommend", "extend-model", "export", "quickstart"]
 
 
 def test_every_subcommand_has_help(capsys):

@@ -1,0 +1,349 @@
+"""Content-based cold start: held-out "new" items, scoring them with a trained model, and measuring it.
+
+Three parts, each used by the CLI, the benchmark (``benchmarks/cold_start.py``) and the tests:
+
+* :func:`hold_out_items` (called by ``prepare(..., cold_items=0.1)``): the latest items to appear, by first
+  interaction time, become *cold*. Their interactions are removed from every history, except where one is
+  a user's last interaction: there it stays as that user's test target. NVTabular's Categorify is fitted
+  on the warm interactions only, so the prepared vocabulary (and every model trained on it) has never
+  seen a cold item; in the test split a cold target is Categorify's out-of-vocabulary id until the cold
+  items are added with ``merlin-molar add-items --items PREPARED/cold_items.csv``. (So in such a directory
+  the test metrics that ``train`` prints score cold targets as the OOV id; :func:`evaluate_cold_start` is the
+  cold-start measurement.)
+* :func:`extend_catalogue`: a trained Molar model scores the extended catalogue with no retraining. The
+  content tower reads the extended item table; the ID branch has no embedding for a new item, so the
+  task gives it a content-only score calibrated on the known items' ID scores (see
+  :func:`merlin_molar.models.task.calibrated_new_item_scores`). SASRec models are refused.
+* :func:`evaluate_cold_start`: full ranking over the extended catalogue (history masked), with metrics
+  reported separately for users whose test target is cold and users whose target is warm, for the model
+  and for three baselines scored in the same run: random, popularity (zero for items never seen in
+  training) and content-only nearest neighbour of the last item (cosine in the MIRM table).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Dict, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from merlin_molar.errors import MolarDataError
+
+COLD_ITEMS_FILE = "cold_items.csv"
+COLD_TARGETS_FILE = "cold_targets.parquet"
+OOV_ID = 2  # Categorify's out-of-vocabulary id
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hold-out (prepare)
+# --------------------------------------------------------------------------------------------------------------
+def hold_out_items(interactions: pd.DataFrame, fraction: float, order_column: str) -> Tuple[pd.DataFrame, list]:
+    """``(kept interactions, cold raw ids ordered by first appearance)``.
+
+    The cold items are the ``ceil(fraction * items)`` items whose first interaction is the latest. A cold
+    item's interaction is kept only where it is a user's last interaction (the test target)."""
+    if not 0 < fraction < 1:
+        raise MolarDataError("--cold-items", f"must be a fraction in (0, 1), got {fraction}")
+    ordered = interactions.sort_values(["timestamp", order_column], kind="stable")
+    first = ordered.drop_duplicates("item_id", keep="first")
+    n_cold = int(math.ceil(fraction * len(first)))
+    if n_cold >= len(first):
+        raise MolarDataError("--cold-items", f"{fraction} would hold out every item")
+    cold = first["item_id"].tolist()[-n_cold:]
+    is_cold = interactions["item_id"].isin(set(cold))
+    last_of_user = ordered.drop_duplicates("user_id", keep="last").index
+    keep = ~is_cold | interactions.index.isin(last_of_user)
+    return interactions[keep], cold
+
+
+def write_cold_files(root: Path, raw_items: pd.DataFrame, cold: Sequence, test: pd.DataFrame, kept) -> dict:
+    """Write ``cold_items.csv`` (content rows of the cold items, in first-appearance order: the file to give
+    ``add-items``) and ``cold_targets.parquet`` (user_id, raw id of the cold test target)."""
+    from merlin_molar.io import atomic_path
+
+    by_id = raw_items.set_index("item_id")
+    present = [i for i in cold if i in by_id.index]
+    if not present:
+        raise MolarDataError("--cold-items", "none of the held-out items has a row in the item table")
+    rows = by_id.loc[present].reset_index()
+    with atomic_path(root / COLD_ITEMS_FILE) as tmp:
+        rows.to_csv(tmp, index=False)
+    cold_set = set(cold)
+    last = kept.sort_values(["timestamp", "interaction_order"], kind="stable").drop_duplicates("user_id", keep="last")
+    targets = last[last["item_id"].isin(cold_set) & last["user_id"].isin(set(test["user_id"]))]
+    targets = pd.DataFrame({"user_id": targets["user_id"].to_numpy(), "item_id_raw": targets["item_id"].to_numpy()})
+    with atomic_path(root / COLD_TARGETS_FILE) as tmp:
+        targets.sort_values("user_id").to_parquet(tmp, index=False)
+    return {
+        "cold_items": len(cold),
+        "cold_items_with_content": len(present),
+        "cold_target_users": int(len(targets)),
+        "items_file": COLD_ITEMS_FILE,
+        "targets_file": COLD_TARGETS_FILE,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# scoring new items with a trained model
+# --------------------------------------------------------------------------------------------------------------
+class KnownIdsEmbedding(torch.nn.Module):
+    """An ID branch's item embedding that reads ids it was not trained on as Categorify's OOV id."""
+
+    def __init__(self, embedding: torch.nn.Embedding, known: int, oov: int = OOV_ID):
+        super().__init__()
+        self.embedding, self.known, self.oov = embedding, known, oov
+
+    @property
+    def weight(self):
+        return self.embedding.weight
+
+    def forward(self, ids):
+        return self.embedding(torch.where(ids >= self.known, torch.full_like(ids, self.oov), ids))
+
+
+def extend_catalogue(model, kind: str, table: torch.Tensor, new_item_scoring: str = "quantile"):
+    """Make a trained model score ``table``'s catalogue (the model's own table plus rows added after it was
+    trained), in place; returns the model.
+
+    The first rows of ``table`` must be byte-identical to the table the model was trained with, so a table
+    of another dataset or encoder cannot be swapped in by mistake."""
+    if kind == "sasrec":
+        raise MolarDataError(
+            "model",
+            "a SASRec model has no embedding for items added after training and cannot score them "
+            "(retrain it, or use a Molar model, whose content tower scores new items)",
+        )
+    if kind != "molar":
+        raise MolarDataError("model", f"unknown model kind {kind!r}")
+    content = model.heads[0].body.content[0].categorical_module
+    col = next(iter(content.embedding_tables))
+    emb = content.embedding_tables[col]
+    known = int(getattr(emb, "known_items", emb.table.size(0)))
+    old = emb.table[:known]
+    table = table.to(dtype=torch.float32, device=old.device)
+    if table.size(0) < known or table.size(1) != old.size(1) or not torch.equal(table[:known], old):
+        raise MolarDataError(
+            "item table",
+            f"its first {known} rows are not the table this model was trained with (another dataset, encoder "
+            "or catalogue version): use the table the model was trained on, extended with `add-items`",
+        )
+    emb.table = table.clone()
+    emb.known_items = known
+    emb.num_embeddings = table.size(0)
+    emb._cached_weight = None
+    task = model.heads[0].prediction_task_dict["next-item"]
+    task.known_items = known
+    task.new_item_scoring = new_item_scoring
+    id_body = model.heads[0].body.id_body
+    if id_body is not None:
+        tables = id_body.inputs.categorical_module.embedding_tables
+        id_col = next(iter(tables))
+        if not isinstance(tables[id_col], KnownIdsEmbedding):
+            tables[id_col] = KnownIdsEmbedding(tables[id_col], known)
+    return model
+
+
+def model_for_catalogue(model, kind: str, prepared, item_table_path=None, new_item_scoring: str = "quantile"):
+    """``model`` ready to score ``prepared``'s current catalogue: unchanged when it was trained on it, extended
+    with the prepared item table when items were added since (``add-items``)."""
+    cardinality = prepared.item_cardinality
+    trained = _trained_cardinality(model, kind)
+    if trained == cardinality:
+        return model
+    if trained > cardinality:
+        raise MolarDataError(prepared.root, f"has {cardinality} item ids, fewer than the model's {trained}")
+    if kind == "sasrec":
+        extend_catalogue(model, kind, None)  # raises the clear SASRec error
+    from merlin_molar.items import load_item_table
+
+    path = Path(item_table_path) if item_table_path else prepared.root / "item_table"
+    return extend_catalogue(model, kind, load_item_table(path, prepared), new_item_scoring)
+
+
+def _trained_cardinality(model, kind: str) -> int:
+    body = model.heads[0].body
+    if kind == "molar":
+        emb = next(iter(body.content[0].categorical_module.embedding_tables.values()))
+        return int(emb.num_embeddings)
+    return int(body.inputs.categorical_module.item_embedding_table.weight.size(0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------------------------------
+def cold_test_split(prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(histories [users, max_length] left-aligned, targets [users], is_cold [users])`` of the test split,
+    with each cold target re-encoded through the prepared (extended) vocabulary."""
+    import nvtabular as nvt
+
+    from merlin_molar.data.workflow import ITEM_SEQUENCE, item_id_mapping
+
+    manifest = prepared.manifest
+    if "cold_start" not in manifest:
+        raise MolarDataError(prepared.root, "was not prepared with a cold-item hold-out (prepare --cold-items)")
+    test = prepared.split_frame("test").sort_values("user_id").reset_index(drop=True)
+    sequences = [np.asarray(s, dtype=np.int64) for s in test[ITEM_SEQUENCE]]
+    cold = pd.read_parquet(prepared.root / COLD_TARGETS_FILE)
+    mapping = item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path)))
+    missing = sorted(set(cold["item_id_raw"]) - set(mapping.index))
+    if missing:
+        raise MolarDataError(
+            prepared.root,
+            f"{len(missing)} cold item(s) are not in the vocabulary yet, e.g. {missing[:5]}: run "
+            f"`merlin-molar add-items --prepared {prepared.root} --items {prepared.root / COLD_ITEMS_FILE}` first",
+        )
+    row_of = {u: i for i, u in enumerate(test["user_id"].tolist())}
+    is_cold = np.zeros(len(test), dtype=bool)
+    for user, raw in zip(cold["user_id"].tolist(), cold["item_id_raw"].tolist()):
+        i = row_of[user]
+        if sequences[i][-1] != OOV_ID:
+            raise MolarDataError(prepared.root / "test", f"user {user}: the cold target is not the OOV id")
+        sequences[i] = sequences[i].copy()
+        sequences[i][-1] = int(mapping[raw])
+        is_cold[i] = True
+    if (np.array([s[-1] for s in sequences]) == OOV_ID).any():
+        raise MolarDataError(prepared.root / "test", "a test target is out of vocabulary but not a cold item")
+    length = prepared.max_length
+    histories = torch.zeros(len(sequences), length, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        h = np.array(s[:-1][-length:])
+        histories[i, : len(h)] = torch.from_numpy(h)
+    targets = torch.tensor([int(s[-1]) for s in sequences])
+    return histories, targets, torch.from_numpy(is_cold)
+
+
+def model_scorer(model, width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Scores of a T4Rec model in inference mode for padded histories, padded with -inf to ``width``
+    columns (a model that does not know the new items cannot rank them)."""
+    task = model.heads[0].prediction_task_dict["next-item"]
+
+    def score(histories):
+        task.mask_history = False  # the evaluator masks, the same way for every scorer
+        try:
+            with torch.no_grad():
+                scores = model({"item_id-list": histories}).float()
+        finally:
+            task.mask_history = True
+        if scores.size(1) < width:
+            pad = torch.full((scores.size(0), width - scores.size(1)), float("-inf"))
+            scores = torch.cat([scores, pad], dim=1)
+        return scores
+
+    return score
+
+
+def content_knn_scorer(table: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Cosine similarity, in the MIRM table, between every item and the user's last item."""
+    normed = torch.nn.functional.normalize(table.float(), dim=1)
+
+    def score(histories):
+        last = histories.gather(1, ((histories != 0).sum(1) - 1).clamp(min=0).view(-1, 1)).squeeze(1)
+        return normed[last] @ normed.T
+
+    return score
+
+
+def popularity_scorer(prepared, width: int, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Interaction counts in the validation split's histories (every interaction training saw, including the
+    validation targets); zero for items never seen. Ties are broken at random."""
+    from merlin_molar.data.workflow import ITEM_SEQUENCE
+
+    valid = prepared.split_frame("valid")[ITEM_SEQUENCE]
+    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in valid]), minlength=width)[:width]
+    counts = torch.from_numpy(counts.astype(np.float32))
+    generator = torch.Generator().manual_seed(seed)
+
+    def score(histories):
+        return counts.expand(histories.size(0), -1) + 0.5 * torch.rand(histories.size(0), width, generator=generator)
+
+    return score
+
+
+def random_scorer(width: int, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return lambda histories: torch.rand(histories.size(0), width, generator=generator)
+
+
+def evaluate_cold_start(
+    prepared,
+    scorers: Dict[str, Callable],
+    top_ks=(10, 20, 50),
+    batch_size: int = 256,
+    progress: bool = True,
+    known_items: int = None,
+) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``{scorer: {"cold"|"warm"|"all": {"recall@K", "ndcg@K", "users"}}}`` over the test split, full ranking
+    of the prepared catalogue, reserved ids and history masked (the target never). With ``known_items``
+    (the catalogue size before the new items), each group also reports ``new_item_share@10``: the fraction
+    of its top-10 slots taken by new items."""
+    from tqdm.auto import tqdm
+
+    from merlin_molar.evaluation import mask_seen_items, reference_metrics
+
+    histories, targets, is_cold = cold_test_split(prepared)
+    width = prepared.item_cardinality
+    results = {}
+    for name, scorer in scorers.items():
+        per_user: Dict[str, list] = {}
+        for start in tqdm(range(0, len(targets), batch_size), desc=f"cold-start eval [{name}]", disable=not progress):
+            h, t = histories[start : start + batch_size], targets[start : start + batch_size]
+            scores = scorer(h)
+            if scores.size(1) != width:
+                raise MolarDataError(name, f"scored {scores.size(1)} items, the catalogue has {width}")
+            scores = mask_seen_items(scores, h, t)
+            for key, value in reference_metrics(scores, t, top_ks).items():
+                per_user.setdefault(key, []).append(value)
+            if known_items is not None:
+                top = torch.topk(scores, 10, dim=1).indices
+                per_user.setdefault("new_item_share_at_10", []).append((top >= known_items).float().mean(1))
+        per_user = {k: torch.cat(v) for k, v in per_user.items()}
+        out = {}
+        for group, mask in (("cold", is_cold), ("warm", ~is_cold), ("all", torch.ones_like(is_cold))):
+            n = int(mask.sum())
+            metrics = {"users": n}
+            for key, values in per_user.items():
+                metric, k = key.split("_at_")
+                metrics[f"{metric}@{k}"] = float(values[mask].mean()) if n else float("nan")
+            out[group] = metrics
+        results[name] = out
+    return results
+
+
+def cold_start_table(results: Dict[str, Dict], ks=(10, 20)) -> str:
+    header = f"{'variant':<24}" + "".join(f"{g + ' ' + m + '@' + str(k):>16}" for g in ("cold", "warm")
+                                         for k in ks for m in ("R", "N"))
+    lines = [header, "-" * len(header)]
+    for name, r in results.items():
+        cells = "".join(f"{r[g][('recall' if m == 'R' else 'ndcg') + '@' + str(k)]:>16.4f}" for g in ("cold", "warm")
+                        for k in ks for m in ("R", "N"))
+        lines.append(f"{name:<24}{cells}")
+    return "\n".join(lines)
+
+
+def summary(results: Dict[str, Dict], k: int = 10) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """The ``{variant: {"cold": {"recall@10", "ndcg@10"}, "warm": {...}}}`` shape of the benchmark JSON."""
+    return {
+        name: {g: {f"recall@{k}": r[g][f"recall@{k}"], f"ndcg@{k}": r[g][f"ndcg@{k}"]} for g in ("cold", "warm")}
+        for name, r in results.items()
+    }
+
+
+__all__ = [
+    "COLD_ITEMS_FILE",
+    "COLD_TARGETS_FILE",
+    "KnownIdsEmbedding",
+    "cold_start_table",
+    "content_knn_scorer",
+    "evaluate_cold_start",
+    "extend_catalogue",
+    "hold_out_items",
+    "model_for_catalogue",
+    "model_scorer",
+    "popularity_scorer",
+    "random_scorer",
+    "summary",
+    "cold_test_split",
+]
+

@@ -1,0 +1,413 @@
+"""Add new items to a prepared catalogue without re-fitting anything: the vocabulary and the item table grow.
+
+    >>> from merlin_molar.data import load_prepared
+    >>> from merlin_molar.items.add_items import add_items
+    >>> add_items(load_prepared("/tmp/p"), "new_items.csv")         # doctest: +SKIP
+
+What it does, on a directory written by ``prepare`` and ``embed-items``:
+
+* **vocabulary**: the fitted NVTabular Categorify vocabulary gets the new raw ids appended, in file order,
+  with the next free ids (existing ids never move). The extended vocabulary is a new immutable file
+  ``catalogue/v<N>/unique.item_id.parquet``; the saved workflow (``workflow/``) is re-saved around it, so
+  the same ``Workflow.transform`` (and the served workflow after ``export``) maps the new raw ids.
+* **item table**: the new rows are embedded with the encoder, prompt template and settings recorded in
+  the table's ``metadata.json`` and appended; existing rows, ids and vectors are copied byte for byte.
+* **content**: ``items.parquet`` gains the new items' content rows.
+* **version**: the manifest records catalogue version ``N`` with the new item cardinality and the id
+  mapping's fingerprint (also written into the table's metadata), so a model or a server can tell which
+  catalogue it was made for.
+
+It refuses (:class:`MolarDataError`, one line) an id already present with different content, an encoder
+that differs from the table's, and a file without usable content. An id already present with the same
+content is skipped, so re-running the same file is a no-op. It is atomic and resumable: the new rows are
+embedded in chunks into ``PREPARED/.add_items.work`` (a re-run skips finished chunks); everything is staged
+there and only then moved into place, the manifest last; an interrupted move is finished by the re-run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import pandas as pd
+
+from merlin_molar.errors import MolarDataError
+from merlin_molar.io import atomic_path, file_checksums, read_json, write_json
+
+LOG = logging.getLogger(__name__)
+WORK_DIR = ".add_items.work"
+VOCAB_FILE = "unique.item_id.parquet"
+CHUNK_ITEMS = 256
+# The steps of the final move, in order; the manifest (which names the catalogue version) goes last.
+STAGED = ("workflow", "items.parquet", "item_table", "molar_manifest.json")
+
+
+@dataclass
+class AddItemsResult:
+    version: int
+    added: List  # raw ids added, in id order
+    first_id: Optional[int]  # encoded id of the first added item
+    skipped: List  # raw ids already present with the same content
+    item_cardinality: int
+    id_mapping_fingerprint: str
+    item_table: Path
+
+
+def read_new_items(path, text_columns, images_dir=None, id_dtype=None) -> pd.DataFrame:
+    """The new items file (csv, or parquet), checked: ``item_id``, unique ids, some content per row."""
+    from merlin_molar.data.readers import _as_id
+
+    path = Path(path)
+    if not path.is_file():
+        raise MolarDataError(path, "file not found")
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, dtype={"year": "string"}, keep_default_na=False, na_values={"image": [""]})
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise MolarDataError(path, f"not a readable item table ({e})") from None
+    if "item_id" not in frame:
+        raise MolarDataError(path, f"missing column 'item_id'; found {list(frame.columns)}")
+    if frame.empty:
+        raise MolarDataError(path, "no items (empty table)")
+    content = [c for c in text_columns if c in frame] + (["image"] if "image" in frame else [])
+    if not content:
+        raise MolarDataError(path, f"no usable content: none of the columns {list(text_columns) + ['image']}")
+    frame = frame.copy()
+    frame["item_id"] = _as_id(frame["item_id"])
+    if id_dtype is not None and frame["item_id"].dtype != id_dtype:
+        try:
+            frame["item_id"] = frame["item_id"].astype(id_dtype)
+        except (TypeError, ValueError):
+            raise MolarDataError(path, f"item_id values are not of the catalogue's id type ({id_dtype})") from None
+    dup = frame["item_id"][frame["item_id"].duplicated()]
+    if len(dup):
+        raise MolarDataError(path, f"{len(dup)} duplicate item id(s), e.g. {dup.head(3).tolist()}")
+    for c in text_columns:
+        if c not in frame:
+            frame[c] = None
+    if "image" not in frame:
+        frame["image"] = None
+    root = Path(images_dir) if images_dir else path.parent
+    frame["image"] = [
+        None if not _present(p) else str(Path(str(p)) if Path(str(p)).is_absolute() else (root / str(p)).resolve())
+        for p in frame["image"]
+    ]
+    no_content = [i for i, row in zip(frame["item_id"], frame[list(text_columns)].itertuples(False))
+                  if not any(_present(v) for v in row)]
+    no_content = [i for i, img in zip(frame["item_id"], frame["image"]) if i in set(no_content) and img is None]
+    if len(no_content) == len(frame):
+        raise MolarDataError(path, f"no usable content: every row has empty {list(text_columns)} and no image")
+    if no_content:
+        raise MolarDataError(path, f"{len(no_content)} item(s) have neither text nor an image, e.g. {no_content[:5]}")
+    return frame
+
+
+def _present(value) -> bool:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return False
+    return str(value).strip() != ""
+
+
+def _norm(value) -> str:
+    return str(value).strip() if _present(value) else ""
+
+
+def categorify_op(workflow):
+    """The fitted Categorify of a workflow (exactly one)."""
+    from merlin.dag import iter_nodes
+    from nvtabular.ops import Categorify
+
+    ops = [node.op for node in iter_nodes([workflow.output_node]) if isinstance(node.op, Categorify)]
+    if len(ops) != 1:
+        raise MolarDataError("workflow", f"expected one Categorify op, found {len(ops)}")
+    return ops[0]
+
+
+def extend_vocabulary(workflow, new_raw_ids: List, vocab_path: Path):
+    """Append ``new_raw_ids`` to the workflow's fitted Categorify vocabulary, written to ``vocab_path`` (a new
+    file), and point the workflow (and its output schema) at it. Returns the new codes."""
+    op = categorify_op(workflow)
+    (column,) = list(op.categories)
+    vocab = pd.read_parquet(op.categories[column])
+    start = int(vocab.index.max()) + 1
+    added = pd.DataFrame(
+        {column: np.asarray(new_raw_ids, dtype=vocab[column].dtype), **{c: 0 for c in vocab.columns if c != column}},
+        index=pd.RangeIndex(start, start + len(new_raw_ids)),
+    )
+    extended = pd.concat([vocab, added])
+    if not isinstance(extended.index, pd.RangeIndex):
+        extended.index = pd.RangeIndex(int(vocab.index.min()), start + len(new_raw_ids))
+    vocab_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(vocab_path) as tmp:
+        extended.to_parquet(tmp)
+    op.categories[column] = str(vocab_path)
+    workflow.fit_schema(workflow.input_schema)  # domain / cardinality / cat_path from the new file
+    return list(range(start, start + len(new_raw_ids)))
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _check_encoder(metadata: dict, encoder, table_dir: Path):
+    """The table's encoder, rebuilt from its metadata; or ``encoder`` if it is the same one."""
+    from merlin_molar.items import build_encoder
+    from merlin_molar.items.prompts import ItemPromptBuilder
+
+    recorded = metadata["encoder"]
+    if encoder is None or isinstance(encoder, (str, os.PathLike)):
+        if encoder is not None and str(encoder) != recorded["name_or_path"]:
+            raise MolarDataError(
+                "--encoder", f"{encoder} differs from the item table's encoder {recorded['name_or_path']} "
+                f"({table_dir / 'metadata.json'}): new rows must come from the same encoder"
+            )
+        prompts = ItemPromptBuilder(**recorded["prompts"])
+        kwargs = {"prompts": prompts}
+        if recorded.get("kind") == "sentence" and recorded.get("max_seq_length"):
+            kwargs["max_seq_length"] = recorded["max_seq_length"]
+        if recorded.get("dtype"):
+            import torch
+
+            kwargs["dtype"] = getattr(torch, recorded["dtype"].replace("torch.", ""))
+        encoder = build_encoder(recorded["name_or_path"], kind=recorded["kind"], **kwargs)
+    described = {**encoder.describe(), "prompts": encoder.prompts.describe()}
+    ignore = {"device"}
+    keys = (set(described) | set(recorded)) - ignore
+    differs = sorted(k for k in keys if described.get(k) != recorded.get(k))
+    if differs:
+        detail = ", ".join(f"{k}: {described.get(k)!r} vs {recorded.get(k)!r}" for k in differs[:3])
+        raise MolarDataError("encoder", f"differs from the item table's ({detail}); new rows must use the same encoder")
+    return encoder
+
+
+def _replace(staged: Path, final: Path) -> None:
+    if not staged.exists():
+        return
+    if staged.is_dir():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+
+
+def _commit(work: Path, targets: dict) -> None:
+    for name in STAGED:
+        if name in targets:
+            _replace(work / "staged" / name, targets[name])
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def add_items(
+    prepared,
+    items_path,
+    item_table=None,
+    images_dir=None,
+    encoder=None,
+    batch_size: int = 32,
+    progress: bool = True,
+    max_chunks: Optional[int] = None,
+) -> AddItemsResult:
+    """Add the items of ``items_path`` to ``prepared``'s vocabulary and item table (default
+    ``PREPARED/item_table``); see the module docstring. ``encoder``: ``None`` (rebuild the table's), a path
+    that must equal the table's, or an :class:`ItemEncoder` whose description must match it.
+    ``max_chunks`` stops after that many newly embedded chunks (a later call resumes)."""
+    import nvtabular as nvt
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    from merlin_molar.data.workflow import item_id_mapping
+    from merlin_molar.items.table import (
+        EMBEDDINGS_FILE,
+        METADATA_FILE,
+        _load_npz,
+        _save_npz,
+        _write_table,
+        encode_items,
+        item_id_fingerprint,
+        read_table_metadata,
+    )
+
+    root = Path(prepared.root)
+    table_dir = Path(item_table) if item_table else root / "item_table"
+    work = root / WORK_DIR
+    targets = {
+        "workflow": root / "workflow",
+        "items.parquet": root / "items.parquet",
+        "item_table": table_dir,
+        "molar_manifest.json": root / "molar_manifest.json",
+    }
+    if (work / "staged" / "ready").exists():  # an interrupted move: finish it first
+        plan = read_json(work / "plan.json")
+        LOG.info("finishing the interrupted add-items of version %s", plan["version"])
+        _commit(work, targets)
+        from merlin_molar.data import load_prepared
+
+        prepared = load_prepared(root)
+
+    if not (table_dir / EMBEDDINGS_FILE).is_file():
+        raise MolarDataError(table_dir, "no item table: run `merlin-molar embed-items` first, or pass --item-table")
+    metadata = read_table_metadata(table_dir)
+    manifest = prepared.manifest
+    if metadata.get("item_cardinality") != prepared.item_cardinality or metadata.get(
+        "id_mapping_fingerprint"
+    ) != item_id_fingerprint(prepared):
+        raise MolarDataError(table_dir, f"was not made for the current catalogue of {root}: re-run embed-items")
+    text_columns = metadata["encoder"]["prompts"].get("text_columns") or manifest.get("text_columns") or []
+    workflow = nvt.Workflow.load(str(prepared.workflow_path))
+    mapping = item_id_mapping(workflow)
+    frame = read_new_items(items_path, text_columns, images_dir, mapping.index.dtype)
+
+    # ids already present: same content -> skipped, different content -> refused
+    present = frame[frame["item_id"].isin(mapping.index)]
+    skipped = []
+    if len(present):
+        existing = prepared.items().set_index("item_id_raw")
+        for _, row in present.iterrows():
+            old = existing.loc[row["item_id"]] if row["item_id"] in existing.index else None
+            if old is None or not bool(old.get("has_content", False)):
+                msg = f"item_id {row['item_id']} is already in the catalogue without content"
+                raise MolarDataError(items_path, msg)
+            diff = [c for c in text_columns if _norm(row[c]) != _norm(old.get(c))]
+            if diff:
+                c = diff[0]
+                raise MolarDataError(
+                    items_path,
+                    f"item_id {row['item_id']} is already in the catalogue with different content "
+                    f"({c}: {_norm(row[c])!r} vs {_norm(old.get(c))!r})",
+                )
+            skipped.append(row["item_id"])
+    new = frame[~frame["item_id"].isin(mapping.index)].reset_index(drop=True)
+    version = int(manifest.get("catalogue", {}).get("version", 1))
+    if new.empty:
+        LOG.info("nothing to add: all %d item(s) are already in the catalogue", len(frame))
+        return AddItemsResult(version, [], None, skipped, prepared.item_cardinality,
+                              metadata["id_mapping_fingerprint"], table_dir)
+
+    encoder = _check_encoder(metadata, encoder, table_dir)
+    new_version = version + 1
+    first_id = prepared.item_cardinality
+    codes = list(range(first_id, first_id + len(new)))
+    vocab_path = root / "catalogue" / f"v{new_version}" / VOCAB_FILE
+    plan = {
+        "version": new_version,
+        "base_fingerprint": metadata["id_mapping_fingerprint"],
+        "items_file_sha": _file_sha(items_path),
+        "new_raw_ids": [str(i) for i in new["item_id"]],
+        "first_id": first_id,
+        "vocab_path": str(vocab_path),
+        "batch_size": batch_size,
+        "encoder": metadata["encoder"],
+    }
+    if (work / "plan.json").exists() and read_json(work / "plan.json") != plan:
+        raise MolarDataError(work, "holds an unfinished add-items run of another file or catalogue: delete it first")
+    write_json(work / "plan.json", plan)
+
+    # 1. embed the new rows, chunk by chunk (resumable)
+    prompts = encoder.prompts.with_columns(text_columns)
+    contents = prompts.items_from_frame(new.assign(item_id=codes), items_path)
+    chunks = [list(range(s, min(s + CHUNK_ITEMS, len(contents)))) for s in range(0, len(contents), CHUNK_ITEMS)]
+    done = sum((work / f"chunk-{c:05d}.npz").exists() for c in range(len(chunks)))
+    encoded_now = 0
+    with tqdm(total=len(contents), initial=sum(len(chunks[c]) for c in range(len(chunks))
+                                               if (work / f"chunk-{c:05d}.npz").exists()),
+              desc=f"add items [{encoder.kind}]", unit="item", disable=not progress) as bar:
+        for c, index in enumerate(chunks):
+            path = work / f"chunk-{c:05d}.npz"
+            if path.exists():
+                continue
+            if max_chunks is not None and encoded_now >= max_chunks:
+                return AddItemsResult(version, [], None, skipped, prepared.item_cardinality,
+                                      metadata["id_mapping_fingerprint"], table_dir)
+            batch = encode_items(encoder, [contents[i] for i in index], batch_size=batch_size, progress=False)
+            _save_npz(path, [codes[i] for i in index], batch.embeddings, batch.used_image, batch.image_problems)
+            encoded_now += 1
+            bar.update(len(index))
+    if done:
+        LOG.info("resumed: %d of %d chunks were already embedded", done, len(chunks))
+    parts = [_load_npz(work / f"chunk-{c:05d}.npz") for c in range(len(chunks))]
+    new_ids = np.concatenate([p[0] for p in parts])
+    new_emb = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    new_used = np.concatenate([p[2] for p in parts])
+    problems = {k: v for p in parts for k, v in p[3].items()}
+    if not np.array_equal(new_ids, np.asarray(codes)):
+        raise MolarDataError(work, "embedded chunks do not match the plan: delete the work dir and re-run")
+
+    # 2. stage: vocabulary + workflow, items.parquet, item table, manifest
+    staged = work / "staged"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    new_codes = extend_vocabulary(workflow, new["item_id"].tolist(), vocab_path)
+    if new_codes != codes:
+        raise MolarDataError(prepared.workflow_path, "the vocabulary's next free id is not the item cardinality")
+    workflow.save(str(staged / "workflow"))
+    extended_mapping = item_id_mapping(workflow)
+    if not all(extended_mapping[r] == c for r, c in zip(new["item_id"], codes)):
+        raise MolarDataError(prepared.workflow_path, "the extended vocabulary does not map the new ids as planned")
+    lines = "".join(f"{enc}\t{raw}\n" for raw, enc in extended_mapping.sort_values().items())
+    fingerprint = hashlib.sha256(lines.encode()).hexdigest()
+
+    items = prepared.items()
+    added_rows = new.drop(columns=["item_id"]).assign(item_id_raw=new["item_id"].to_numpy(), item_id=codes,
+                                                      has_content=True)
+    added_rows = added_rows[[c for c in added_rows.columns if c in items.columns or c in text_columns]]
+    pd.concat([items, added_rows], ignore_index=True).to_parquet(staged / "items.parquet", index=False)
+
+    arrow = pq.read_table(table_dir / EMBEDDINGS_FILE)
+    dim = int(metadata["dim"])
+    old = arrow.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    old = old.astype(np.float32, copy=False).reshape(-1, dim)
+    table = np.concatenate([old, new_emb])
+    has_embedding = arrow.column("has_embedding").to_numpy(zero_copy_only=False)
+    has_embedding = np.concatenate([has_embedding, np.ones(len(codes), bool)])
+    used_image = np.concatenate([arrow.column("used_image").to_numpy(zero_copy_only=False), new_used])
+    (staged / "item_table").mkdir()
+    _write_table(staged / "item_table", table, has_embedding, used_image)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    entry = {"version": new_version, "created": now, "items_file": str(Path(items_path).resolve()),
+             "items_file_sha": plan["items_file_sha"], "added": len(codes), "first_id": first_id,
+             "item_cardinality": len(table), "id_mapping_fingerprint": fingerprint}
+    history = metadata.get("catalogue_versions") or [
+        {"version": 1, "item_cardinality": metadata["item_cardinality"],
+         "id_mapping_fingerprint": metadata["id_mapping_fingerprint"]}
+    ]
+    write_json(staged / "item_table" / METADATA_FILE, {
+        **metadata,
+        "item_cardinality": len(table),
+        "items_embedded": int(has_embedding.sum()),
+        "items_with_image": int(used_image.sum()),
+        "id_mapping_fingerprint": fingerprint,
+        "catalogue_version": new_version,
+        "catalogue_versions": history + [entry],
+        "missing_image_count": int(metadata.get("missing_image_count", 0)) + len(problems),
+        "missing_image_ids": list(metadata.get("missing_image_ids", [])) + sorted(problems),
+    })
+    (staged / "item_table").chmod(0o755)
+    catalogue = manifest.get("catalogue") or {"version": 1, "history": [history[0]]}
+    checksums = manifest.get("sha256")
+    if checksums is not None:  # the prepared directory's checksums follow the files add-items replaces
+        checksums = {k: v for k, v in checksums.items() if not (k == "items.parquet" or k.startswith("workflow/"))}
+        checksums.update(file_checksums(staged, ["workflow", "items.parquet"]))
+    write_json(staged / "molar_manifest.json", {
+        **manifest,
+        **({"sha256": checksums} if checksums is not None else {}),
+        "item_cardinality": len(table),
+        "catalogue": {"version": new_version, "item_cardinality": len(table), "id_mapping_fingerprint": fingerprint,
+                      "history": catalogue["history"] + [entry]},
+    })
+    (staged / "ready").write_text(now)
+
+    # 3. move into place (the manifest last)
+    _commit(work, targets)
+    LOG.info("added %d item(s) as ids %d..%d (catalogue version %d)", len(codes), codes[0], codes[-1], new_version)
+    return AddItemsResult(new_version, new["item_id"].tolist(), first_id, skipped, len(table), fingerprint, table_dir)

@@ -1,0 +1,373 @@
+"""Cold start on the synthetic catalogue: the prepare hold-out, add-items (vocabulary + table versions,
+refusals, resume), a trained-once Molar model scoring new items, and the cold/warm evaluator."""
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import merlin_molar.items.add_items as add_items_module
+from merlin_molar.cold_start import (
+    COLD_ITEMS_FILE,
+    COLD_TARGETS_FILE,
+    OOV_ID,
+    content_knn_scorer,
+    evaluate_cold_start,
+    extend_catalogue,
+    model_for_catalogue,
+    model_scorer,
+    popularity_scorer,
+    random_scorer,
+)
+from merlin_molar.data import ITEM_SEQUENCE, load_prepared, prepare, read_dataset
+from merlin_molar.errors import MolarDataError
+from merlin_molar.items import embed_catalogue, item_id_fingerprint, load_item_table
+from merlin_molar.items.add_items import add_items
+from merlin_molar.models.dueg import small_decoder_config
+from merlin_molar.models.molar import MolarConfig, molar_model
+from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
+from merlin_molar.models.task import calibrated_new_item_scores
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from merlin_molar.items import build_encoder
+
+    return build_encoder(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cold_base(tmp_path_factory, tiny_dir, minilm):
+    """Synthetic data prepared with 10% cold items, warm catalogue embedded with MiniLM (never mutated)."""
+    root = tmp_path_factory.mktemp("cold") / "prepared"
+    prepared = prepare(read_dataset(tiny_dir), root, max_length=20, cold_items=0.1)
+    embed_catalogue(prepared, minilm, root / "item_table", progress=False)
+    return prepared
+
+
+@pytest.fixture
+def cold(cold_base, tmp_path):
+    """A private copy of the cold prepared dir that a test may extend."""
+    root = tmp_path / "prepared"
+    shutil.copytree(cold_base.root, root)
+    return load_prepared(root)
+
+
+def vocabulary(prepared) -> pd.Series:
+    import nvtabular as nvt
+
+    from merlin_molar.data.workflow import item_id_mapping
+
+    return item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path)))
+
+
+def table_arrays(path):
+    t = pq.read_table(path / "embeddings.parquet")
+    return {c: t.column(c).combine_chunks() for c in t.column_names}
+
+
+# --- prepare --cold-items --------------------------------------------------------------------------------------
+def test_cold_items_are_the_latest_to_appear_and_only_test_targets(cold_base, tiny_dir):
+    raw = read_dataset(tiny_dir)
+    inter = raw.interactions.assign(order=np.arange(len(raw.interactions)))
+    first_seen = inter.sort_values(["timestamp", "order"]).drop_duplicates("item_id")["item_id"].tolist()
+    cold_file = pd.read_csv(cold_base.root / COLD_ITEMS_FILE)
+    n_cold = int(np.ceil(0.1 * len(first_seen)))
+    assert cold_file["item_id"].tolist() == first_seen[-n_cold:]
+    assert cold_base.manifest["cold_start"]["cold_items"] == n_cold
+
+    mapping = vocabulary(cold_base)
+    assert not set(cold_file["item_id"]) & set(mapping.index)  # Categorify never saw them
+    assert cold_base.item_cardinality == 3 + len(first_seen) - n_cold
+    for split in ("train", "valid"):
+        codes = np.concatenate(cold_base.split_frame(split)[ITEM_SEQUENCE].map(np.asarray).tolist())
+        assert (codes >= 3).all()  # no OOV: no cold interaction left in training or validation histories
+    test = cold_base.split_frame("test").set_index("user_id")
+    targets = pd.read_parquet(cold_base.root / COLD_TARGETS_FILE)
+    assert len(targets) == cold_base.manifest["cold_start"]["cold_target_users"] > 0
+    for user, raw_id in zip(targets["user_id"], targets["item_id_raw"]):
+        seq = np.asarray(test.loc[user, ITEM_SEQUENCE])
+        assert seq[-1] == OOV_ID and (seq[:-1] >= 3).all()
+        last = inter[inter["user_id"] == user].sort_values(["timestamp", "order"])["item_id"].iloc[-1]
+        assert last == raw_id
+    warm_users = test.index.difference(targets["user_id"])
+    assert all(np.asarray(test.loc[u, ITEM_SEQUENCE])[-1] >= 3 for u in warm_users)
+
+
+# --- add-items ----------------------------------------------------------------------------------------------------
+def test_add_items_extends_vocabulary_and_table_keeping_existing_rows(cold, minilm):
+    import nvtabular as nvt
+
+    before_vocab = vocabulary(cold)
+    before = table_arrays(cold.root / "item_table")
+    old_cardinality = cold.item_cardinality
+    new_file = cold.root / COLD_ITEMS_FILE
+    result = add_items(cold, new_file, progress=False)
+    prepared = load_prepared(cold.root)
+    new_raw = pd.read_csv(new_file)["item_id"].tolist()
+
+    # vocabulary: old ids unchanged, new ids appended in file order, and the saved workflow maps them
+    after_vocab = vocabulary(prepared)
+    assert after_vocab[before_vocab.index].equals(before_vocab)
+    assert after_vocab[new_raw].tolist() == list(range(old_cardinality, old_cardinality + len(new_raw)))
+    wf = nvt.Workflow.load(str(prepared.workflow_path))
+    assert wf.output_schema[ITEM_SEQUENCE].int_domain.max == prepared.item_cardinality - 1
+    frame = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [new_raw[0], before_vocab.index[0], new_raw[-1]],
+                          "timestamp": [1, 2, 3], "interaction_order": [0, 1, 2]})
+    encoded = wf.transform(nvt.Dataset(frame)).to_ddf().compute()[ITEM_SEQUENCE].iloc[0]
+    assert list(encoded) == [after_vocab[new_raw[0]], before_vocab.iloc[0], after_vocab[new_raw[-1]]]
+
+    # table: existing rows byte-identical, new rows = the same encoder on the same prompts
+    after = table_arrays(prepared.root / "item_table")
+    n = old_cardinality
+    assert after["embedding"].slice(0, n).equals(before["embedding"])
+    assert after["has_embedding"].slice(0, n).equals(before["has_embedding"])
+    table = load_item_table(prepared.root / "item_table", prepared)
+    prompts = minilm.prompts.with_columns(prepared.manifest["text_columns"])
+    items = prepared.items()
+    new_items = prompts.items_from_frame(items[items["item_id"] >= n])
+    expected = minilm.encode(new_items).embeddings
+    np.testing.assert_allclose(table[n:].numpy(), expected, atol=1e-5)
+
+    # version + fingerprint recorded in the manifest and the table metadata
+    fingerprint = item_id_fingerprint(prepared)
+    assert result.version == 2 and result.id_mapping_fingerprint == fingerprint
+    catalogue = prepared.manifest["catalogue"]
+    assert catalogue["version"] == 2 and catalogue["id_mapping_fingerprint"] == fingerprint
+    assert [v["version"] for v in catalogue["history"]] == [1, 2]
+    assert catalogue["history"][0]["item_cardinality"] == old_cardinality
+    # the same file again is a no-op
+    again = add_items(prepared, new_file, progress=False)
+    assert again.added == [] and len(again.skipped) == len(new_raw) and again.version == 2
+    assert load_prepared(cold.root).item_cardinality == prepared.item_cardinality
+
+
+def test_add_items_refuses_changed_content_other_encoder_and_no_content(cold, tmp_path, capsys):
+    from merlin_molar.cli import main
+
+    items = cold.items()
+    known = items[items["has_content"]].iloc[0]
+    changed = pd.DataFrame({"item_id": [known["item_id_raw"]], "clean_title": ["A different title"],
+                            "year": [known["year"]], "genres": [known["genres"]]})
+    changed.to_csv(tmp_path / "changed.csv", index=False)
+    with pytest.raises(MolarDataError, match=f"item_id {known['item_id_raw']} is already in the catalogue with "
+                                             "different content"):
+        add_items(cold, tmp_path / "changed.csv", progress=False)
+
+    with pytest.raises(MolarDataError, match="differs from the item table's encoder"):
+        add_items(cold, cold.root / COLD_ITEMS_FILE, encoder="/some/other/encoder", progress=False)
+
+    pd.DataFrame({"item_id": [99991, 99992], "price": [1, 2]}).to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(MolarDataError, match="no usable content"):
+        add_items(cold, tmp_path / "empty.csv", progress=False)
+    pd.DataFrame({"item_id": [99991], "clean_title": [""], "genres": [""]}).to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(MolarDataError, match="no usable content"):
+        add_items(cold, tmp_path / "blank.csv", progress=False)
+
+    # nothing was changed by the refused calls; the CLI says it on one line and exits 2
+    assert load_prepared(cold.root).item_cardinality == cold.item_cardinality
+    assert not (cold.root / add_items_module.WORK_DIR).exists()
+    code = main(["add-items", "--prepared", str(cold.root), "--items", str(tmp_path / "changed.csv")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith(f"merlin-molar add-items: error: {tmp_path / 'changed.csv'}: item_id ")
+
+
+def test_add_items_resumes_after_interruption(cold, cold_base, tmp_path, monkeypatch):
+    monkeypatch.setattr(add_items_module, "CHUNK_ITEMS", 4)
+    new_file = cold.root / COLD_ITEMS_FILE
+    partial = add_items(cold, new_file, max_chunks=1, progress=False)
+    assert partial.added == [] and load_prepared(cold.root).item_cardinality == cold.item_cardinality
+    chunks = sorted((cold.root / add_items_module.WORK_DIR).glob("chunk-*.npz"))
+    assert len(chunks) == 1
+
+    # a crash in the middle of the final moves: the re-run finishes them
+    real_replace = add_items_module._replace
+    calls = []
+
+    def crash_after_first(staged, final):
+        calls.append(final)
+        if len(calls) == 2:
+            raise OSError("simulated crash")
+        real_replace(staged, final)
+
+    monkeypatch.setattr(add_items_module, "_replace", crash_after_first)
+    with pytest.raises(OSError):
+        add_items(cold, new_file, progress=False)
+    monkeypatch.setattr(add_items_module, "_replace", real_replace)
+    result = add_items(load_prepared(cold.root), new_file, progress=False)
+    assert result.added == [] and result.version == 2  # finished by the re-run, nothing left to add
+    resumed = load_prepared(cold.root)
+
+    # same outcome as one uninterrupted run
+    other = tmp_path / "oneshot"
+    shutil.copytree(cold_base.root, other)
+    add_items(load_prepared(other), other / COLD_ITEMS_FILE, progress=False)
+    oneshot = load_prepared(other)
+    assert resumed.item_cardinality == oneshot.item_cardinality
+    assert resumed.manifest["catalogue"]["id_mapping_fingerprint"] == oneshot.manifest["catalogue"][
+        "id_mapping_fingerprint"]
+    torch.testing.assert_close(load_item_table(resumed.root / "item_table", resumed),
+                               load_item_table(other / "item_table", oneshot), atol=1e-5, rtol=0)
+    assert not (cold.root / add_items_module.WORK_DIR).exists()
+
+
+# --- scoring new items ----------------------------------------------------------------------------------------
+def test_calibrated_scores_put_new_items_at_the_id_score_of_their_content_rank():
+    torch.manual_seed(0)
+    known, new = 13, 3
+    content = torch.log_softmax(torch.randn(2, known + new), -1)
+    ident = torch.log_softmax(3 * torch.randn(2, known), -1)
+    # new item 0 ties with the best known content score, new item 1 is above all, 2 is below all; a new item
+    # in the middle gets the ID score of the known item it ranks with
+    best = content[:, 3:known].max(-1).values
+    content[:, known] = best
+    content[:, known + 1] = best + 1
+    content[:, known + 2] = content[:, 3:known].min(-1).values - 1
+    got = calibrated_new_item_scores(content, ident, 0.5)
+    top_id = ident[:, 3:known].max(-1).values
+    # a tie with the best known item gets that item's rank, hence the best ID score
+    torch.testing.assert_close(got[:, 0], 0.5 * content[:, known] + 0.5 * top_id)
+    torch.testing.assert_close(got[:, 1], 0.5 * content[:, known + 1] + 0.5 * top_id)
+    torch.testing.assert_close(got[:, 2], 0.5 * content[:, known + 2] + 0.5 * ident[:, 3:known].min(-1).values)
+    c, d = content[:, 3:known], ident[:, 3:known]
+    middle = torch.cat([content, c.sort(-1).values[:, 4:5] + 1e-6], dim=1)  # just above the 5th lowest
+    got = calibrated_new_item_scores(middle, ident, 0.5)
+    torch.testing.assert_close(got[:, -1], 0.5 * middle[:, -1] + 0.5 * d.sort(-1).values[:, 5])
+    torch.testing.assert_close(calibrated_new_item_scores(content, ident, 0.5, "content"), content[:, known:])
+    with pytest.raises(ValueError):
+        calibrated_new_item_scores(content, ident, 0.5, "nope")
+
+
+def tiny_molar(prepared, table):
+    config = MolarConfig(llm=small_decoder_config("qwen2", hidden_size=16, num_layers=1).to_dict(),
+                         sasrec=dict(d_model=16, n_layers=1, n_heads=1, dropout=0.0, max_length=20), max_length=20)
+    torch.manual_seed(0)
+    return molar_model(prepared.schema, table, config).eval()
+
+
+def test_trained_model_scores_new_items_without_retraining(cold):
+    old_table = load_item_table(cold.root / "item_table", cold)
+    model = tiny_molar(cold, old_table)
+    histories = torch.zeros(4, 20, dtype=torch.long)
+    histories[:, :3] = torch.tensor([[3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14]])
+    with torch.no_grad():
+        before = model({"item_id-list": histories})
+    add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
+    prepared = load_prepared(cold.root)
+    extended = model_for_catalogue(model, "molar", prepared)
+    n_old, n_new = old_table.size(0), prepared.item_cardinality
+    with torch.no_grad():
+        after = extended({"item_id-list": histories})
+    assert after.shape == (4, n_new)
+    # known items keep their order (their fused scores move by one constant per user)
+    finite = torch.isfinite(before)
+    diff = (after[:, :n_old] - before)[finite].view(4, -1)
+    torch.testing.assert_close(diff, diff[:, :1].expand_as(diff), atol=1e-4, rtol=0)
+    # new items get finite scores on the same scale: some rank in the top 10, not all of it
+    assert torch.isfinite(after[:, n_old:]).all()
+    top = torch.topk(after, 10, dim=1).indices
+    share = float((top >= n_old).float().mean())
+    assert 0 < share < 1
+    # a history holding a new item: the content tower reads it, the ID branch sees OOV
+    histories[0, 3] = n_new - 1
+    with torch.no_grad():
+        out = extended({"item_id-list": histories})
+    assert torch.isfinite(out[0, 3:]).any() and out[0, n_new - 1] == float("-inf")
+
+
+def test_extension_refuses_a_foreign_table_and_sasrec(cold):
+    table = load_item_table(cold.root / "item_table", cold)
+    model = tiny_molar(cold, table)
+    foreign = torch.cat([table.clone(), torch.randn(2, table.size(1))])
+    foreign[5] += 1
+    with pytest.raises(MolarDataError, match="are not the table this model was trained with"):
+        extend_catalogue(model, "molar", foreign)
+    sasrec = sasrec_model(cold.schema, SASRecConfig(d_model=16, n_layers=1, n_heads=1, max_length=20))
+    add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
+    with pytest.raises(MolarDataError, match="SASRec model has no embedding for items added after training"):
+        model_for_catalogue(sasrec, "sasrec", load_prepared(cold.root))
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+def test_cold_and_warm_metrics_with_baselines(cold):
+    old_table = load_item_table(cold.root / "item_table", cold)
+    old_model = tiny_molar(cold, old_table)
+    with pytest.raises(MolarDataError, match="not in the vocabulary yet"):
+        evaluate_cold_start(cold, {"random": random_scorer(cold.item_cardinality)}, progress=False)
+    add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
+    prepared = load_prepared(cold.root)
+    width, n_old = prepared.item_cardinality, old_table.size(0)
+    table = load_item_table(prepared.root / "item_table", prepared)
+    model = model_for_catalogue(tiny_molar(cold, old_table), "molar", prepared)
+    results = evaluate_cold_start(prepared, {
+        "molar": model_scorer(model, width), "molar_old_catalogue": model_scorer(old_model, width),
+        "content_knn": content_knn_scorer(table), "popularity": popularity_scorer(prepared, width),
+        "random": random_scorer(width),
+    }, progress=False, known_items=n_old)
+    n_cold = prepared.manifest["cold_start"]["cold_target_users"]
+    assert all(r["cold"]["users"] == n_cold and r["all"]["users"] == prepared.manifest["users"]
+               for r in results.values())
+    # a model that does not know the new items, and popularity (zero for them), never retrieve a cold target
+    assert results["molar_old_catalogue"]["cold"]["recall@50"] == 0
+    assert results["popularity"]["cold"]["recall@50"] == 0
+    assert results["molar_old_catalogue"]["warm"]["new_item_share@10"] == 0
+    assert results["molar"]["all"]["new_item_share@10"] > 0
+    assert results["popularity"]["warm"]["recall@10"] > results["random"]["warm"]["recall@10"]
+    # content kNN: each user's scores are the cosine to their last item
+    normed = torch.nn.functional.normalize(table, dim=1)
+    h = torch.zeros(1, 20, dtype=torch.long)
+    h[0, :2] = torch.tensor([5, 9])
+    torch.testing.assert_close(content_knn_scorer(table)(h)[0], normed @ normed[9])
+
+
+# --- a saved model after add-items: extend-model, recommend ---------------------------------------------------
+def test_extended_saved_model_reloads_scores_new_items_and_recommends_them(cold, tmp_path):
+    from merlin_molar.persistence import extend_saved_model, load_model, save_model
+    from merlin_molar.pipeline import recommend
+
+    old_table = load_item_table(cold.root / "item_table", cold)
+    model = tiny_molar(cold, old_table)
+    config = MolarConfig(llm=small_decoder_config("qwen2", hidden_size=16, num_layers=1).to_dict(),
+                         sasrec=dict(d_model=16, n_layers=1, n_heads=1, dropout=0.0, max_length=20), max_length=20)
+    saved = save_model(model, tmp_path / "model", "molar", config, cold.schema, old_table)
+    sasrec = sasrec_model(cold.schema, SASRecConfig(d_model=16, n_layers=1, n_heads=1, max_length=20))
+    sasrec_dir = save_model(sasrec, tmp_path / "sasrec", "sasrec", SASRecConfig(d_model=16, n_layers=1, n_heads=1,
+                                                                                  max_length=20), cold.schema)
+    add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
+    prepared = load_prepared(cold.root)
+    out = extend_saved_model(saved, prepared, tmp_path / "extended")
+    reloaded, kind, _, schema = load_model(out)
+    assert schema.select_by_name(["item_id-list"]).first.int_domain.max == prepared.item_cardinality - 1
+    in_memory = model_for_catalogue(load_model(saved)[0], "molar", prepared)
+    histories = torch.zeros(3, 20, dtype=torch.long)
+    histories[:, :2] = torch.tensor([[3, 4], [7, 9], [20, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded({"item_id-list": histories}), in_memory({"item_id-list": histories}))
+
+    mapping = vocabulary(prepared)
+    new_raw = set(pd.read_csv(cold.root / COLD_ITEMS_FILE)["item_id"])
+    old_raw = [r for r in mapping.index if r not in new_raw]
+    histories = [old_raw[i : i + 3] for i in range(0, 60, 3)]
+    recs = recommend(saved, prepared, histories, top_k=10)  # the original model, extended on the fly
+    assert set(recs["item_id"]) & new_raw
+    recs_ext = recommend(out, prepared, histories, top_k=10)
+    pd.testing.assert_frame_equal(recs, recs_ext)
+    with pytest.raises(MolarDataError, match="SASRec model has no embedding"):
+        recommend(sasrec_dir, prepared, histories[:1])
+    with pytest.raises(MolarDataError, match="SASRec model has no embedding"):
+        extend_saved_model(sasrec_dir, prepared, tmp_path / "nope")
+
+
+def test_cold_hold_out_does_not_depend_on_partitioning(cold_base, tiny_dir, tmp_path):
+    split = prepare(read_dataset(tiny_dir), tmp_path / "p2", max_length=20, cold_items=0.1, partitions=3)
+    assert vocabulary(split).equals(vocabulary(cold_base))
+    for name in ("train", "valid", "test"):
+        a = split.split_frame(name).sort_values("user_id").reset_index(drop=True)
+        b = cold_base.split_frame(name).sort_values("user_id").reset_index(drop=True)
+        assert a["user_id"].tolist() == b["user_id"].tolist()
+        assert [list(x) for x in a[ITEM_SEQUENCE]] == [list(x) for x in b[ITEM_SEQUENCE]]
+    pd.testing.assert_frame_equal(pd.read_parquet(split.root / COLD_TARGETS_FILE),
+                                  pd.read_parquet(cold_base.root / COLD_TARGETS_FILE))
