@@ -3,7 +3,8 @@ such.
 
 merlin-systems 23.8 answers every failure with an internal error whose message is the server-side
 traceback. Here a request the model cannot answer (malformed ragged tensors, empty history, unknown item
-ids, too many rows) gets Triton's INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) with the message alone;
+ids, too many rows, item ids of the wrong kind) gets Triton's INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)
+with the message alone;
 anything else stays an internal error. Loading and running the ensemble is merlin-systems' own code.
 
 The repository's ``<model_name>/1/model.py`` imports :class:`TritonPythonModel` from here, so this module
@@ -13,7 +14,7 @@ import traceback
 
 import triton_python_backend_utils as pb_utils
 from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
-from merlin.systems.triton.conversions import tensor_table_to_triton_response, triton_request_to_tensor_table
+from merlin.systems.triton.conversions import triton_request_to_tensor_table
 from merlin.systems.triton.models.executor_model import TritonPythonModel as MerlinExecutorModel
 
 from merlin_molar.serving.ops import MolarRequestError
@@ -34,7 +35,11 @@ class TritonPythonModel(MerlinExecutorModel):
             return _error(f"malformed request: {exc}", pb_utils.TritonError.INVALID_ARG)
         try:
             outputs = self.ensemble.transform(inputs, runtime=TritonExecutorRuntime())
-            return tensor_table_to_triton_response(outputs, self.ensemble.output_schema)
+            # the output tensors as they are: merlin's tensor_table_to_triton_response casts string ids to
+            # numpy unicode, which Triton's BYTES tensors do not take (they hold object arrays of bytes)
+            return pb_utils.InferenceResponse(
+                [pb_utils.Tensor(name, outputs[name].values) for name in self.ensemble.output_schema.column_names]
+            )
         except MolarRequestError as exc:
             return _error(str(exc), pb_utils.TritonError.INVALID_ARG)
         except Exception:  # noqa: BLE001  (one bad request must not take the model down)
