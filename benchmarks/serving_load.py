@@ -189,7 +189,7 @@ def stats_delta(before, after) -> dict:
     return delta
 
 
-def latency_phase(args, server, op, t4rec, histories):
+def latency_phase(args, server, op, t4rec, histories, stats_client, phase):
     """Batch 1, one client, back to back; in-process / gRPC / HTTP / T4Rec in interleaved blocks."""
     from merlin_molar.serving.client import connect, history_tensors, infer_inputs
 
@@ -207,6 +207,7 @@ def latency_phase(args, server, op, t4rec, histories):
             fn(values, offsets)
     latencies = {name: [] for name in paths}
     block = max(1, args.latency_requests // args.latency_blocks)
+    before, phase["load_average_before"] = triton_stats(stats_client), list(os.getloadavg())
     deadline = time.monotonic() + args.max_seconds
     for start in range(0, len(requests), block):
         for name, fn in paths.items():
@@ -216,6 +217,8 @@ def latency_phase(args, server, op, t4rec, histories):
                 latencies[name].append(time.perf_counter() - t0)
         if time.monotonic() > deadline:
             break
+    phase["triton"] = stats_delta(before, triton_stats(stats_client))
+    phase["load_average_after"] = list(os.getloadavg())
     for client in clients.values():
         client.close()
     return {name: pcts(lat) for name, lat in latencies.items()}
@@ -336,10 +339,8 @@ def main(argv=None):
     load_rows, phases = [], {}
     with TritonServer(repository) as server:
         stats_client = connect(server.http_url, "http")
-        before, load_before = triton_stats(stats_client), list(os.getloadavg())
-        latency = latency_phase(args, server, op, t4rec, histories)
-        phases["latency"] = {"load_average_before": load_before, "load_average_after": list(os.getloadavg()),
-                             "triton": stats_delta(before, triton_stats(stats_client))}
+        phases["latency"] = {"note": "Triton's statistics over the timed batch-1 requests (gRPC and HTTP)"}
+        latency = latency_phase(args, server, op, t4rec, histories, stats_client, phases["latency"])
         for clients in args.clients:
             before, load_before = triton_stats(stats_client), list(os.getloadavg())
             row = load_level(args, server, plan, clients, catalogue_ids, args.top_k)

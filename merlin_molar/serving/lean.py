@@ -29,6 +29,7 @@ Files written by :func:`export_lean` (a directory)::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -40,6 +41,7 @@ LEAN_FILE = "lean.json"
 TABLES_FILE = "tables.safetensors"
 TOWER_FILES = {"content": "content_tower.pt", "id": "id_tower.pt"}
 FIRST_BUCKET = 8
+FIRST_ITEM_ID = 3  # as merlin_molar.data.workflow (Categorify's reserved ids 0-2)
 
 
 def length_buckets(max_length: int) -> List[int]:
@@ -81,7 +83,9 @@ def _bucketed(tower: torch.nn.Module, buckets: List[int]) -> torch.nn.Module:
 def _trace_tower(tower: torch.nn.Module, width: int, buckets: List[int]) -> torch.jit.ScriptModule:
     module = _bucketed(tower, buckets).eval()
     examples = {f"l{b}": (torch.randn(1, b, width),) for b in buckets}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Hugging Face's shape checks become constants of each bucket's trace: intended (one trace per length)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return torch.jit.trace_module(module, examples, check_trace=False, strict=False)
 
 
@@ -198,7 +202,9 @@ class LeanModel:
         }
 
     @classmethod
-    def load(cls, directory) -> "LeanModel":
+    def load(cls, directory, warm_up: int = 3) -> "LeanModel":
+        """Load an :func:`export_lean` directory; ``warm_up`` calls per bucket let TorchScript's profiling
+        executor specialise every bucket now rather than on the first requests that reach it."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -209,7 +215,14 @@ class LeanModel:
             for name, file in TOWER_FILES.items()
             if (directory / file).exists()
         }
-        return cls(meta, tables, towers)
+        lean = cls(meta, tables, towers)
+        with torch.no_grad():
+            for bucket in lean.buckets:
+                for batch in (1, 2):
+                    window = torch.full((batch, bucket), FIRST_ITEM_ID if lean.n_items > 3 else 0)
+                    for _ in range(warm_up):
+                        lean.scores(window)
+        return lean
 
     def bucket(self, length: int) -> int:
         for b in self.buckets:
@@ -255,7 +268,6 @@ class LeanModel:
     def top_k(self, values: np.ndarray, offsets: np.ndarray, k: int):
         """Top-k ``(scores, encoded ids)`` for encoded ragged histories; each row keeps its last ``max_length``
         items, and every item of its history (also older ones) and the reserved ids 0-2 are excluded."""
-        from merlin_molar.data.workflow import FIRST_ITEM_ID
         from merlin_molar.serving.ops import right_padded_window
 
         lengths = np.diff(offsets)

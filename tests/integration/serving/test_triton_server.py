@@ -104,7 +104,7 @@ def bad_requests(histories, max_batch_size, catalogue):
         "wrong shape": ((values[:4].reshape(2, 2), offsets[:2]), r"Expected \[-1\], got \[2,2\]"),
         "offsets past the values": (
             (values, np.array([0, 3, len(values) + 5], np.int32)),
-            "malformed request: The last offset must match the length of the values",
+            r"malformed request: the last offset \(\d+\) must match the number of values",
         ),
         "decreasing offsets": ((values, np.array([0, 5, 3, len(values)], np.int32)), "increasing order"),
         "offsets not from 0": ((values, np.array([1, 3, len(values)], np.int32)), "must start at 0"),
