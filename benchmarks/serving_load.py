@@ -9,7 +9,8 @@ nvidia-pytriton. Then:
 1. **Batch-1 latency**, one client, requests back to back, in interleaved blocks so that the machine's
    drifting load hits every path alike: the served model over gRPC and HTTP; in this process the same step
    the server runs (:meth:`MolarRecommend.recommend`: raw ids -> Categorify mapping -> lean model -> top-k ->
-   raw ids, 1 torch thread); and, for reference, the Transformers4Rec forward of the saved model.
+   raw ids, 1 torch thread); and, for reference, the Transformers4Rec forward of the saved model. The same
+   in-process step is also timed once before the server starts.
 2. **Load**, closed loop, for each ``--clients`` count: ``--requests`` planned requests shared by that many
    client processes (each its own tritonclient connection), with mixed batch sizes (``--batch-mix``) and
    ``--bad-fraction`` bad requests mixed in (unknown ids, empty history, oversized batch, malformed or
@@ -302,7 +303,7 @@ def main(argv=None):
     from merlin_molar.data import ITEM_SEQUENCE
     from merlin_molar.persistence import load_model
     from merlin_molar.serving import TritonServer
-    from merlin_molar.serving.client import connect
+    from merlin_molar.serving.client import connect, history_tensors
     from merlin_molar.serving.ops import right_padded_window
 
     torch.set_num_threads(1)
@@ -334,11 +335,26 @@ def main(argv=None):
                      args.string_ids)
     plan = with_expectations(plan, op, args.sample_every)
 
+    # the same batch-1 step in-process before the server and its instances exist, for comparison with the
+    # interleaved measurement below (which shares the cores with the idle server)
+    picks = np.random.default_rng(1).integers(len(histories), size=args.latency_requests)
+    alone = [history_tensors([histories[int(i)]]) for i in picks]
+    for values, offsets in alone[:20]:
+        op.recommend(values, offsets.astype(np.int64))
+    alone_latencies = []
+    for values, offsets in alone:
+        t0 = time.perf_counter()
+        op.recommend(values, offsets.astype(np.int64))
+        alone_latencies.append(time.perf_counter() - t0)
+    alone_load = list(os.getloadavg())
+
     load_rows, phases = [], {}
     with TritonServer(repository) as server:
         stats_client = connect(server.http_url, "http")
         phases["latency"] = {"note": "Triton's statistics over the timed batch-1 requests (gRPC and HTTP)"}
         latency = latency_phase(args, server, op, t4rec, histories, stats_client, phases["latency"])
+        latency["in-process (served step), no server running"] = pcts(alone_latencies)
+        phases["latency"]["load_average_during_no_server_run"] = alone_load
         for clients in args.clients:
             before, load_before = triton_stats(stats_client), list(os.getloadavg())
             row = load_level(args, server, plan, clients, catalogue_ids, args.top_k)
@@ -358,6 +374,7 @@ def main(argv=None):
         "batch1_http_p99_ms": latency["served http"]["p99_ms"],
         "batch1_inprocess_p50_ms": inproc["p50_ms"],
         "batch1_inprocess_p99_ms": inproc["p99_ms"],
+        "batch1_inprocess_no_server_p50_ms": latency["in-process (served step), no server running"]["p50_ms"],
         "batch1_t4rec_inprocess_p50_ms": latency["in-process T4Rec forward"]["p50_ms"],
         "batch1_served_minus_inprocess_p50_ms": grpc["p50_ms"] - inproc["p50_ms"],
         "throughput_4clients_over_1client": (by_clients[4]["req_per_s"] / by_clients[1]["req_per_s"]
