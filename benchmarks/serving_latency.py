@@ -6,13 +6,14 @@ starts the ``tritonserver`` bundled in nvidia-pytriton on 127.0.0.1 and runs a b
 with real ml-100k histories in raw ids, batch 1 and batch 64. Each configuration also stops after
 ``--max-seconds``. In the same run the same saved model is timed in this process on the same histories:
 
-* ``in-process model``: encoded histories -> window -> model -> history mask -> top-k (what MolarTopK does);
+* ``in-process model``: encoded histories -> window -> Transformers4Rec model -> history mask -> top-k;
 * ``in-process graph``: the exported merlin-systems graph run by ``Ensemble.transform`` (raw ids ->
-  request checks -> NVTabular workflow -> model -> top-k), no Triton.
+  request checks -> Categorify mapping -> lean model -> top-k), no Triton.
 
-The ratio column is served p50 / in-process model p50 at the same batch. ``executor_ms`` / ``workflow_ms``
-are Triton's own per-request times inside the executor model (which includes its BLS call to the workflow)
-and the workflow model, from the server's statistics API. Results: benchmarks/results/
+The ratio column is served p50 / in-process model p50 at the same batch. ``executor_ms`` is Triton's own
+per-request time inside the executor model, from the server's statistics API (``workflow_ms`` only for
+repositories exported before the workflow moved into the executor's step; see serving_load.py for the
+load benchmark). Results: benchmarks/results/
 serving_latency.json. The model weights are random (``--train-epochs 0``): latency does not depend on them.
 
     nice -n 10 .venv/bin/python benchmarks/serving_latency.py
@@ -235,7 +236,7 @@ def main(argv=None):
                                  "requests": len(lat), **percentiles(lat), "req_per_s": len(lat) / wall,
                                  "errors": len(errors), "first_error": errors[0] if errors else None,
                                  "executor_ms": inside["molar"]["success_ms"],
-                                 "workflow_ms": inside["0_transformworkflowtriton"]["success_ms"],
+                                 "workflow_ms": inside.get("0_transformworkflowtriton", {}).get("success_ms"),
                                  "per_model": inside})
     for row in rows:
         row["items_per_s"] = row["req_per_s"] * row["batch"]
@@ -258,7 +259,7 @@ def main(argv=None):
                   "trained_epochs": args.train_epochs, "top_k": args.top_k,
                   "torch_threads": args.torch_threads},
         "server": "tritonserver 2.51 bundled in nvidia-pytriton 0.7.0, Python backend, CPU, 127.0.0.1; "
-                  "executor model + NVTabular workflow model (BLS), one instance each",
+                  "one executor model (Categorify mapping + lean model), one instance",
         "load": {"closed_loop": True, "requests_per_client": args.requests, "max_seconds": args.max_seconds},
         "rows": rows,
     })

@@ -220,8 +220,11 @@ def cmd_recommend(args):
 def cmd_export(args):
     from merlin_molar.serving import export_triton
 
-    out = export_triton(args.model_dir, args.prepared, args.repository, top_k=args.top_k)
-    print(f"wrote Triton model repository {out}")
+    out = export_triton(args.model_dir, args.prepared, args.repository, top_k=args.top_k,
+                        max_batch_size=args.max_batch_size, instances=args.instances,
+                        torch_threads=args.torch_threads)
+    print(f"wrote Triton model repository {out} ({args.instances} instance(s), "
+          f"{args.torch_threads} torch thread(s) each)")
 
 
 def cmd_quickstart(args):
@@ -336,11 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--item-table", help="item table with items added after training (default: PREPARED/item_table)")
 
-    p = add("export", cmd_export, "write a Triton Inference Server model repository (workflow + model + top-k)")
+    p = add("export", cmd_export, "write a Triton model repository (raw ids -> Categorify ids -> lean model -> top-k)")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--prepared", required=True)
     p.add_argument("--repository", required=True)
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--max-batch-size", type=int, default=256, help="most histories per request")
+    p.add_argument("--instances", type=int, default=1,
+                   help="Triton instances of the model (instance_group, CPU), e.g. one per core")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads per instance (keep instances x threads <= cores; 0 = torch's default)")
 
     p = add("quickstart", cmd_quickstart, "the whole pipeline on MovieLens on CPU, ending in a metrics table")
     p.add_argument("--data", help="MovieLens directory (default: $MOLAR_DATA, ../shared/data/ml-100k, or a download)")

@@ -21,8 +21,22 @@ COLOURS = [(200, 30, 30), (240, 200, 20), (40, 40, 160), (10, 10, 10), (230, 120
 WORDS = ["night", "river", "city", "storm", "garden", "letter", "road", "island", "winter", "machine"]
 
 
-def synthetic_frames(n_users: int = 300, n_items: int = 120, length: int = 12, seed: int = 0):
-    """``(interactions, items)`` data frames: raw ids, timestamps, titles, genres."""
+def product_code(item_id: int) -> str:
+    """A 10-character Amazon-style product code (ASIN-like, e.g. ``B00004Z5M1``) for an integer id."""
+    digits, n = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", int(item_id) * 7919 + 4649
+    code = ""
+    while n:
+        n, r = divmod(n, 36)
+        code = digits[r] + code
+    return "B" + code.rjust(9, "0")
+
+
+def synthetic_frames(n_users: int = 300, n_items: int = 120, length: int = 12, seed: int = 0,
+                     string_ids: bool = False):
+    """``(interactions, items)`` data frames: raw ids, timestamps, titles, genres.
+
+    ``string_ids``: item ids are product codes such as ``B0000006OV`` (:func:`product_code`) instead of integers,
+    as in most real catalogues."""
     rng = np.random.default_rng(seed)
     genre_of = np.arange(n_items) % len(GENRES)
     names = [f"The {WORDS[i % len(WORDS)]} of {GENRES[g].lower()} {i}" for i, g in enumerate(genre_of)]
@@ -51,15 +65,19 @@ def synthetic_frames(n_users: int = 300, n_items: int = 120, length: int = 12, s
             seen.add(item)
             rows.append((user + 1, int(items["item_id"].iloc[item]), 1_000_000 + user * 1000 + len(seen), 4.0))
     interactions = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"])
+    if string_ids:
+        items["item_id"] = items["item_id"].map(product_code)
+        interactions["item_id"] = interactions["item_id"].map(product_code)
     return interactions, items
 
 
 def write_synthetic_dataset(root, n_users: int = 300, n_items: int = 120, length: int = 12, seed: int = 0,
-                            images: bool = False, image_size: int = 32) -> Path:
-    """Write the dataset under ``root`` (created); with ``images``, one PNG per item under ``root/images``."""
+                            images: bool = False, image_size: int = 32, string_ids: bool = False) -> Path:
+    """Write the dataset under ``root`` (created); with ``images``, one PNG per item under ``root/images``;
+    with ``string_ids``, product-code item ids (see :func:`synthetic_frames`)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    interactions, items = synthetic_frames(n_users, n_items, length, seed)
+    interactions, items = synthetic_frames(n_users, n_items, length, seed, string_ids)
     if images:
         from PIL import Image
 
@@ -88,8 +106,9 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--items", type=int, default=120)
     parser.add_argument("--images", action="store_true")
+    parser.add_argument("--string-ids", action="store_true", help="product codes (e.g. B0000006OV) as item ids")
     args = parser.parse_args(argv)
-    print(write_synthetic_dataset(args.output, args.users, args.items, images=args.images))
+    print(write_synthetic_dataset(args.output, args.users, args.items, images=args.images, string_ids=args.string_ids))
 
 
 if __name__ == "__main__":

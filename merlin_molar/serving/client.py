@@ -5,6 +5,10 @@ Example::
     from merlin_molar.serving.client import connect, recommend
     client = connect("127.0.0.1:8000", "http")
     item_ids, scores = recommend(client, [[50, 258, 100], [181]], model_name="molar")   # raw ids in and out
+    item_ids, scores = recommend(client, [["B00004Z5M1", "B000001SOV"]])   # a catalogue with string ids
+
+Integer ids travel as INT64 tensors, string ids (product codes) as BYTES tensors of UTF-8; the answer's ids
+come back in the request's kind (``int64`` array, or object array of ``str``).
 """
 from __future__ import annotations
 
@@ -33,12 +37,17 @@ def connect(url: str, protocol: str = "http", **kwargs):
     return _module(protocol).InferenceServerClient(url, **kwargs)
 
 
-def history_tensors(histories: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
-    """Ragged request tensors: all raw item ids concatenated (int64) and ``rows + 1`` offsets (int32)."""
+def history_tensors(histories: Sequence[Sequence]) -> Tuple[np.ndarray, np.ndarray]:
+    """Ragged request tensors: all raw item ids concatenated and ``rows + 1`` offsets (int32). Integer ids
+    give int64 values; string ids (``str`` or ``bytes``) give an object array of UTF-8 ``bytes`` (BYTES)."""
     lengths = [len(h) for h in histories]
-    values = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if histories else np.zeros(0, np.int64)
+    flat = [item for history in histories for item in history]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return values.astype(np.int64), offsets
+    if any(isinstance(item, (str, bytes, np.str_, np.bytes_)) for item in flat):
+        values = np.array([i if isinstance(i, bytes) else str(i).encode() for i in flat], dtype=object)
+    else:
+        values = np.asarray(flat, dtype=np.int64).reshape(-1)
+    return values, offsets
 
 
 def infer_inputs(client, values: np.ndarray, offsets: np.ndarray):
@@ -55,9 +64,18 @@ def infer_inputs(client, values: np.ndarray, offsets: np.ndarray):
     return inputs
 
 
-def recommend(client, histories: Sequence[Sequence[int]], model_name: str = "molar") -> Tuple[np.ndarray, np.ndarray]:
-    """Top-k ``(item_ids, scores)``, each ``[rows, top_k]``, for raw-id histories. Errors raise
+def recommend(client, histories: Sequence[Sequence], model_name: str = "molar") -> Tuple[np.ndarray, np.ndarray]:
+    """Top-k ``(item_ids, scores)``, each ``[rows, top_k]``, for raw-id histories (integer or string ids).
+    String ids come back as an object array of ``str``. Errors raise
     ``tritonclient.utils.InferenceServerException`` with the server's message."""
     values, offsets = history_tensors(histories)
     result = client.infer(model_name, infer_inputs(client, values, offsets))
-    return result.as_numpy(ITEM_IDS), result.as_numpy(SCORES)
+    return decode_ids(result.as_numpy(ITEM_IDS)), result.as_numpy(SCORES)
+
+
+def decode_ids(item_ids: np.ndarray) -> np.ndarray:
+    """BYTES ids (object array of ``bytes``) as an object array of ``str``; integer ids unchanged."""
+    if item_ids.dtype != object:
+        return item_ids
+    return np.array([i.decode() if isinstance(i, bytes) else i for i in item_ids.ravel()],
+                    dtype=object).reshape(item_ids.shape)

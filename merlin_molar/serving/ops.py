@@ -1,23 +1,25 @@
-"""merlin-systems operators for serving a saved merlin-molar model from Triton's Python backend.
+"""The merlin-systems operator that serves a saved merlin-molar model from Triton's Python backend.
 
-The exported graph (see :func:`merlin_molar.serving.export_triton`) is::
+The exported graph (see :func:`merlin_molar.serving.export_triton`) is one step, in one Triton model::
 
-    raw history  >> ValidateHistory >> TransformWorkflow(serving workflow) >> MolarTopK  ->  item_ids, scores
+    raw histories  >> MolarRecommend  ->  item_ids (raw), scores
 
-Both operators run in-process inside merlin-systems' executor model; the workflow runs in its own
-Python-backend model (merlin-systems calls it over BLS). Neither operator pickles a model or a
-vocabulary: ``save_artifacts`` writes them next to the ensemble and ``load_artifacts`` reads them back
-(the model through :func:`merlin_molar.persistence.load_model`).
+:class:`MolarRecommend` checks the request, encodes the raw item ids (integers or strings such as product
+codes) with the fitted Categorify mapping of ``prepare`` (:class:`ItemCodec`: no separate NVTabular workflow
+model, no second hop), runs the lean model (:mod:`merlin_molar.serving.lean`: precomputed tables, traced
+user towers, one scoring matmul), excludes each history, takes the top-k and maps it back to raw ids.
+Nothing is pickled: ``save_artifacts`` writes the vocabulary and the lean model next to the ensemble and
+``load_artifacts`` reads them back.
 
 Example::
 
-    validate = ValidateHistory("item_id-list", vocabulary, max_batch_size=256)
-    topk = MolarTopK("/path/to/saved/model", vocabulary, top_k=10)
-    graph = ["item_id-list"] >> validate >> TransformWorkflow(workflow) >> topk
+    op = MolarRecommend("/path/to/saved/model", vocabulary, top_k=10, max_batch_size=256)
+    graph = ["item_id-list"] >> op
 """
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -26,10 +28,10 @@ import pandas as pd
 from merlin.dag import BaseOperator, ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema, Tags
 
-from merlin_molar.data.workflow import FIRST_ITEM_ID, ITEM_SEQUENCE
+from merlin_molar.data.workflow import ITEM_SEQUENCE
 
 VOCABULARY_FILE = "item_vocabulary.parquet"
-MODEL_DIR = "molar_model"
+LEAN_DIR = "lean"
 ITEM_IDS = "item_ids"
 SCORES = "scores"
 
@@ -54,55 +56,77 @@ def _save_vocabulary(vocabulary: pd.Series, path: Path) -> None:
     pd.DataFrame({"item_id": vocabulary.values, "item_id_raw": vocabulary.index}).to_parquet(path, index=False)
 
 
-def _load_vocabulary(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path)
+def is_string_dtype(dtype) -> bool:
+    return np.dtype(dtype).kind in "OSU"
 
 
-class ValidateHistory(BaseOperator):
-    """Reject requests the model cannot answer, before the workflow encodes them.
+def as_bytes(values) -> np.ndarray:
+    """String ids as an object array of UTF-8 ``bytes``: what Triton's BYTES tensors hold."""
+    return np.array([v if isinstance(v, bytes) else str(v).encode() for v in np.asarray(values).ravel()],
+                    dtype=object).reshape(np.shape(values))
 
-    Checks, per request: at least one and at most ``max_batch_size`` histories, no empty history, and every
-    raw item id known to the fitted Categorify vocabulary (an unknown id would be encoded as Categorify's
-    out-of-vocabulary id 2, whose embedding was never trained). The message names the rows and ids.
 
-    ``vocabulary`` maps raw item id -> encoded id (:func:`merlin_molar.data.workflow.item_id_mapping`).
-    """
+class ItemCodec:
+    """Raw item id <-> encoded id, with the fitted Categorify mapping (:func:`~merlin_molar.data.workflow.
+    item_id_mapping`: the vocabulary file the training workflow wrote, so encoded ids are the training ones).
 
-    def __init__(self, column: str, vocabulary: Optional[pd.Series] = None, max_batch_size: int = 256):
-        super().__init__()
-        self.column = column
-        self.max_batch_size = int(max_batch_size)
-        self._vocabulary = vocabulary
-        self._known = None if vocabulary is None else np.sort(np.asarray(vocabulary.index))
+    Integer catalogues look up int64 ids; string catalogues (product codes) look up UTF-8 ``bytes``, the form
+    Triton's BYTES tensors arrive in, and answer with ``bytes`` too. Unknown ids are refused, never encoded as
+    Categorify's out-of-vocabulary id (its embedding was never trained)."""
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_vocabulary", "_known")}
+    def __init__(self, raw_ids, encoded_ids):
+        raw_ids, encoded_ids = np.asarray(raw_ids), np.asarray(encoded_ids, dtype=np.int64)
+        self.strings = is_string_dtype(raw_ids.dtype)
+        keys = as_bytes(raw_ids) if self.strings else raw_ids.astype(np.int64)
+        self.index = pd.Index(keys)
+        if not self.index.is_unique:
+            raise ValueError("the item vocabulary holds duplicate raw ids")
+        self.encoded = encoded_ids
+        self.raw = np.zeros(int(encoded_ids.max()) + 1, dtype=object if self.strings else np.int64)
+        self.raw[encoded_ids] = keys
 
-    def save_artifacts(self, artifact_path: Optional[str] = None) -> None:
-        _save_vocabulary(self._vocabulary, Path(artifact_path) / VOCABULARY_FILE)
+    @classmethod
+    def from_vocabulary(cls, vocabulary: pd.Series) -> "ItemCodec":
+        return cls(np.asarray(vocabulary.index), vocabulary.to_numpy())
 
-    def load_artifacts(self, artifact_path: Optional[str] = None) -> None:
-        if not artifact_path:  # merlin.dag.Graph calls this with "" while building: keep the in-memory state
-            return
-        self._known = np.sort(_load_vocabulary(Path(artifact_path) / VOCABULARY_FILE)["item_id_raw"].to_numpy())
-
-    def compute_output_schema(self, input_schema, col_selector, prev_output_schema=None) -> Schema:
-        return input_schema
+    @classmethod
+    def load(cls, path) -> "ItemCodec":
+        vocab = pd.read_parquet(path)
+        return cls(vocab["item_id_raw"].to_numpy(), vocab["item_id"].to_numpy())
 
     @property
-    def supported_formats(self) -> DataFormats:
-        return DataFormats.NUMPY_TENSOR_TABLE
+    def raw_dtype(self):
+        return np.dtype(object) if self.strings else np.dtype(np.int64)
 
-    def transform(self, col_selector: ColumnSelector, transformable):
-        if self.column not in transformable.columns:
-            raise MolarRequestError(f"the request has no {self.column!r} input")
-        values, offsets = _values_offsets(transformable[self.column])
-        check_histories(values, offsets, self._known, self.max_batch_size)
-        return transformable
+    def encode(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Encoded ids of a ragged batch's raw ids; :class:`MolarRequestError` names unknown ids and their rows."""
+        if self.strings:
+            if not is_string_dtype(values.dtype):
+                raise MolarRequestError(f"this model's item ids are strings, got {values.dtype} values")
+            keys = as_bytes(values)
+        else:
+            if not np.issubdtype(values.dtype, np.integer):
+                raise MolarRequestError(f"this model's item ids are integers, got {values.dtype} values")
+            keys = values.astype(np.int64, copy=False)
+        pos = self.index.get_indexer(keys)
+        unknown = pos < 0
+        if unknown.any():
+            rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+            bad_rows = np.unique(rows[unknown])
+            bad_ids = pd.unique(keys[unknown])
+            shown = [b.decode(errors="replace") for b in bad_ids[:10]] if self.strings else bad_ids[:10].tolist()
+            raise MolarRequestError(
+                f"{len(bad_ids)} unknown item id(s) {shown} in row(s) {bad_rows[:10].tolist()}: "
+                "they are not in the vocabulary the model was trained with"
+            )
+        return self.encoded[pos]
+
+    def decode(self, encoded: np.ndarray) -> np.ndarray:
+        return self.raw[encoded]
 
 
-def check_histories(values: np.ndarray, offsets: np.ndarray, known: np.ndarray, max_batch_size: int) -> None:
-    """Raise :class:`MolarRequestError` for an empty or oversized batch, empty histories or unknown ids."""
+def check_histories(offsets: np.ndarray, n_values: int, max_batch_size: int) -> None:
+    """Raise :class:`MolarRequestError` for an empty or oversized batch, malformed offsets or empty histories."""
     rows = len(offsets) - 1
     if rows < 1:
         raise MolarRequestError("the request holds no history (0 rows)")
@@ -111,55 +135,64 @@ def check_histories(values: np.ndarray, offsets: np.ndarray, known: np.ndarray, 
     if rows > max_batch_size:
         raise MolarRequestError(f"batch of {rows} histories exceeds the maximum batch size {max_batch_size}")
     lengths = np.diff(offsets)
-    empty = np.flatnonzero(lengths <= 0)
+    if (lengths < 0).any():
+        raise MolarRequestError("malformed request: the offsets must be in increasing order")
+    if offsets[-1] != n_values:
+        raise MolarRequestError(
+            f"malformed request: the last offset ({int(offsets[-1])}) must match the number of values ({n_values})"
+        )
+    empty = np.flatnonzero(lengths == 0)
     if len(empty):
         raise MolarRequestError(f"empty history in row(s) {empty[:10].tolist()}: every row needs at least one item")
-    pos = np.searchsorted(known, values).clip(max=len(known) - 1)
-    unknown = known[pos] != values
-    if unknown.any():
-        bad_rows = np.unique(np.repeat(np.arange(rows), lengths)[unknown])
-        bad_ids = pd.unique(values[unknown])
-        raise MolarRequestError(
-            f"{len(bad_ids)} unknown item id(s) {bad_ids[:10].tolist()} in row(s) {bad_rows[:10].tolist()}: "
-            "they are not in the vocabulary the model was trained with"
-        )
 
 
-class MolarTopK(BaseOperator):
-    """History -> user embedding -> top-k items (history excluded) for a saved merlin-molar model.
+class MolarRecommend(BaseOperator):
+    """Raw histories -> top-k raw item ids and scores, in one step (see the module docstring).
 
-    Input: the encoded ``item_id-list`` column from the serving workflow (ragged). Each history keeps its
-    last ``max_length`` items (the model's window, as in training), right-padded with 0. Every item of the
-    request's history is excluded from the ranking, also the ones older than the window. Outputs:
-    ``item_ids`` (raw ids, ``[rows, top_k]``) and ``scores`` (float32, ``[rows, top_k]``), best first.
+    Input: the raw ``item_id-list`` column (ragged; int64 ids or strings). Each history keeps its last
+    ``max_length`` items (the model's window, as in training); every item of the history is excluded from
+    the answer, also the ones older than the window. Outputs ``item_ids`` (raw ids, ``[rows, top_k]``) and
+    ``scores`` (float32, ``[rows, top_k]``), best first. Requests with no rows, more than ``max_batch_size``
+    rows, malformed offsets, an empty history or unknown ids raise :class:`MolarRequestError`.
 
     ``torch_threads`` is torch's intra-op thread count in the serving process (0 keeps torch's default, one
-    per core). The default 1: when the server's processes and other work share the cores, more threads
-    oversubscribe them and each OpenMP barrier waits for a descheduled thread (measured on 2 busy cores:
-    batch 1 took ~8 ms with 1 thread, ~350-580 ms with 2). Raise it on dedicated cores for large batches.
+    per core); it is set in ``load_artifacts`` only, so in-process use leaves the caller's torch alone. With
+    ``N`` Triton instances on ``C`` cores, keep ``N * torch_threads <= C`` (the default 1 thread per instance
+    and one instance per core): oversubscribed cores make each OpenMP barrier wait for a descheduled thread
+    (measured on 2 busy cores: batch 1 took ~8 ms with 1 thread, ~350-580 ms with 2).
     """
 
     def __init__(
-        self, model_path=None, vocabulary: Optional[pd.Series] = None, top_k: int = 10, torch_threads: int = 1
+        self,
+        model_path=None,
+        vocabulary: Optional[pd.Series] = None,
+        top_k: int = 10,
+        max_batch_size: int = 256,
+        torch_threads: int = 1,
     ):
         super().__init__()
         self.model_path = None if model_path is None else str(model_path)
         self.top_k = int(top_k)
+        self.max_batch_size = int(max_batch_size)
         self.torch_threads = int(torch_threads)
         self._vocabulary = vocabulary
-        self._raw_ids = None
-        self._model = None
-        self.max_length = None
-        self.raw_dtype = None if vocabulary is None else np.asarray(vocabulary.index).dtype
+        self._codec = None if vocabulary is None else ItemCodec.from_vocabulary(vocabulary)
+        self._lean = None
+        self.raw_dtype = None if self._codec is None else self._codec.raw_dtype
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_vocabulary", "_raw_ids", "_model")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_vocabulary", "_codec", "_lean")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _vocabulary=None, _codec=None, _lean=None)
 
     def save_artifacts(self, artifact_path: Optional[str] = None) -> None:
-        target = Path(artifact_path) / MODEL_DIR
+        from merlin_molar.serving.lean import export_lean
+
+        target = Path(artifact_path) / LEAN_DIR
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(self.model_path, target)
+        export_lean(self.model_path, target)
         _save_vocabulary(self._vocabulary, Path(artifact_path) / VOCABULARY_FILE)
 
     def load_artifacts(self, artifact_path: Optional[str] = None) -> None:
@@ -167,19 +200,20 @@ class MolarTopK(BaseOperator):
             return
         import torch
 
+        from merlin_molar.serving.lean import LeanModel
+
         # only here, in the serving process: in-process use of the graph leaves the caller's threads alone
         if self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
-        self._load(Path(artifact_path) / MODEL_DIR, _load_vocabulary(Path(artifact_path) / VOCABULARY_FILE))
+        self._codec = ItemCodec.load(Path(artifact_path) / VOCABULARY_FILE)
+        self._lean = LeanModel.load(Path(artifact_path) / LEAN_DIR)
 
-    def _load(self, model_dir: Path, vocab: pd.DataFrame) -> None:
-        from merlin_molar.persistence import load_model
+    def _load_in_process(self) -> None:
+        """In-process use of the graph, without an export: the same lean model, built in a temporary directory."""
+        from merlin_molar.serving.lean import LeanModel, export_lean
 
-        self._model, _, config, _ = load_model(model_dir)
-        self.max_length = int(config.max_length)
-        raw = np.zeros(int(vocab["item_id"].max()) + 1, dtype=vocab["item_id_raw"].dtype)
-        raw[vocab["item_id"].to_numpy()] = vocab["item_id_raw"].to_numpy()
-        self._raw_ids = raw
+        with tempfile.TemporaryDirectory(prefix="molar-lean-") as tmp:
+            self._lean = LeanModel.load(export_lean(self.model_path, tmp))
 
     @property
     def supported_formats(self) -> DataFormats:
@@ -189,34 +223,29 @@ class MolarTopK(BaseOperator):
         shape = (None, self.top_k)
         return Schema(
             [
-                ColumnSchema(ITEM_IDS, dtype=self.raw_dtype, dims=shape, tags=[Tags.ITEM_ID]),
+                ColumnSchema(ITEM_IDS, dtype=str if self._is_strings() else np.int64, dims=shape, tags=[Tags.ITEM_ID]),
                 ColumnSchema(SCORES, dtype=np.float32, dims=shape),
             ]
         )
 
-    def transform(self, col_selector: ColumnSelector, transformable):
-        import torch
+    def _is_strings(self) -> bool:
+        return self.raw_dtype is not None and is_string_dtype(self.raw_dtype)
 
-        if self._model is None:  # in-process use of the graph, without an export
-            vocab = pd.DataFrame({"item_id": self._vocabulary.values, "item_id_raw": self._vocabulary.index})
-            self._load(Path(self.model_path), vocab)
+    def transform(self, col_selector: ColumnSelector, transformable):
+        if ITEM_SEQUENCE not in transformable.columns:
+            raise MolarRequestError(f"the request has no {ITEM_SEQUENCE!r} input")
         values, offsets = _values_offsets(transformable[ITEM_SEQUENCE])
-        if (values < FIRST_ITEM_ID).any():
-            # ValidateHistory runs first; this only fires if the graph was rebuilt without it.
-            raise MolarRequestError("the encoded history holds reserved ids (padding / null / out-of-vocabulary)")
-        lengths = np.diff(offsets)
-        batch = right_padded_window(values, offsets, self.max_length)
-        with torch.inference_mode():  # local: never switch autograd off for the whole process
-            scores = self._model({ITEM_SEQUENCE: torch.from_numpy(batch)})
-            rows = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
-            scores[rows, torch.from_numpy(values.astype(np.int64))] = float("-inf")
-            top_scores, top_ids = torch.topk(scores, k=self.top_k, dim=-1)
-        return type(transformable)(
-            {
-                ITEM_IDS: self._raw_ids[top_ids.numpy()],
-                SCORES: top_scores.numpy().astype(np.float32),
-            }
-        )
+        item_ids, scores = self.recommend(values, offsets)
+        return type(transformable)({ITEM_IDS: item_ids, SCORES: scores})
+
+    def recommend(self, values: np.ndarray, offsets: np.ndarray):
+        """``(raw item ids, scores)``, each ``[rows, top_k]``, for a ragged batch of raw histories."""
+        if self._lean is None:
+            self._load_in_process()
+        check_histories(offsets, len(values), self.max_batch_size)
+        encoded = self._codec.encode(values, offsets)
+        top_scores, top_ids = self._lean.top_k(encoded, offsets, self.top_k)
+        return self._codec.decode(top_ids), top_scores.astype(np.float32, copy=False)
 
 
 def right_padded_window(values: np.ndarray, offsets: np.ndarray, max_length: int) -> np.ndarray:

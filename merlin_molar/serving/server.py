@@ -6,6 +6,8 @@ things make it run from a virtualenv:
 * a backend directory of our own (a temporary one: site-packages is never edited) holding the Python
   backend library and the backend stub built for this Python version;
 * ``LD_LIBRARY_PATH`` with this Python's ``LIBDIR``: the stub links ``libpython3.X.so``;
+* the ``merlin_molar`` package this process imported, linked into that backend directory (on the stub's
+  ``sys.path``), so the server runs the same source as its caller;
 * the stub's Python environment. The stub embeds Python and finds its environment through the
   ``python3`` first on ``PATH``. The bundled stub was built against numpy 1.x (old pybind11): under numpy 2
   every input element reads as the first one and outputs go out empty or wrong. So the stub runs under a
@@ -34,6 +36,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
+
+import merlin_molar
 
 STUB_ENV_VAR = "MOLAR_TRITON_STUB_ENV"
 INSTALL_HINT = "run `bash scripts/install_serving.sh` (installs requirements/serving.txt and the stub environment)"
@@ -134,6 +138,11 @@ class TritonServer:
         if not stub.is_file():
             raise TritonServerError(f"nvidia-pytriton ships no Python-backend stub for Python {version}")
         shutil.copy2(stub, python / "triton_python_backend_stub")
+        # The backend puts this directory on the stub's sys.path (the stub ignores PYTHONPATH). A link to the
+        # merlin_molar package this process runs makes the models run the same source, also from a checkout
+        # that is not the installed one (an editable install's finder comes after sys.path; an ordinary
+        # install in site-packages is found first, and is then what this process runs too).
+        os.symlink(Path(merlin_molar.__file__).resolve().parent, python / "merlin_molar")
         return python.parent
 
     def _env(self, dist: Path) -> dict:
@@ -150,7 +159,7 @@ class TritonServer:
         )
         env["PATH"] = os.pathsep.join([str(self.stub_env / "bin"), env.get("PATH", "")])
         env.pop("PYTHONHOME", None)
-        env.pop("PYTHONPATH", None)
+        env.pop("PYTHONPATH", None)  # the stub's embedded Python ignores it anyway
         return env
 
     def start(self) -> "TritonServer":
