@@ -194,8 +194,15 @@ def _train_claimed(prepared, kind, output_dir, model, config, table, train_confi
         LOG.warning("--resume: no checkpoint in %s: starting from scratch", checkpoints)
     if last is not None:
         check_checkpoint(last)
+    task = trainer.model.heads[0].prediction_task_dict["next-item"]
+    if kind == "molar" and config.id_branch == "frozen":
+        # Only the content tower learns: early-stop it on its own validation NDCG@10 (a fused score at a fixed
+        # weight can stall while the content tower is still weak), then fuse with the weight chosen below.
+        task.id_weight = 0.0
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
+    if kind == "molar":
+        task.id_weight = config.id_weight
     seconds = time.perf_counter() - start
     trainer.remove_callback(EarlyStoppingCallback)  # it reads only the Trainer's own per-epoch evaluations
     result = {

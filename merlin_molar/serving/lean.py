@@ -37,6 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from merlin_molar.cold_start import OOV_ID
+from merlin_molar.models.task import calibrated_new_item_scores
+
 LEAN_FILE = "lean.json"
 TABLES_FILE = "tables.safetensors"
 TOWER_FILES = {"content": "content_tower.pt", "id": "id_tower.pt"}
@@ -148,8 +151,13 @@ def export_lean(model_dir, output_dir) -> Path:
             tables["scoring"] = parts["id_table"]
         else:
             has_id = "id_tower" in parts and task.id_weight > 0
-            mode = "content" if not has_id else ("id" if task.id_weight >= 1 else "fused")
+            n_items = parts["content_table"].size(0)
+            known = parts["id_table"].size(0) if has_id else n_items
+            extended = known < n_items  # items added after training (extend-model): scored as the task does
+            mode = "content" if not has_id else ("id" if task.id_weight >= 1 and not extended else "fused")
             meta.update(mode=mode, id_weight=float(task.id_weight), temperature=0.0)
+            if extended:
+                meta.update(known_items=int(known), new_item_scoring=task.new_item_scoring)
             sides = []
             if mode in ("content", "fused"):
                 tables["content_inputs"] = parts["content_table"]
@@ -158,6 +166,12 @@ def export_lean(model_dir, output_dir) -> Path:
             if mode in ("id", "fused"):
                 tables["id_inputs"] = parts["id_table"]
                 meta["normalise_id"], side = _scoring_side(task.id_loss, parts["id_table"])
+                if extended:
+                    # the ID branch reads a new item as the OOV id, and has no score for it (zero rows)
+                    new = n_items - known
+                    oov = parts["id_table"][OOV_ID].expand(new, -1)
+                    tables["id_inputs"] = torch.cat([parts["id_table"], oov])
+                    side = torch.cat([side, side.new_zeros(new, side.size(1))])
                 sides.append(side)
             tables["scoring"] = torch.cat(sides, dim=1)
         for name in ("content", "id"):
@@ -255,6 +269,13 @@ class LeanModel:
             users[:batch, :width] = content
             users[batch:, width:] = ident
             both = users @ self.scoring.t()
+            known = meta.get("known_items")
+            if known:  # items added after training: the same calibration as MolarTask
+                content_logp = torch.log_softmax(both[:batch], -1)
+                id_logp = torch.log_softmax(both[batch:, :known], -1)
+                fused = (1 - self.id_weight) * content_logp[:, :known] + self.id_weight * id_logp
+                new = calibrated_new_item_scores(content_logp, id_logp, self.id_weight, meta["new_item_scoring"])
+                return torch.cat([fused, new], dim=-1)
             return (1 - self.id_weight) * torch.log_softmax(both[:batch], -1) + self.id_weight * torch.log_softmax(
                 both[batch:], -1
             )
