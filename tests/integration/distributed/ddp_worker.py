@@ -68,7 +68,7 @@ def train(spec, job, data):
     config = data_parallel_config(
         TrainConfig(
             epochs=job["epochs"], learning_rate=job["learning_rate"], save_steps=job["save_steps"],
-            logging_steps=1, seed=0,
+            logging_steps=1, seed=0, early_stopping_patience=0,  # step checkpoints, not per-epoch ones
         ),
         global_batch_size=job["global_batch"],
     )
