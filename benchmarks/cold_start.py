@@ -52,13 +52,13 @@ from merlin_molar.pipeline import embed_item_table, train  # noqa: E402
 from merlin_molar.training import TrainConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, git_commit, machine, now, write_result  # noqa: E402
+from common import REPO, RESULTS_DIR, command_line, data_dir, git_commit, machine, now, write_result  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/ml-100k")
-    p.add_argument("--workdir", default="/tmp/molar_cold_start")
+    p.add_argument("--data", default=str(data_dir("ml-100k")))
+    p.add_argument("--workdir", default=str(REPO / "outputs" / "cold_start"))
     p.add_argument("--name", default="cold_start_ml100k")
     p.add_argument("--cold-items", type=float, default=0.1)
     p.add_argument("--epochs", type=float, default=30)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from merlin_molar.errors import MolarDataError
-from merlin_molar.validation import check_command, one_line
+from merlin_molar.validation import check_command, one_line, parse_model_options
 
 LOG = logging.getLogger("merlin_molar")
 
@@ -51,18 +51,6 @@ def _load_config_file(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def _json_option(value: Optional[str]) -> dict:
-    if not value:
-        return {}
-    if isinstance(value, dict):
-        return value
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise MolarDataError("--model-options", f"not valid JSON ({e.msg}): {value!r}") from None
-    if not isinstance(parsed, dict):
-        raise MolarDataError("--model-options", "expected a JSON object")
-    return parsed
 
 
 def _train_config(args):
@@ -191,7 +179,7 @@ def cmd_train(args):
 
     data = load_prepared(args.prepared)
     result = train(
-        data, args.model, args.output, _json_option(args.model_options), _train_config(args),
+        data, args.model, args.output, parse_model_options(args.model_options), _train_config(args),
         item_table_path=args.item_table, resume=args.resume, init_id_branch_from=args.init_id_branch,
     )
     print(metrics_table({args.model: result}, "valid").replace("model", "valid", 1))
