@@ -69,7 +69,7 @@ def build(args, work: Path):
     from merlin_molar.data.synthetic import product_code
     from merlin_molar.models.molar import MolarConfig, molar_model
     from merlin_molar.persistence import save_model
-    from merlin_molar.quickstart import MAX_LENGTH, MOLAR
+    from merlin_molar.quickstart import MAX_LENGTH
     from merlin_molar.serving import export_triton
     from merlin_molar.training import TrainConfig, make_trainer
 
@@ -83,7 +83,7 @@ def build(args, work: Path):
             raw.items["item_id"] = raw.items["item_id"].map(product_code)
         prepared = prepare(raw, prepared_dir, max_length=MAX_LENGTH)
     torch.manual_seed(0)
-    config = MolarConfig(**{**MOLAR, "max_length": MAX_LENGTH})
+    config = MolarConfig(max_length=MAX_LENGTH, sasrec={"max_length": MAX_LENGTH})  # the quickstart size: defaults
     table = torch.randn(prepared.item_cardinality, args.content_dim)
     model = molar_model(prepared.schema, table, config)
     if args.train_epochs:
