@@ -1,7 +1,8 @@
 """Multi-seed quality runner: datasets x variants x seeds, every model early-stopped on validation NDCG@10.
 
 Each run goes through :func:`merlin_molar.pipeline.train`, the function behind `merlin-molar train`, with the
-CLI's default training settings, so the ``sasrec`` and ``molar`` rows are what a user gets without tuning.
+CLI's default training settings, so the ``sasrec``, ``gru4rec``, ``molar`` and ``molar_gru4rec`` rows are what a
+user gets without tuning.
 Writes ``benchmarks/results/quality_<dataset>.json`` (top-level ``summary``: mean and std over seeds, and the
 per-seed paired ratio to SASRec), a markdown table and a plot. Finished runs are kept in the work directory
 and skipped on a rerun, so an interrupted benchmark resumes.
@@ -44,18 +45,22 @@ DATASETS = {
     # histories of at most 15 items: length 15 gives the same inputs as 50 at a third of the cost
     "ml-1m-sparse": {"source": "ml-1m", "max_length": 15, "last_n": 15},
 }
-# name -> (model kind, model options on top of the defaults, ID branch taken over from the same seed's SASRec).
-# "sasrec" and "molar" are the README's recipe with the CLI defaults: `train --model sasrec`, then
-# `train --model molar --init-id-branch <sasrec run>/model` (a frozen, trained SASRec as the ID branch).
+# name -> (model kind, model options on top of the defaults, the variant whose same-seed run becomes the frozen
+# ID branch, or None). "sasrec" and "molar" are the README's recipe with the CLI defaults: `train --model sasrec`,
+# then `train --model molar --init-id-branch <sasrec run>/model` (a frozen, trained SASRec as the ID branch);
+# "gru4rec" and "molar_gru4rec" are the same recipe with GRU4Rec as the ID model. Ratios are always to SASRec.
 VARIANTS = {
-    "sasrec": ("sasrec", {}, False),
-    "molar": ("molar", {}, True),
-    "molar_no_align": ("molar", {"alpha": 0.0}, True),
-    "molar_fixed_fusion": ("molar", {"id_weight_grid": []}, True),
-    "molar_align_all": ("molar", {"align_positions": "all"}, True),
-    "molar_joint": ("molar", {}, False),
-    "content_only": ("molar", {"id_branch": "none"}, False),
+    "sasrec": ("sasrec", {}, None),
+    "gru4rec": ("gru4rec", {}, None),
+    "molar": ("molar", {}, "sasrec"),
+    "molar_gru4rec": ("molar", {}, "gru4rec"),
+    "molar_no_align": ("molar", {"alpha": 0.0}, "sasrec"),
+    "molar_fixed_fusion": ("molar", {"id_weight_grid": []}, "sasrec"),
+    "molar_align_all": ("molar", {"align_positions": "all"}, "sasrec"),
+    "molar_joint": ("molar", {}, None),
+    "content_only": ("molar", {"id_branch": "none"}, None),
 }
+BASELINE = "sasrec"  # the ratio column: every variant over the SASRec of the same seed
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
 
 
@@ -83,10 +88,10 @@ def run_one(prepared, table, variant: str, seed: int, run_dir: Path, config: Tra
     done = run_dir / "metrics.json"
     if done.exists():
         return read_json(done)
-    kind, options, from_sasrec = VARIANTS[variant]
-    init = run_dir.parent / f"sasrec-seed{seed}" / "model" if from_sasrec else None
+    kind, options, id_from = VARIANTS[variant]
+    init = run_dir.parent / f"{id_from}-seed{seed}" / "model" if id_from else None
     if init is not None and not init.exists():
-        run_one(prepared, table, "sasrec", seed, init.parent, config)
+        run_one(prepared, table, id_from, seed, init.parent, config)
     result = train(prepared, kind, run_dir, dict(options), config, item_table_path=table if kind == "molar" else None,
                    init_id_branch_from=init)
     return {k: v for k, v in result.items() if k != "log_history"}
@@ -96,8 +101,11 @@ def mean_std(values):
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def summarise(runs: dict) -> dict:
-    """{variant: {"seeds": n, "test": {metric: {mean, std}}, "valid": ..., "ratio_to_sasrec": ...}}"""
+def summarise(runs: dict, baseline: dict = None) -> dict:
+    """{variant: {"seeds": n, "test": {metric: {mean, std}}, "valid": ..., "ratio_to_sasrec": ...}}
+
+    The ratio is to the SASRec of the same seed: ``runs["sasrec"]``, else ``baseline`` (``{seed: result}``, the
+    SASRec runs found in the work directory when ``sasrec`` is not among the variants)."""
     summary = {}
     for variant, by_seed in runs.items():
         seeds = sorted(by_seed)
@@ -106,7 +114,7 @@ def summarise(runs: dict) -> dict:
             entry[split] = {m: mean_std([by_seed[s][split][m] for s in seeds]) for m in METRICS}
         entry["best_epoch"] = [by_seed[s].get("best_epoch") for s in seeds]
         entry["train_seconds"] = mean_std([by_seed[s]["train_seconds"] for s in seeds])
-        base = runs.get("sasrec", {})
+        base = runs.get(BASELINE) or baseline or {}
         paired = [s for s in seeds if s in base]
         if paired:
             ratios = [by_seed[s]["test"]["ndcg@10"] / base[s]["test"]["ndcg@10"] for s in paired]
@@ -144,7 +152,8 @@ def plot(dataset: str, summary: dict, path: Path) -> None:
     means = [summary[n]["test"]["ndcg@10"]["mean"] for n in names]
     stds = [summary[n]["test"]["ndcg@10"]["std"] for n in names]
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 3.5))
-    ax.bar(names, means, yerr=stds, capsize=4, color=["#888" if n == "sasrec" else "#3a7" for n in names])
+    id_only = [VARIANTS.get(n, ("molar",))[0] != "molar" for n in names]  # SASRec, GRU4Rec: grey
+    ax.bar(names, means, yerr=stds, capsize=4, color=["#888" if grey else "#3a7" for grey in id_only])
     ax.set_ylabel("test NDCG@10 (mean ± std)")
     ax.set_title(f"{dataset}: early-stopped, {summary[names[0]]['seeds']} seeds")
     ax.tick_params(axis="x", rotation=30)
@@ -192,7 +201,10 @@ def main(argv=None):
                 print(f"{dataset} {variant} seed {seed}: test N@10 {r['test']['ndcg@10']:.4f} "
                       f"R@10 {r['test']['recall@10']:.4f} (best epoch {r.get('best_epoch')}, "
                       f"{r['train_seconds']:.0f} s)", flush=True)
-        summary = summarise(runs)
+        runs_dir = args.workdir / dataset / f"runs_L{DATASETS[dataset]['max_length']}"
+        baseline = {s: read_json(runs_dir / f"{BASELINE}-seed{s}" / "metrics.json") for s in seeds
+                    if (runs_dir / f"{BASELINE}-seed{s}" / "metrics.json").exists()}
+        summary = summarise(runs, baseline)
         name = f"quality_{dataset.replace('-', '')}{args.suffix}"
         md = markdown(dataset, summary)
         (RESULTS_DIR / f"{name}.md").write_text(md)
@@ -205,8 +217,8 @@ def main(argv=None):
             "machine": {**info, "load_average_at_end": list(os.getloadavg())},
             "dataset": {"name": dataset, **DATASETS[dataset], "manifest": prepared.manifest},
             "train_config": {**TrainConfig().__dict__, "epochs": args.max_epochs, "seed": seeds},
-            "variants": {v: {"kind": VARIANTS[v][0], "options": VARIANTS[v][1], "id_branch_from_sasrec": VARIANTS[v][2]}
-                         for v in variants},
+            "variants": {v: {"kind": VARIANTS[v][0], "options": VARIANTS[v][1], "id_branch_from": VARIANTS[v][2],
+                             "id_branch_from_sasrec": VARIANTS[v][2] == "sasrec"} for v in variants},
             "summary": summary,
             "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
             "wall_seconds": time.perf_counter() - start,

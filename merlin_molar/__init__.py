@@ -20,6 +20,7 @@ from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.models import (  # noqa: E402
     ContentItemEmbedding,
     FullRankingNextItemTask,
+    GRU4RecConfig,
     MolarBlock,
     MolarBody,
     MolarConfig,
@@ -27,6 +28,8 @@ from merlin_molar.models import (  # noqa: E402
     SASRecConfig,
     build_llm,
     content_item_inputs,
+    gru4rec_body,
+    gru4rec_model,
     load_id_branch,
     molar_model,
     sasrec_body,
@@ -38,6 +41,7 @@ from merlin_molar.persistence import load_model, save_model  # noqa: E402
 __all__ = [
     "ContentItemEmbedding",
     "FullRankingNextItemTask",
+    "GRU4RecConfig",
     "MolarBlock",
     "MolarBody",
     "MolarConfig",
@@ -46,6 +50,8 @@ __all__ = [
     "__version__",
     "build_llm",
     "content_item_inputs",
+    "gru4rec_body",
+    "gru4rec_model",
     "load_id_branch",
     "load_model",
     "load_prepared",

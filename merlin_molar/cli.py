@@ -305,12 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
 
-    p = add("train", cmd_train, "train SASRec or Molar with the Transformers4Rec Trainer, then evaluate")
+    p = add("train", cmd_train, "train SASRec, GRU4Rec or Molar with the Transformers4Rec Trainer, then evaluate")
     p.add_argument("--prepared", required=True)
-    p.add_argument("--model", default="molar", choices=["sasrec", "molar"])
+    p.add_argument("--model", default="molar", choices=["sasrec", "gru4rec", "molar"],
+                   help="sasrec / gru4rec: an ID-based sequential model; molar: content tower + ID branch")
     p.add_argument("--item-table", help="item table directory (Molar)")
     p.add_argument("--model-options", help='JSON object of model options, e.g. \'{"alpha": 0.1, "id_weight": 0.5}\'')
-    p.add_argument("--init-id-branch", help="a saved SASRec model dir to initialise Molar's ID branch from")
+    p.add_argument("--init-id-branch",
+                   help="a saved SASRec or GRU4Rec model dir: Molar's ID branch, frozen, with its architecture")
     p.add_argument("--output", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     _add_train_options(p)

@@ -13,7 +13,7 @@ Three parts, each used by the CLI, the benchmark (``benchmarks/cold_start.py``) 
 * :func:`extend_catalogue`: a trained Molar model scores the extended catalogue with no retraining. The
   content tower reads the extended item table; the ID branch has no embedding for a new item, so the
   task gives it a content-only score calibrated on the known items' ID scores (see
-  :func:`merlin_molar.models.task.calibrated_new_item_scores`). SASRec models are refused.
+  :func:`merlin_molar.models.task.calibrated_new_item_scores`). ID-only models (SASRec, GRU4Rec) are refused.
 * :func:`evaluate_cold_start`: full ranking over the extended catalogue (history masked), with metrics
   reported separately for users whose test target is cold and users whose target is warm, for the model
   and for three baselines scored in the same run: random, popularity (zero for items never seen in
@@ -109,11 +109,13 @@ def extend_catalogue(model, kind: str, table: torch.Tensor, new_item_scoring: st
 
     The first rows of ``table`` must be byte-identical to the table the model was trained with, so a table
     of another dataset or encoder cannot be swapped in by mistake."""
-    if kind == "sasrec":
+    from merlin_molar.models.id_models import ID_MODELS
+
+    if kind in ID_MODELS:
         raise MolarDataError(
             "model",
-            "a SASRec model has no embedding for items added after training and cannot score them "
-            "(retrain it, or use a Molar model, whose content tower scores new items)",
+            f"a {ID_MODELS[kind].title} model has no embedding for items added after training and cannot score "
+            "them (retrain it, or use a Molar model, whose content tower scores new items)",
         )
     if kind != "molar":
         raise MolarDataError("model", f"unknown model kind {kind!r}")
@@ -154,8 +156,8 @@ def model_for_catalogue(model, kind: str, prepared, item_table_path=None, new_it
         return model
     if trained > cardinality:
         raise MolarDataError(prepared.root, f"has {cardinality} item ids, fewer than the model's {trained}")
-    if kind == "sasrec":
-        extend_catalogue(model, kind, None)  # raises the clear SASRec error
+    if kind != "molar":
+        extend_catalogue(model, kind, None)  # raises the clear ID-model error
     from merlin_molar.items import load_item_table
 
     path = Path(item_table_path) if item_table_path else prepared.root / "item_table"

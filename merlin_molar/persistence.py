@@ -2,9 +2,10 @@
 
 A saved model is a directory::
 
-    molar_model.json       kind ("sasrec" | "molar"), its config, package versions, the sha256 of every other
-                           file (verified by load_model) and, when saved by ``train``, the fingerprint of the
-                           prepared data's item id mapping (checked by evaluate / recommend / export)
+    molar_model.json       kind ("sasrec" | "gru4rec" | "molar"), its config, package versions, the sha256 of
+                           every other file (verified by load_model) and, when saved by ``train``, the
+                           fingerprint of the prepared data's item id mapping (checked by evaluate / recommend /
+                           export)
     schema.json            the Merlin schema the model was built from
     item_table.safetensors the frozen content item table (Molar only)
     weights.pt             state dict (for LoRA on a pretrained LLM: everything except the frozen base LLM)
@@ -27,8 +28,8 @@ from safetensors.torch import load_file, save_file
 import merlin_molar
 from merlin_molar.errors import MolarDataError
 from merlin_molar.io import atomic_path, file_checksums, read_json, verify_checksums, write_json
+from merlin_molar.models.id_models import ID_MODELS
 from merlin_molar.models.molar import MolarConfig, molar_model
-from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 
 
 def _is_pretrained_llm(config: MolarConfig) -> bool:
@@ -82,9 +83,9 @@ def load_model(path) -> tuple:
     except Exception as e:
         raise MolarDataError(schema_file, f"not a readable model schema ({type(e).__name__})") from None
     kind = meta.get("kind")
-    if kind == "sasrec":
-        config = SASRecConfig(**meta["config"])
-        model = sasrec_model(schema, config)
+    if kind in ID_MODELS:
+        config = ID_MODELS[kind].config(**meta["config"])
+        model = ID_MODELS[kind].model(schema, config)
     elif kind == "molar":
         config = MolarConfig(**meta["config"])
         table_file = path / "item_table.safetensors"
@@ -137,7 +138,7 @@ def extend_saved_model(model_dir, prepared, output_dir, item_table=None, new_ite
     (items added with ``add-items`` since training), with no retraining. The weights are copied unchanged;
     the item table is the extended one, checked to start with the model's own table byte for byte; the
     saved schema has the new item cardinality, so ``export`` and ``load_model`` see the extended catalogue.
-    SASRec models are refused."""
+    ID-only models (SASRec, GRU4Rec) are refused."""
     import shutil
 
     from merlin_molar.cold_start import extend_catalogue
@@ -152,7 +153,7 @@ def extend_saved_model(model_dir, prepared, output_dir, item_table=None, new_ite
     table = load_item_table(Path(item_table) if item_table else Path(prepared.root) / "item_table", prepared)
     if kind == "molar" and trained is None:
         trained = int(load_file(str(model_dir / "item_table.safetensors"))["table"].size(0))
-    extend_catalogue(model, kind, table, new_item_scoring)  # checks the table; refuses SASRec
+    extend_catalogue(model, kind, table, new_item_scoring)  # checks the table
     catalogue = prepared.manifest.get("catalogue", {})
     with atomic_path(output_dir, is_dir=True) as tmp:
         shutil.copy2(model_dir / "weights.pt", tmp / "weights.pt")

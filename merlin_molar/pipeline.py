@@ -1,6 +1,6 @@
 """The end-to-end steps, raw data to recommendations, as plain functions (the CLI and quickstart call these).
 
-    prepare_dataset -> embed_item_table -> train (sasrec | molar) -> evaluate / recommend -> export
+    prepare_dataset -> embed_item_table -> train (sasrec | gru4rec | molar) -> evaluate / recommend -> export
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from transformers import EarlyStoppingCallback
 from merlin_molar.data import PreparedData, prepare, read_dataset
 from merlin_molar.errors import MolarDataError
 from merlin_molar.io import claim_output_dir, read_json, rollback_on_failure, write_json
+from merlin_molar.models.id_models import ID_MODELS
 from merlin_molar.models.molar import MolarConfig, molar_model
-from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.persistence import load_model, save_model
 from merlin_molar.training import TrainConfig, evaluate, make_trainer
 from merlin_molar.validation import check_checkpoint, check_model_matches, check_train_config, loading
@@ -103,12 +103,12 @@ def _dataclass_from(cls, values: Optional[dict]):
 
 
 def build_model(kind: str, prepared: PreparedData, model_options: Optional[dict], item_table_path=None):
-    """``(model, config, item_table)`` for ``kind`` in ``sasrec`` | ``molar``."""
+    """``(model, config, item_table)`` for ``kind`` in ``sasrec`` | ``gru4rec`` | ``molar``."""
     options = dict(model_options or {})
     options.setdefault("max_length", prepared.max_length)
-    if kind == "sasrec":
-        config = _dataclass_from(SASRecConfig, options)
-        return sasrec_model(prepared.schema, config), config, None
+    if kind in ID_MODELS:
+        config = _dataclass_from(ID_MODELS[kind].config, options)
+        return ID_MODELS[kind].model(prepared.schema, config), config, None
     if kind == "molar":
         from merlin_molar.items import load_item_table
 
@@ -117,7 +117,7 @@ def build_model(kind: str, prepared: PreparedData, model_options: Optional[dict]
         table = load_item_table(item_table_path, prepared)
         config = _dataclass_from(MolarConfig, options)
         return molar_model(prepared.schema, table, config), config, table
-    raise ValueError(f"unknown model kind {kind!r}: choose 'sasrec' or 'molar'")
+    raise ValueError(f"unknown model kind {kind!r}: choose one of {sorted([*ID_MODELS, 'molar'])}")
 
 
 def _run_identity(prepared: PreparedData, kind: str, config, train_config: TrainConfig, item_table_path) -> dict:
@@ -150,9 +150,9 @@ def train(
     Checkpoints go to ``output_dir/checkpoints``; ``resume=True`` continues from the last one. An output
     directory that belongs to another dataset or configuration is refused.
 
-    ``init_id_branch_from`` (a saved SASRec model directory) is the recommended Molar recipe, the paper's
-    post-alignment: the trained SASRec becomes Molar's ID branch, with its own architecture and, unless
-    ``model_options`` say otherwise, frozen (``id_branch="frozen"``)."""
+    ``init_id_branch_from`` (a saved SASRec or GRU4Rec model directory) is the recommended Molar recipe, the
+    paper's post-alignment: the trained ID model becomes Molar's ID branch, with its own architecture
+    (``id_model`` and its config) and, unless ``model_options`` say otherwise, frozen (``id_branch="frozen"``)."""
     output_dir = Path(output_dir)
     train_config = train_config or TrainConfig()
     check_train_config(train_config)
@@ -169,14 +169,17 @@ def train(
         )
 
 
-def id_branch_options(sasrec_dir) -> dict:
-    """Molar options that take over a saved SASRec as the (frozen) ID branch."""
-    meta_file = Path(sasrec_dir) / "molar_model.json"
-    with loading("--init-id-branch", sasrec_dir, "is not a saved SASRec model directory"):
+def id_branch_options(model_dir) -> dict:
+    """Molar options that take over a saved ID model (SASRec, GRU4Rec) as the (frozen) ID branch."""
+    meta_file = Path(model_dir) / "molar_model.json"
+    with loading("--init-id-branch", model_dir, "is not a saved ID model directory"):
         meta = read_json(meta_file)
-    if meta.get("kind") != "sasrec":
-        raise MolarDataError("--init-id-branch", f"{sasrec_dir} holds a {meta.get('kind')!r} model, not a SASRec")
-    return {"id_branch": "frozen", "sasrec": meta["config"]}
+    kind = meta.get("kind")
+    if kind not in ID_MODELS:
+        raise MolarDataError(
+            "--init-id-branch", f"{model_dir} holds a {kind!r} model, not an ID model ({' or '.join(ID_MODELS)})"
+        )
+    return {"id_branch": "frozen", "id_model": kind, kind: meta["config"]}
 
 
 def _train_claimed(prepared, kind, output_dir, model, config, table, train_config, resume, init_id_branch_from):
@@ -268,7 +271,7 @@ def recommend(
     """Top-k raw item ids (with titles where known) for raw-id histories, history items excluded.
 
     Items added to the catalogue after training (``add-items``) are scored too (Molar: by content, read
-    from ``item_table``, default ``PREPARED/item_table``); a SASRec model refuses them."""
+    from ``item_table``, default ``PREPARED/item_table``); an ID-only model (SASRec, GRU4Rec) refuses them."""
     from merlin_molar.cold_start import model_for_catalogue
 
     check_model_matches(model_dir, prepared)

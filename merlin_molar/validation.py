@@ -166,10 +166,10 @@ def check_existing(path, option: str, required_file: Optional[str] = None) -> No
 
 
 def _config_class(kind: str):
+    from merlin_molar.models.id_models import ID_MODELS
     from merlin_molar.models.molar import MolarConfig
-    from merlin_molar.models.sasrec import SASRecConfig
 
-    return {"sasrec": SASRecConfig, "molar": MolarConfig}[kind]
+    return {**{name: spec.config for name, spec in ID_MODELS.items()}, "molar": MolarConfig}[kind]
 
 
 def _check_value(key: str, value, default, option: str) -> None:
@@ -202,13 +202,17 @@ def check_model_options(kind: str, options: dict, option: str = "--model-options
     unknown = sorted(set(options) - known)
     if unknown:
         raise MolarDataError(option, f"unknown key(s) {unknown} for --model {kind}; known: {sorted(known)}")
+    from merlin_molar.models.id_models import ID_MODELS
+
     for key, value in options.items():
         default = getattr(defaults, key)
-        if isinstance(default, dict) and key == "sasrec":
+        if kind == "molar" and key in ID_MODELS:  # the ID branch's own config
             if not isinstance(value, dict):
-                raise MolarDataError(option, f"sasrec must be a JSON object, got {value!r}")
-            check_model_options("sasrec", value, option)
+                raise MolarDataError(option, f"{key} must be a JSON object, got {value!r}")
+            check_model_options(key, value, option)
             continue
+        if kind == "molar" and key == "id_model" and value not in ID_MODELS:
+            raise MolarDataError(option, f"id_model must be one of {sorted(ID_MODELS)}, got {value!r}")
         _check_value(key, value, default, option)
     if kind == "sasrec":
         d_model, n_heads = options.get("d_model", defaults.d_model), options.get("n_heads", defaults.n_heads)

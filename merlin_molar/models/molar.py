@@ -1,5 +1,5 @@
 """Molar as one Transformers4Rec model: content branch (MolarBlock over the MIRM table) + ID branch
-(SASRec over item ids) -> MolarTask (next-item loss + post-alignment).
+(an ID-based sequential model over item ids: SASRec or GRU4Rec) -> MolarTask (next-item loss + post-alignment).
 
 Example::
 
@@ -20,9 +20,11 @@ from transformers4rec.torch.block.base import BlockBase
 
 from merlin_molar.errors import check_choice
 from merlin_molar.models.dueg import MolarBlock, small_decoder_config
+from merlin_molar.models.gru4rec import GRU4RecConfig
+from merlin_molar.models.id_models import ID_MODELS
 from merlin_molar.models.item_tower import content_item_inputs
 from merlin_molar.models.losses import REC_LOSSES
-from merlin_molar.models.sasrec import SASRecConfig, sasrec_body
+from merlin_molar.models.sasrec import SASRecConfig
 from merlin_molar.models.task import MolarTask
 
 ID_BRANCHES = ("joint", "frozen", "none")
@@ -34,8 +36,12 @@ class MolarConfig:
     """Everything needed to rebuild a Molar model (saved next to its weights; round-trips through JSON).
 
     ``llm`` is a HF config dict (with ``model_type``; random init) or a local path / hub id (pretrained).
-    ``id_branch``: ``"joint"`` (trained with its own next-item loss), ``"frozen"`` (load pretrained SASRec
-    weights with :func:`load_id_branch`, kept fixed) or ``"none"`` (content only, no alignment).
+    ``id_branch``: ``"joint"`` (trained with its own next-item loss), ``"frozen"`` (load a pretrained ID
+    model's weights with :func:`load_id_branch`, kept fixed) or ``"none"`` (content only, no alignment).
+    ``id_model`` names the ID branch's architecture, ``"sasrec"`` or ``"gru4rec"``, built from the config
+    field of that name (``sasrec`` / ``gru4rec``; the other is ignored). Configs saved before ``id_model``
+    existed hold only ``sasrec`` and load as a SASRec branch. Its output width (``d_model``) may differ
+    from the DUEG's: the alignment projects content user embeddings to it.
     ``id_weight`` fuses the two scores; after training it is chosen on the validation split from
     ``id_weight_grid`` (an empty grid keeps ``id_weight``).
     """
@@ -44,7 +50,9 @@ class MolarConfig:
     lora: Optional[dict] = None  # peft.LoraConfig kwargs, e.g. {"r": 8, "lora_alpha": 16, "target_modules": [...]}
     user_token: bool = False
     id_branch: Literal["joint", "frozen", "none"] = "joint"
+    id_model: Literal["sasrec", "gru4rec"] = "sasrec"
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
     rec_loss: Literal["ce", "infonce", "bce"] = "ce"
     alpha: float = 0.1
     temperature: float = 0.1
@@ -59,8 +67,10 @@ class MolarConfig:
         check_choice("id_branch", self.id_branch, ID_BRANCHES)
         check_choice("rec_loss", self.rec_loss, REC_LOSSES)
         check_choice("align_positions", self.align_positions, ALIGN_POSITIONS)
-        if isinstance(self.sasrec, dict):
-            self.sasrec = SASRecConfig(**self.sasrec)
+        check_choice("id_model", self.id_model, tuple(ID_MODELS))
+        for name, spec in ID_MODELS.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, spec.config(**getattr(self, name)))
         if not isinstance(self.llm, (str, dict)):
             raise ValueError(f"llm must be a config dict (with model_type) or a path / hub id, got {type(self.llm)}")
         if isinstance(self.llm, dict):
@@ -68,6 +78,11 @@ class MolarConfig:
         self.id_weight_grid = tuple(float(w) for w in self.id_weight_grid)
         if not all(0.0 <= w <= 1.0 for w in (self.id_weight, *self.id_weight_grid)):
             raise ValueError("id_weight and id_weight_grid values must lie in [0, 1]")
+
+    @property
+    def id_config(self):
+        """The config of the ID branch's model (``self.sasrec`` or ``self.gru4rec``, as ``id_model`` says)."""
+        return getattr(self, self.id_model)
 
     def to_dict(self):
         return asdict(self)
@@ -115,8 +130,8 @@ def molar_model(schema: Schema, item_table: torch.Tensor, config: Optional[Molar
 
     id_body = None
     if config.id_branch != "none":
-        sasrec = replace(config.sasrec, max_length=config.max_length)
-        id_body = sasrec_body(schema, sasrec)
+        id_config = replace(config.id_config, max_length=config.max_length)
+        id_body = ID_MODELS[config.id_model].body(schema, id_config)
         if config.id_branch == "frozen":
             id_body.requires_grad_(False)
     task = MolarTask(
@@ -136,9 +151,10 @@ def molar_model(schema: Schema, item_table: torch.Tensor, config: Optional[Molar
     return tr.Model(head)
 
 
-def load_id_branch(model: tr.Model, sasrec: tr.Model) -> None:
-    """Copy a trained SASRec's body (item embeddings + transformer) into Molar's ID branch."""
+def load_id_branch(model: tr.Model, id_model: tr.Model) -> None:
+    """Copy a trained ID model's body (item embeddings + transformer or GRU) into Molar's ID branch, which
+    must have been built with the same architecture (``MolarConfig.id_model`` and its config)."""
     body = model.heads[0].body
     if body.id_body is None:
         raise ValueError("this Molar model has no ID branch (id_branch='none')")
-    body.id_body.load_state_dict(sasrec.heads[0].body.state_dict())
+    body.id_body.load_state_dict(id_model.heads[0].body.state_dict())

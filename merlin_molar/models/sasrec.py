@@ -41,8 +41,9 @@ class SASRecConfig:
         return cls(**values)
 
 
-def item_id_inputs(schema: Schema, config: SASRecConfig) -> tr.TabularSequenceFeatures:
-    """Item-id embeddings of width ``d_model`` (std d^-0.5) with causal masking."""
+def item_id_inputs(schema: Schema, config) -> tr.TabularSequenceFeatures:
+    """Item-id embeddings of width ``config.d_model`` (std d^-0.5) with causal masking, for sequences of up to
+    ``config.max_length`` items (the inputs of every ID model: SASRec, GRU4Rec)."""
     std = config.d_model**-0.5
     item_col = schema.select_by_tag(Tags.ITEM_ID).column_names[0]
     return tr.TabularSequenceFeatures.from_schema(

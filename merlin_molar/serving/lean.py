@@ -8,7 +8,7 @@ precomputes everything that does not depend on the request:
   tower's item embeddings) and the ID branch's item-id embeddings;
 * the **scoring table**: the item side of the scoring, ready for one matmul (for ``infonce`` scoring
   normalised and multiplied by the learned scale; for a fused Molar the content and ID tables side by side);
-* the **user towers** (the DUEG LLM, the SASRec transformer) as TorchScript, traced once per sequence-length
+* the **user towers** (the DUEG LLM, the ID model's transformer or GRU) as TorchScript, traced once per sequence-length
   bucket (8, 16, 32, ... up to ``max_length``) into one module, so weights are stored once.
 
 Per request :class:`LeanModel` then looks up the input rows of each history window, runs the traced user
@@ -24,7 +24,7 @@ Files written by :func:`export_lean` (a directory)::
     tables.safetensors   content_inputs [items, d_c], id_inputs [items, d_id], scoring [items, d] (unless
                          scoring uses an input table as it is: lean.json names it)
     content_tower.pt     TorchScript, methods l8, l16, ...: [batch, L, d_c] -> [batch, L, d_c]  (Molar)
-    id_tower.pt          TorchScript, same for the ID branch (SASRec, or Molar's ID branch)
+    id_tower.pt          TorchScript, same for the ID model (SASRec, GRU4Rec, or Molar's ID branch)
 """
 from __future__ import annotations
 
@@ -92,17 +92,33 @@ def _trace_tower(tower: torch.nn.Module, width: int, buckets: List[int]) -> torc
         return torch.jit.trace_module(module, examples, check_trace=False, strict=False)
 
 
+def _id_tower(layer) -> torch.nn.Module:
+    """An ID body's sequence layer as ``inputs_embeds -> per-position user embeddings``: the HF model inside
+    SASRec's ``TransformerBlock``, or GRU4Rec's GRU inside its ``tr.Block``."""
+    import transformers4rec.torch as tr
+
+    from merlin_molar.models.gru4rec import GRULayers
+
+    if isinstance(layer, tr.TransformerBlock):
+        return _HiddenStates(layer.transformer)
+    if isinstance(layer, tr.Block) and isinstance(layer.module, GRULayers):
+        return layer.module
+    raise NotImplementedError(f"the lean path cannot trace an ID branch of type {type(layer).__name__}")
+
+
 def _model_parts(model, kind: str) -> Dict:
     """The trained pieces of a loaded merlin-molar model that inference needs."""
+    from merlin_molar.models.id_models import ID_MODELS
+
     head = model.heads[0]
     task = next(iter(head.prediction_task_dict.values()))
     if task.task_block is not None:
         raise NotImplementedError("the lean path does not support a prediction-task block")
     parts = {"task": task}
-    if kind == "sasrec":
-        inputs, transformer = head.body[0], head.body[1]
+    if kind in ID_MODELS:
+        inputs, layer = head.body[0], head.body[1]
         parts["id_table"] = inputs.categorical_module.embedding_tables[_item_column(inputs)].weight
-        parts["id_tower"] = _HiddenStates(transformer.transformer)
+        parts["id_tower"] = _id_tower(layer)
         return parts
     content, id_body = head.body.content, head.body.id_body
     embedding = content[0].categorical_module.embedding_tables[_item_column(content[0])]
@@ -110,7 +126,7 @@ def _model_parts(model, kind: str) -> Dict:
     parts["content_tower"] = content[1]  # MolarBlock: inputs_embeds -> per-position user embeddings
     if id_body is not None:
         parts["id_table"] = id_body[0].categorical_module.embedding_tables[_item_column(id_body[0])].weight
-        parts["id_tower"] = _HiddenStates(id_body[1].transformer)
+        parts["id_tower"] = _id_tower(id_body[1])
     return parts
 
 
@@ -132,6 +148,7 @@ def export_lean(model_dir, output_dir) -> Path:
     """Precompute tables and trace the user towers of the saved model in ``model_dir`` into ``output_dir``."""
     from safetensors.torch import save_file
 
+    from merlin_molar.models.id_models import ID_MODELS
     from merlin_molar.persistence import load_model
 
     output_dir = Path(output_dir)
@@ -143,7 +160,7 @@ def export_lean(model_dir, output_dir) -> Path:
     with torch.no_grad():
         parts = _model_parts(model, kind)
         task = parts["task"]
-        if kind == "sasrec":
+        if kind in ID_MODELS:
             meta["mode"] = "id"
             meta["temperature"] = float(task.softmax_temperature or 0.0)
             meta["normalise_id"] = False

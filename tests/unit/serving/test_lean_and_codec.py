@@ -1,12 +1,13 @@
 """The serving step's parts on the synthetic catalogue (no server): the raw <-> encoded id codec for integer
 and string ids, request checks, and the lean model against the saved model's own forward in every scoring
-mode (fused, content only, ID only, infonce scoring, SASRec)."""
+mode (fused, content only, ID only, infonce scoring, SASRec, GRU4Rec, Molar with a GRU4Rec branch)."""
 import numpy as np
 import pytest
 import torch
 
 from merlin_molar.data.synthetic import product_code, synthetic_frames
 from merlin_molar.models.dueg import small_decoder_config
+from merlin_molar.models.gru4rec import GRU4RecConfig, gru4rec_model
 from merlin_molar.models.molar import MolarConfig, molar_model
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.persistence import save_model
@@ -14,6 +15,7 @@ from merlin_molar.serving.lean import LeanModel, export_lean, length_buckets
 from merlin_molar.serving.ops import ItemCodec, MolarRequestError, check_histories
 
 SASREC = dict(d_model=16, n_layers=1, n_heads=1, dropout=0.1, max_length=20)
+GRU4REC = dict(d_model=12, n_layers=2, dropout=0.1, max_length=20)  # narrower than the DUEG (16)
 
 
 def test_product_codes_are_unique_asin_like_strings():
@@ -73,15 +75,22 @@ def _molar(prepared, **overrides):
     ("id only", "id"),
     ("user token", "fused"),
     ("sasrec", "id"),
+    ("gru4rec", "id"),
+    ("molar gru4rec", "fused"),
 ])
 def test_lean_scores_equal_the_model(tiny_prepared, tmp_path, variant, mode):
     if variant == "sasrec":
         torch.manual_seed(0)
         config = SASRecConfig(**SASREC)
         model, kind, table = sasrec_model(tiny_prepared.schema, config).eval(), "sasrec", None
+    elif variant == "gru4rec":
+        torch.manual_seed(0)
+        config = GRU4RecConfig(**GRU4REC)
+        model, kind, table = gru4rec_model(tiny_prepared.schema, config).eval(), "gru4rec", None
     else:
         overrides = {"fused": {}, "infonce": {"rec_loss": "infonce"}, "content only": {"id_branch": "none"},
-                     "id only": {"id_weight": 1.0}, "user token": {"user_token": True}}[variant]
+                     "id only": {"id_weight": 1.0}, "user token": {"user_token": True},
+                     "molar gru4rec": {"id_model": "gru4rec", "gru4rec": GRU4REC}}[variant]
         (model, config, table), kind = _molar(tiny_prepared, **overrides), "molar"
     if variant == "infonce":  # a scale away from its initial value, so that it must be carried over
         task = model.heads[0].prediction_task_dict["next-item"]

@@ -1,0 +1,53 @@
+"""benchmarks/quality.py's bookkeeping (no training): the GRU4Rec variants take their frozen ID branch from the
+same seed's gru4rec run, and the summary's ratio stays relative to SASRec."""
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("quality")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def result(ndcg):
+    metrics = {"ndcg@10": ndcg, "recall@10": 2 * ndcg, "ndcg@20": ndcg, "recall@20": 2 * ndcg}
+    return {"valid": metrics, "test": metrics, "train_seconds": 1.0}
+
+
+def test_molar_gru4rec_takes_its_id_branch_from_the_same_seeds_gru4rec(quality, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(prepared, kind, run_dir, options, config, item_table_path=None, init_id_branch_from=None):
+        calls.append((kind, Path(run_dir).name, init_id_branch_from))
+        (Path(run_dir) / "model").mkdir(parents=True)
+        return result(0.1)
+
+    monkeypatch.setattr(quality, "train", fake_train)
+    quality.run_one(None, "table", "molar_gru4rec", 3, tmp_path / "molar_gru4rec-seed3", None)
+    assert calls == [
+        ("gru4rec", "gru4rec-seed3", None),  # trained first, since it was missing
+        ("molar", "molar_gru4rec-seed3", tmp_path / "gru4rec-seed3" / "model"),
+    ]
+    assert quality.VARIANTS["gru4rec"][0] == "gru4rec" and quality.VARIANTS["molar"][2] == "sasrec"
+
+
+def test_ratio_column_is_relative_to_sasrec(quality):
+    runs = {"sasrec": {0: result(0.10), 1: result(0.20)}, "gru4rec": {0: result(0.05), 1: result(0.30)},
+            "molar_gru4rec": {0: result(0.12), 1: result(0.22)}}
+    summary = quality.summarise(runs)
+    assert summary["gru4rec"]["test_ndcg@10_ratio_to_sasrec"]["per_seed"] == pytest.approx({0: 0.5, 1: 1.5})
+    assert summary["molar_gru4rec"]["test_ndcg@10_ratio_to_sasrec"]["per_seed"] == pytest.approx({0: 1.2, 1: 1.1})
+    # without sasrec among the variants: the SASRec runs found in the work directory
+    alone = quality.summarise({"gru4rec": runs["gru4rec"]}, baseline=runs["sasrec"])
+    assert alone["gru4rec"]["test_ndcg@10_ratio_to_sasrec"]["mean"] == pytest.approx(1.0)
+    assert "test_ndcg@10_ratio_to_sasrec" not in quality.summarise({"gru4rec": runs["gru4rec"]})["gru4rec"]
+    assert "| gru4rec | 2 |" in quality.markdown("d", summary)
