@@ -54,6 +54,7 @@ VARIANTS = {
     "molar_fixed_fusion": ("molar", {"id_weight_grid": []}, True),
     "molar_align_all": ("molar", {"align_positions": "all"}, True),
     "molar_joint": ("molar", {}, False),
+    "molar_moe": ("molar", {"content_adaptor": "moe"}, True),
     "content_only": ("molar", {"id_branch": "none"}, False),
 }
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")

@@ -20,7 +20,7 @@ from transformers4rec.torch.block.base import BlockBase
 
 from merlin_molar.errors import check_choice
 from merlin_molar.models.dueg import MolarBlock, small_decoder_config
-from merlin_molar.models.item_tower import content_item_inputs
+from merlin_molar.models.item_tower import ADAPTORS, content_item_inputs
 from merlin_molar.models.losses import REC_LOSSES
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_body
 from merlin_molar.models.task import MolarTask
@@ -51,6 +51,9 @@ class MolarConfig:
     id_weight: float = 0.5
     id_weight_grid: Tuple[float, ...] = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
     align_positions: Literal["last", "all"] = "last"
+    content_adaptor: Literal["linear", "moe"] = "linear"
+    adaptor_experts: int = 8
+    adaptor_dropout: float = 0.2
     max_align_rows: int = 4096
     num_negatives: int = 512
     max_length: int = 200
@@ -59,6 +62,7 @@ class MolarConfig:
         check_choice("id_branch", self.id_branch, ID_BRANCHES)
         check_choice("rec_loss", self.rec_loss, REC_LOSSES)
         check_choice("align_positions", self.align_positions, ALIGN_POSITIONS)
+        check_choice("content_adaptor", self.content_adaptor, ADAPTORS)
         if isinstance(self.sasrec, dict):
             self.sasrec = SASRecConfig(**self.sasrec)
         if not isinstance(self.llm, (str, dict)):
@@ -110,7 +114,10 @@ def molar_model(schema: Schema, item_table: torch.Tensor, config: Optional[Molar
 
         lora = LoraConfig(**config.lora)
     block = MolarBlock(config.llm, lora=lora, user_token=config.user_token)
-    inputs = content_item_inputs(schema, item_table, block.hidden_size, config.max_length)
+    inputs = content_item_inputs(
+        schema, item_table, block.hidden_size, config.max_length,
+        adaptor=config.content_adaptor, experts=config.adaptor_experts, dropout=config.adaptor_dropout,
+    )
     content = tr.SequentialBlock(inputs, block)
 
     id_body = None

@@ -72,6 +72,7 @@ def _molar(prepared, **overrides):
     ("content only", "content"),
     ("id only", "id"),
     ("user token", "fused"),
+    ("moe adaptor", "fused"),
     ("sasrec", "id"),
 ])
 def test_lean_scores_equal_the_model(tiny_prepared, tmp_path, variant, mode):
@@ -81,7 +82,8 @@ def test_lean_scores_equal_the_model(tiny_prepared, tmp_path, variant, mode):
         model, kind, table = sasrec_model(tiny_prepared.schema, config).eval(), "sasrec", None
     else:
         overrides = {"fused": {}, "infonce": {"rec_loss": "infonce"}, "content only": {"id_branch": "none"},
-                     "id only": {"id_weight": 1.0}, "user token": {"user_token": True}}[variant]
+                     "id only": {"id_weight": 1.0}, "user token": {"user_token": True},
+                     "moe adaptor": {"content_adaptor": "moe"}}[variant]
         (model, config, table), kind = _molar(tiny_prepared, **overrides), "molar"
     if variant == "infonce":  # a scale away from its initial value, so that it must be carried over
         task = model.heads[0].prediction_task_dict["next-item"]
