@@ -58,6 +58,7 @@ VARIANTS = {
     "molar_fixed_fusion": ("molar", {"id_weight_grid": []}, "sasrec"),
     "molar_align_all": ("molar", {"align_positions": "all"}, "sasrec"),
     "molar_joint": ("molar", {}, None),
+    "molar_moe": ("molar", {"content_adaptor": "moe"}, "sasrec"),
     "content_only": ("molar", {"id_branch": "none"}, None),
 }
 BASELINE = "sasrec"  # the ratio column: every variant over the SASRec of the same seed

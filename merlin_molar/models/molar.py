@@ -22,7 +22,7 @@ from merlin_molar.errors import check_choice
 from merlin_molar.models.dueg import MolarBlock, small_decoder_config
 from merlin_molar.models.gru4rec import GRU4RecConfig
 from merlin_molar.models.id_models import ID_MODELS
-from merlin_molar.models.item_tower import content_item_inputs
+from merlin_molar.models.item_tower import ADAPTORS, content_item_inputs
 from merlin_molar.models.losses import REC_LOSSES
 from merlin_molar.models.sasrec import SASRecConfig
 from merlin_molar.models.task import MolarTask
@@ -59,6 +59,9 @@ class MolarConfig:
     id_weight: float = 0.5
     id_weight_grid: Tuple[float, ...] = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
     align_positions: Literal["last", "all"] = "last"
+    content_adaptor: Literal["linear", "moe"] = "linear"
+    adaptor_experts: int = 8
+    adaptor_dropout: float = 0.2
     max_align_rows: int = 4096
     num_negatives: int = 512
     max_length: int = 200
@@ -71,6 +74,7 @@ class MolarConfig:
         for name, spec in ID_MODELS.items():
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, spec.config(**getattr(self, name)))
+        check_choice("content_adaptor", self.content_adaptor, ADAPTORS)
         if not isinstance(self.llm, (str, dict)):
             raise ValueError(f"llm must be a config dict (with model_type) or a path / hub id, got {type(self.llm)}")
         if isinstance(self.llm, dict):
@@ -125,7 +129,10 @@ def molar_model(schema: Schema, item_table: torch.Tensor, config: Optional[Molar
 
         lora = LoraConfig(**config.lora)
     block = MolarBlock(config.llm, lora=lora, user_token=config.user_token)
-    inputs = content_item_inputs(schema, item_table, block.hidden_size, config.max_length)
+    inputs = content_item_inputs(
+        schema, item_table, block.hidden_size, config.max_length,
+        adaptor=config.content_adaptor, experts=config.adaptor_experts, dropout=config.adaptor_dropout,
+    )
     content = tr.SequentialBlock(inputs, block)
 
     id_body = None

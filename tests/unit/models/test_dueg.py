@@ -5,7 +5,7 @@ from peft import LoraConfig
 
 from merlin_molar.errors import MolarDataError
 from merlin_molar.models.dueg import MolarBlock, small_decoder_config
-from merlin_molar.models.item_tower import ContentItemEmbedding, content_item_inputs
+from merlin_molar.models.item_tower import ContentItemEmbedding, WhitenedMoEAdaptor, content_item_inputs
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,34 @@ def test_content_item_embedding_is_a_frozen_table_with_a_trainable_projection():
         emb(torch.tensor([[10]]))
     with pytest.raises(MolarDataError, match="NaN"):
         ContentItemEmbedding(torch.full((3, 2), float("nan")), 4)
+
+
+def test_moe_adaptor_mixes_whitened_experts_and_trains():
+    torch.manual_seed(0)
+    adaptor = WhitenedMoEAdaptor(12, 6, experts=3, dropout=0.0)
+    x = item_table(5)
+    with torch.no_grad():
+        adaptor.gate.weight.normal_()
+        adaptor.bias.normal_()
+    gates = torch.softmax(x @ adaptor.gate.weight.T, -1)
+    mixed = sum(gates[:, k : k + 1] * ((x - adaptor.bias[k]) @ adaptor.weight[k]) for k in range(3))
+    torch.testing.assert_close(adaptor(x), adaptor.norm(mixed), rtol=1e-5, atol=1e-5)
+    adaptor(x).pow(2).sum().backward()
+    for p in (adaptor.weight, adaptor.bias, adaptor.gate.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_moe_content_embedding_drops_out_only_in_training():
+    emb = ContentItemEmbedding(item_table(10), dim=6, adaptor="moe", experts=4, dropout=0.5)
+    ids = torch.tensor([[3, 4]])
+    emb.eval()
+    torch.testing.assert_close(emb(ids), emb(ids))
+    torch.testing.assert_close(emb(ids)[0], emb.weight[[3, 4]])
+    emb.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(emb(ids), emb(ids))
+    with pytest.raises(ValueError, match="content_adaptor"):
+        ContentItemEmbedding(item_table(10), dim=6, adaptor="mlp")
 
 
 def test_table_rows_must_match_the_schema(schema):
