@@ -94,6 +94,7 @@ def run_one(prepared, table, variant: str, seed: int, run_dir: Path, config: Tra
     if init is not None and not init.exists():
         run_one(prepared, table, id_from, seed, init.parent, config)
     result = train(prepared, kind, run_dir, dict(options), config, item_table_path=table if kind == "molar" else None,
+                   resume=True,  # an interrupted run continues from its last epoch checkpoint
                    init_id_branch_from=init)
     return {k: v for k, v in result.items() if k != "log_history"}
 
