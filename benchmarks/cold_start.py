@@ -33,21 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import merlin_molar  # noqa: E402,F401
-from merlin_molar.cold_start import (  # noqa: E402
-    cold_start_table,
-    content_knn_scorer,
-    evaluate_cold_start,
-    model_for_catalogue,
-    model_scorer,
-    popularity_scorer,
-    random_scorer,
-    summary,
-)
+from merlin_molar.cold_start import cold_start_evaluation, cold_start_table, summary  # noqa: E402
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
-from merlin_molar.items import load_item_table  # noqa: E402
 from merlin_molar.items.add_items import add_items  # noqa: E402
 from merlin_molar.models.dueg import small_decoder_config  # noqa: E402
-from merlin_molar.persistence import load_model  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, train  # noqa: E402
 from merlin_molar.training import TrainConfig  # noqa: E402
 
@@ -112,26 +101,8 @@ def main(argv=None):
     width = prepared.item_cardinality
     print(f"add-items: catalogue version {added.version}, {len(added.added)} items, ids {added.first_id}..{width - 1}")
 
-    def extended(scoring="quantile", id_weight=None):
-        model, kind, _, _ = load_model(model_dir)
-        model = model_for_catalogue(model, kind, prepared, table_dir, new_item_scoring=scoring)
-        if id_weight is not None:
-            model.heads[0].prediction_task_dict["next-item"].id_weight = id_weight
-        return model
-
-    old_model = load_model(model_dir)[0]
-    table = load_item_table(table_dir, prepared)
-    scorers = {
-        "molar": model_scorer(extended(), width),
-        "content_knn": content_knn_scorer(table),
-        "popularity": popularity_scorer(prepared, width, seed=args.seed),
-        "random": random_scorer(width, seed=args.seed),
-        "molar_old_catalogue": model_scorer(old_model, width),
-        "molar_content_scale": model_scorer(extended("content"), width),
-        "molar_content_tower": model_scorer(extended(id_weight=0.0), width),
-    }
     t = time.perf_counter()
-    results = evaluate_cold_start(prepared, scorers, known_items=known)
+    results = cold_start_evaluation(model_dir, prepared, table_dir, diagnostics=True, seed=args.seed)
     timings["evaluate_s"] = time.perf_counter() - t
     print(cold_start_table(results))
 

@@ -130,28 +130,11 @@ def cmd_extend_model(args):
 
 
 def cmd_evaluate_cold_start(args):
-    from merlin_molar.cold_start import (
-        cold_start_table,
-        content_knn_scorer,
-        evaluate_cold_start,
-        model_for_catalogue,
-        model_scorer,
-        popularity_scorer,
-        random_scorer,
-    )
+    from merlin_molar.cold_start import cold_start_evaluation, cold_start_table
     from merlin_molar.data import load_prepared
-    from merlin_molar.items import load_item_table
-    from merlin_molar.persistence import load_model
 
-    data = load_prepared(args.prepared)
-    model, kind, _, _ = load_model(args.model_dir)
-    model = model_for_catalogue(model, kind, data, args.item_table)
-    width = data.item_cardinality
-    table = load_item_table(args.item_table or data.root / "item_table", data)
-    results = evaluate_cold_start(data, {
-        kind: model_scorer(model, width), "content_knn": content_knn_scorer(table),
-        "popularity": popularity_scorer(data, width), "random": random_scorer(width),
-    })
+    results = cold_start_evaluation(args.model_dir, load_prepared(args.prepared), args.item_table,
+                                    diagnostics=args.diagnostics)
     print(cold_start_table(results))
     if args.output:
         from merlin_molar.io import write_json
@@ -292,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--prepared", required=True, help="prepared with --cold-items, cold items added with add-items")
     p.add_argument("--item-table", help="default: PREPARED/item_table")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also the model ranking only its trained catalogue, uncalibrated and content-only variants")
     p.add_argument("--output", help="write the metrics as JSON here")
 
     p = add("finetune-items", cmd_finetune_items, "MIRM stage 1: fine-tune the item encoder (LoRA or full)")

@@ -214,18 +214,22 @@ def cold_test_split(prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return histories, targets, torch.from_numpy(is_cold)
 
 
-def model_scorer(model, width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def model_scorer(model, width: int, **task_settings) -> Callable[[torch.Tensor], torch.Tensor]:
     """Scores of a T4Rec model in inference mode for padded histories, padded with -inf to ``width``
-    columns (a model that does not know the new items cannot rank them)."""
+    columns (a model that does not know the new items cannot rank them). ``task_settings``: attributes of
+    the prediction task set only while this scorer runs (e.g. ``id_weight=0.0``)."""
     task = model.heads[0].prediction_task_dict["next-item"]
 
     def score(histories):
-        task.mask_history = False  # the evaluator masks, the same way for every scorer
+        saved = {name: getattr(task, name) for name in ("mask_history", *task_settings)}
+        for name, value in {**task_settings, "mask_history": False}.items():
+            setattr(task, name, value)  # the evaluator masks, the same way for every scorer
         try:
             with torch.no_grad():
                 scores = model({"item_id-list": histories}).float()
         finally:
-            task.mask_history = True
+            for name, value in saved.items():
+                setattr(task, name, value)
         if scores.size(1) < width:
             pad = torch.full((scores.size(0), width - scores.size(1)), float("-inf"))
             scores = torch.cat([scores, pad], dim=1)
@@ -273,9 +277,11 @@ def evaluate_cold_start(
     batch_size: int = 256,
     progress: bool = True,
     known_items: int = None,
+    items: int = None,
 ) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """``{scorer: {"cold"|"warm"|"all": {"recall@K", "ndcg@K", "users"}}}`` over the test split, full ranking
-    of the prepared catalogue, reserved ids and history masked (the target never). With ``known_items``
+    """``{scorer: {"cold"|"warm"|"all": {"recall@K", "ndcg@K", "hits@K", "users"}}}`` over the test split, full
+    ranking of the prepared catalogue (its first ``items`` ids when given), reserved ids and history masked
+    (the target never); ``hits@K`` counts the users whose target is in their top K. With ``known_items``
     (the catalogue size before the new items), each group also reports ``new_item_share@10``: the fraction
     of its top-10 slots taken by new items."""
     from tqdm.auto import tqdm
@@ -283,7 +289,9 @@ def evaluate_cold_start(
     from merlin_molar.evaluation import mask_seen_items, reference_metrics
 
     histories, targets, is_cold = cold_test_split(prepared)
-    width = prepared.item_cardinality
+    width = prepared.item_cardinality if items is None else int(items)
+    if int(targets.max()) >= width:
+        raise MolarDataError(prepared.root, f"a test target is not among the first {width} items")
     results = {}
     for name, scorer in scorers.items():
         per_user: Dict[str, list] = {}
@@ -306,9 +314,76 @@ def evaluate_cold_start(
             for key, values in per_user.items():
                 metric, k = key.split("_at_")
                 metrics[f"{metric}@{k}"] = float(values[mask].mean()) if n else float("nan")
+                if metric == "recall":
+                    metrics[f"hits@{k}"] = int(values[mask].sum())
             out[group] = metrics
         results[name] = out
     return results
+
+
+def cold_start_evaluation(
+    model_dir,
+    prepared,
+    item_table=None,
+    *,
+    diagnostics: bool = False,
+    seed: int = 0,
+    items: int = None,
+    progress: bool = True,
+) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """The cold-start evaluation of a saved model (the CLI's ``evaluate-cold-start`` and
+    ``benchmarks/cold_start.py``): :func:`evaluate_cold_start` of the model, extended to ``prepared``'s
+    catalogue when items were added since it was trained (named by its kind, ``molar``), and of the
+    ``content_knn``, ``popularity`` and ``random`` baselines.
+
+    ``diagnostics`` adds the variants that explain the model's numbers: ``molar_old_catalogue`` (the same
+    model ranking only the items it was trained on), ``molar_content_scale`` (new items scored by the content
+    log-softmax alone, no calibration) and ``molar_content_tower`` (content scores only, ``id_weight`` 0).
+    ``items`` ranks only the first ``items`` ids (the catalogue as it was at an earlier version: ids are
+    appended, never moved). Each group reports ``new_item_share@10`` when the model knows fewer items."""
+    from merlin_molar.items import load_item_table
+    from merlin_molar.persistence import load_model
+
+    model, kind, _, _ = load_model(model_dir)
+    known = _trained_cardinality(model, kind)
+    model = model_for_catalogue(model, kind, prepared, item_table)
+    known = int(getattr(model.heads[0].prediction_task_dict["next-item"], "known_items", known))
+    width = prepared.item_cardinality
+    table = load_item_table(Path(item_table) if item_table else prepared.root / "item_table", prepared)
+    scorers = {
+        kind: model_scorer(model, width),
+        "content_knn": content_knn_scorer(table),
+        "popularity": popularity_scorer(prepared, width, seed=seed),
+        "random": random_scorer(width, seed=seed),
+    }
+    if diagnostics and kind == "molar":
+        scorers.update({
+            "molar_old_catalogue": known_items_scorer(scorers[kind], known),
+            "molar_content_scale": model_scorer(model, width, new_item_scoring="content"),
+            "molar_content_tower": model_scorer(model, width, id_weight=0.0),
+        })
+    if items is not None:
+        scorers = {name: first_items_scorer(scorer, items) for name, scorer in scorers.items()}
+    return evaluate_cold_start(
+        prepared, scorers, progress=progress, known_items=known if known < (items or width) else None, items=items
+    )
+
+
+def known_items_scorer(scorer: Callable, known: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``scorer`` ranking only the first ``known`` items (the others score -inf): for an extended Molar
+    model, the same ranking of the known items as the model before the extension (the fused scores of the
+    known items move by one constant per user when items are added)."""
+
+    def score(histories):
+        scores = scorer(histories).clone()
+        scores[:, known:] = float("-inf")
+        return scores
+
+    return score
+
+
+def first_items_scorer(scorer: Callable, items: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda histories: scorer(histories)[:, :items]
 
 
 def cold_start_table(results: Dict[str, Dict], ks=(10, 20)) -> str:
@@ -334,6 +409,7 @@ __all__ = [
     "COLD_ITEMS_FILE",
     "COLD_TARGETS_FILE",
     "KnownIdsEmbedding",
+    "cold_start_evaluation",
     "cold_start_table",
     "content_knn_scorer",
     "evaluate_cold_start",
