@@ -120,11 +120,25 @@ def cmd_add_items(args):
         print(f"nothing to add: all {len(result.skipped)} item(s) are already in catalogue version {result.version}")
 
 
+def _prior_value(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a number, got {text!r}") from None
+
+
 def cmd_extend_model(args):
     from merlin_molar.data import load_prepared
     from merlin_molar.persistence import extend_saved_model
 
-    out = extend_saved_model(args.model_dir, load_prepared(args.prepared), args.output, item_table=args.item_table)
+    out = extend_saved_model(args.model_dir, load_prepared(args.prepared), args.output, item_table=args.item_table,
+                             new_item_prior=args.new_item_prior)
+    from merlin_molar.io import read_json
+
+    extension = read_json(Path(out) / "molar_model.json")["catalogue_extension"]
+    print(f"new-item prior: {extension['new_item_prior']:+.2f} (log units added to every new item's score)")
     print(f"wrote {out}: {args.model_dir} scoring the catalogue of {args.prepared} (no retraining); "
           f"serve it with `merlin-molar export --model-dir {out} --prepared {args.prepared} --repository DIR`")
 
@@ -269,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", required=True, help="the prepared directory, after add-items")
     p.add_argument("--item-table", help="the extended item table (default: PREPARED/item_table)")
     p.add_argument("--output", required=True, help="directory for the extended model")
+    p.add_argument("--new-item-prior", default="auto", type=_prior_value,
+                   help="log-prior offset for the new items' scores: 'auto' (default) picks it on the validation "
+                        "split by simulating cold start with the latest training items; or a number (0 = none)")
 
     p = add("evaluate-cold-start", cmd_evaluate_cold_start,
             "cold vs warm test targets: a saved model and the random/popularity/content-kNN baselines")

@@ -103,9 +103,12 @@ class KnownIdsEmbedding(torch.nn.Module):
         return self.embedding(torch.where(ids >= self.known, torch.full_like(ids, self.oov), ids))
 
 
-def extend_catalogue(model, kind: str, table: torch.Tensor, new_item_scoring: str = "quantile"):
+def extend_catalogue(
+    model, kind: str, table: torch.Tensor, new_item_scoring: str = "quantile", new_item_prior: float = 0.0
+):
     """Make a trained model score ``table``'s catalogue (the model's own table plus rows added after it was
-    trained), in place; returns the model.
+    trained), in place; returns the model. ``new_item_prior``: the log-prior offset added to the new items'
+    scores (:func:`estimate_new_item_prior` chooses it; 0 = the calibrated score alone).
 
     The first rows of ``table`` must be byte-identical to the table the model was trained with, so a table
     of another dataset or encoder cannot be swapped in by mistake."""
@@ -136,6 +139,7 @@ def extend_catalogue(model, kind: str, table: torch.Tensor, new_item_scoring: st
     task = model.heads[0].prediction_task_dict["next-item"]
     task.known_items = known
     task.new_item_scoring = new_item_scoring
+    task.new_item_prior = float(new_item_prior)
     id_body = model.heads[0].body.id_body
     if id_body is not None:
         tables = id_body.inputs.categorical_module.embedding_tables
@@ -145,9 +149,13 @@ def extend_catalogue(model, kind: str, table: torch.Tensor, new_item_scoring: st
     return model
 
 
-def model_for_catalogue(model, kind: str, prepared, item_table_path=None, new_item_scoring: str = "quantile"):
+def model_for_catalogue(
+    model, kind: str, prepared, item_table_path=None, new_item_scoring: str = "quantile", new_item_prior="auto"
+):
     """``model`` ready to score ``prepared``'s current catalogue: unchanged when it was trained on it, extended
-    with the prepared item table when items were added since (``add-items``)."""
+    with the prepared item table when items were added since (``add-items``). ``new_item_prior``: a number,
+    or ``"auto"`` (default) for :func:`estimate_new_item_prior` on ``prepared``'s validation split (one
+    inference pass over it; ``extend-model`` does it once and saves the result with the model)."""
     cardinality = prepared.item_cardinality
     trained = _trained_cardinality(model, kind)
     if trained == cardinality:
@@ -159,7 +167,12 @@ def model_for_catalogue(model, kind: str, prepared, item_table_path=None, new_it
     from merlin_molar.items import load_item_table
 
     path = Path(item_table_path) if item_table_path else prepared.root / "item_table"
-    return extend_catalogue(model, kind, load_item_table(path, prepared), new_item_scoring)
+    prior = 0.0
+    if new_item_prior == "auto":
+        prior = estimate_new_item_prior(model, prepared, new_item_scoring=new_item_scoring)["prior"]
+    elif new_item_prior is not None:
+        prior = float(new_item_prior)
+    return extend_catalogue(model, kind, load_item_table(path, prepared), new_item_scoring, prior)
 
 
 def _trained_cardinality(model, kind: str) -> int:
@@ -168,6 +181,168 @@ def _trained_cardinality(model, kind: str) -> int:
         emb = next(iter(body.content[0].categorical_module.embedding_tables.values()))
         return int(emb.num_embeddings)
     return int(body.inputs.categorical_module.item_embedding_table.weight.size(0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the new-item prior (estimated on training and validation data only)
+# --------------------------------------------------------------------------------------------------------------
+PRIOR_GRID = tuple(float(b) for b in np.round(np.arange(-4.0, 1.0001, 0.25), 2))  # log units, 0 included
+PSEUDO_NEW_FRACTION = 0.1
+
+
+def item_arrival_order(prepared, raw=None) -> np.ndarray:
+    """Encoded ids of the trained (known) items, in order of their first interaction in the *training*
+    interactions: every user's interactions but the last two (the validation and test targets), after the
+    cold hold-out, ties broken by position in the raw table, as ``prepare`` orders them. Known items that
+    occur only as validation or test targets come last, by id (they are the freshest).
+
+    The prepared splits keep no timestamps, so this reads the raw data ``prepare`` read (``raw``, or the
+    manifest's ``source``) and refuses data whose fingerprint is not the prepared one. The test targets
+    only decide which interactions are dropped, never the order."""
+    import nvtabular as nvt
+
+    from merlin_molar.data import read_dataset
+    from merlin_molar.data.workflow import ORDER_COLUMN, _fingerprint, item_id_mapping
+
+    manifest = prepared.manifest
+    if raw is None:
+        source = manifest.get("source")
+        if not source or not Path(source).exists():
+            raise MolarDataError(prepared.root, f"the raw data it was prepared from ({source}) is not readable: "
+                                                "give the new-item prior explicitly")
+        raw = read_dataset(source, text_columns=manifest.get("text_columns"))
+    if _fingerprint(raw) != manifest.get("fingerprint"):
+        raise MolarDataError(raw.source, "is not the data this directory was prepared from (fingerprint differs)")
+    inter = raw.interactions
+    if int(manifest.get("k_core") or 0) > 1:
+        import tempfile
+
+        from merlin_molar.data.workflow import k_core
+
+        with tempfile.TemporaryDirectory(prefix="molar-kcore-") as scratch:
+            inter = k_core(inter, int(manifest["k_core"]), cat_path=scratch)
+    inter = inter.assign(**{ORDER_COLUMN: np.arange(len(inter))})
+    if "cold_start" in manifest:
+        inter, _ = hold_out_items(inter, manifest["cold_start"]["fraction"], ORDER_COLUMN)
+    ordered = inter.sort_values(["timestamp", ORDER_COLUMN], kind="stable")
+    from_end = ordered.groupby("user_id", sort=False).cumcount(ascending=False)
+    training = ordered[from_end >= 2]
+    history = prepared.manifest["catalogue"]["history"] if "catalogue" in manifest else None
+    mapping = item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path)))
+    known = int(history[0]["item_cardinality"]) if history else prepared.item_cardinality
+    codes = mapping[mapping < known]
+    seen = [int(codes[i]) for i in training.drop_duplicates("item_id")["item_id"] if i in codes.index]
+    rest = sorted(set(int(c) for c in codes) - set(seen))  # only validation/test targets: last, by id
+    return np.asarray(seen + rest, dtype=np.int64)
+
+
+def estimate_new_item_prior(
+    model,
+    prepared,
+    new_item_scoring: str = "quantile",
+    fraction: float = PSEUDO_NEW_FRACTION,
+    grid: Sequence[float] = PRIOR_GRID,
+    pseudo_new: Sequence[int] = None,
+    raw=None,
+    batch_size: int = 256,
+) -> dict:
+    """The log-prior offset ``b`` for items added after training, chosen on the validation split by
+    simulating cold start with the items the model *was* trained on. Returns ``{"prior": b, ...}`` with
+    the whole curve, for the record.
+
+    Why: a new item's calibrated score (:func:`merlin_molar.models.task.calibrated_new_item_scores`) says
+    "as likely as the known item with the same content rank". That is a guess with no evidence of its
+    base rate: the content rank of an item nobody has interacted with is noisier than the ID branch's
+    score, and how often the freshest items are the next interaction is a property of the data. The
+    Bayes-consistent fix for a ranking metric is one log-prior term per item group, ``log P(new) -
+    log P(calibrated guess)``, i.e. a scalar offset ``b`` added to every new item's score. It is learned
+    where the truth is known without touching the test split:
+
+    1. *pseudo-new items*: the ``fraction`` of known items that appeared last in the training interactions
+       (:func:`item_arrival_order`; the same rule ``prepare --cold-items`` uses to pick the real cold
+       items), or ``pseudo_new``;
+    2. one inference pass over the validation split (history -> the validation target, the targets the
+       model was not trained on), keeping the content and ID log-probabilities of the known items;
+    3. the pseudo-new items are scored as new items are: their ID scores dropped (the ID softmax
+       renormalised over the other items), content-only with the same calibration, plus ``b``;
+    4. ``b`` = the grid value with the best mean validation NDCG@10 over *all* users (so the trade between
+       fresh targets and the rest is weighed by how often each occurs), history masked as in evaluation;
+       ties go to the ``b`` closest to 0, so the choice is deterministic and 0 wins when nothing is gained.
+
+    The content log-probabilities are renormalised over the known items, so the estimate does not depend on
+    whether ``model`` was already extended. A model without an ID branch (or ``id_weight`` 0) scores new
+    items exactly like known ones and gets ``b = 0``."""
+    from merlin_molar.data.workflow import ITEM_SEQUENCE
+    from merlin_molar.evaluation import FIRST_ITEM_ID, mask_seen_items, reference_metrics
+    from merlin_molar.models.task import scores_with_new_items
+
+    task = model.heads[0].prediction_task_dict["next-item"]
+    if getattr(model.heads[0].body, "id_body", None) is None or task.id_weight <= 0:
+        return {"prior": 0.0, "why": "no ID branch: new items are scored like known ones"}
+    known = int(task.id_item_table.weight.size(0))
+    if pseudo_new is None:
+        order = item_arrival_order(prepared, raw)
+        pseudo_new = order[-int(math.ceil(fraction * len(order))):]
+    pseudo_new = np.unique(np.asarray(pseudo_new, dtype=np.int64))
+    if not len(pseudo_new) or pseudo_new.min() < FIRST_ITEM_ID or pseudo_new.max() >= known:
+        raise MolarDataError("pseudo-new items", f"must be trained item ids in {FIRST_ITEM_ID}..{known - 1}")
+    is_new = np.zeros(known, dtype=bool)
+    is_new[pseudo_new] = True
+    # column order of the simulation: the other known items first (reserved ids included), pseudo-new last
+    perm = torch.from_numpy(np.concatenate([np.flatnonzero(~is_new), np.flatnonzero(is_new)]))
+    n_old = int((~is_new).sum())
+
+    valid = prepared.split_frame("valid").sort_values("user_id")
+    sequences = [np.asarray(v, dtype=np.int64) for v in valid[ITEM_SEQUENCE]]
+    length = prepared.max_length
+    histories = torch.zeros(len(sequences), length, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        h = np.array(seq[:-1][-length:])
+        histories[i, : len(h)] = torch.from_numpy(h)
+    targets = torch.tensor([int(seq[-1]) for seq in sequences])
+    grid = sorted({float(b) for b in grid}, key=lambda b: (abs(b), b))  # ties: closest to 0 (then the lower)
+    sums = np.zeros(len(grid))
+    share = np.zeros(len(grid))
+    new_col = torch.from_numpy(is_new)
+    task.log_prob_sink, saved, was_training = [], task.mask_history, model.training
+    task.mask_history = False
+    model.eval()
+    try:
+        for start in range(0, len(targets), batch_size):
+            h, t = histories[start : start + batch_size], targets[start : start + batch_size]
+            task.log_prob_sink.clear()
+            with torch.no_grad():
+                model({"item_id-list": h})
+            content_logp, id_logp = task.log_prob_sink[0]
+            content_logp = torch.log_softmax(content_logp[:, :known].float(), -1)[:, perm]
+            id_logp = torch.log_softmax(id_logp.float()[:, perm[:n_old]], -1)
+            simulated = scores_with_new_items(content_logp, id_logp, task.id_weight, new_item_scoring)
+            base = torch.empty_like(simulated)
+            base[:, perm] = simulated  # back to item-id order
+            base = mask_seen_items(base, h, t)
+            for j, b in enumerate(grid):
+                scores = base + b * new_col
+                sums[j] += float(reference_metrics(scores, t, (10,))["ndcg_at_10"].sum())
+                top = torch.topk(scores, 10, dim=1).indices
+                share[j] += float(new_col[top].float().mean(1).sum())
+    finally:
+        task.log_prob_sink, task.mask_history = None, saved
+        model.train(was_training)
+    users = len(targets)
+    ndcg = sums / users
+    best = int(np.argmax(ndcg))  # first maximum in the tie order
+    curve = sorted(zip(grid, ndcg.tolist(), (share / users).tolist()))
+    return {
+        "prior": grid[best],
+        "validation_ndcg@10": float(ndcg[best]),
+        "validation_ndcg@10_at_0": float(ndcg[grid.index(0.0)]) if 0.0 in grid else None,
+        "pseudo_new_items": int(len(pseudo_new)),
+        "pseudo_new_fraction": fraction,
+        "validation_users": users,
+        "validation_targets_pseudo_new": int(new_col[targets].sum()),
+        "new_item_scoring": new_item_scoring,
+        "curve": [{"prior": b, "ndcg@10": n, "new_item_share@10": sh} for b, n, sh in curve],
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -330,6 +505,8 @@ def cold_start_evaluation(
     seed: int = 0,
     items: int = None,
     progress: bool = True,
+    new_item_prior="auto",
+    details: dict = None,
 ) -> Dict[str, Dict[str, Dict[str, float]]]:
     """The cold-start evaluation of a saved model (the CLI's ``evaluate-cold-start`` and
     ``benchmarks/cold_start.py``): :func:`evaluate_cold_start` of the model, extended to ``prepared``'s
@@ -338,16 +515,28 @@ def cold_start_evaluation(
 
     ``diagnostics`` adds the variants that explain the model's numbers: ``molar_old_catalogue`` (the same
     model ranking only the items it was trained on), ``molar_content_scale`` (new items scored by the content
-    log-softmax alone, no calibration) and ``molar_content_tower`` (content scores only, ``id_weight`` 0).
-    ``items`` ranks only the first ``items`` ids (the catalogue as it was at an earlier version: ids are
-    appended, never moved). Each group reports ``new_item_share@10`` when the model knows fewer items."""
+    log-softmax alone, no calibration), ``molar_no_prior`` (calibrated, without the new-item prior) and
+    ``molar_content_tower`` (content scores only, ``id_weight`` 0). A model saved before items were added is
+    extended here with ``new_item_prior`` (``"auto"``: :func:`estimate_new_item_prior`, on validation data);
+    an extended model (``extend-model``) keeps the prior saved with it. ``details`` (a dict), when given,
+    receives ``known_items``, ``new_item_prior`` and the estimate. ``items`` ranks only the first ``items``
+    ids (the catalogue as it was at an earlier version: ids are appended, never moved). Each group reports
+    ``new_item_share@10`` when the model knows fewer items."""
     from merlin_molar.items import load_item_table
     from merlin_molar.persistence import load_model
 
     model, kind, _, _ = load_model(model_dir)
     known = _trained_cardinality(model, kind)
-    model = model_for_catalogue(model, kind, prepared, item_table)
-    known = int(getattr(model.heads[0].prediction_task_dict["next-item"], "known_items", known))
+    estimate = None
+    if new_item_prior == "auto" and kind == "molar" and known < prepared.item_cardinality:
+        estimate = estimate_new_item_prior(model, prepared)
+        new_item_prior = estimate["prior"]
+    model = model_for_catalogue(model, kind, prepared, item_table, new_item_prior=new_item_prior)
+    task = model.heads[0].prediction_task_dict["next-item"]
+    known = int(getattr(task, "known_items", known))
+    if details is not None:
+        details.update(known_items=known, new_item_prior=float(getattr(task, "new_item_prior", 0.0)),
+                       new_item_prior_estimate=estimate)
     width = prepared.item_cardinality
     table = load_item_table(Path(item_table) if item_table else prepared.root / "item_table", prepared)
     scorers = {
@@ -359,7 +548,8 @@ def cold_start_evaluation(
     if diagnostics and kind == "molar":
         scorers.update({
             "molar_old_catalogue": known_items_scorer(scorers[kind], known),
-            "molar_content_scale": model_scorer(model, width, new_item_scoring="content"),
+            "molar_no_prior": model_scorer(model, width, new_item_prior=0.0),
+            "molar_content_scale": model_scorer(model, width, new_item_scoring="content", new_item_prior=0.0),
             "molar_content_tower": model_scorer(model, width, id_weight=0.0),
         })
     if items is not None:
@@ -421,5 +611,8 @@ __all__ = [
     "random_scorer",
     "summary",
     "cold_test_split",
+    "estimate_new_item_prior",
+    "item_arrival_order",
+    "PRIOR_GRID",
 ]
 
