@@ -385,13 +385,13 @@ def test_item_arrival_order_is_first_training_interaction_of_known_items(cold_ba
     inter = raw.interactions.assign(order=np.arange(len(raw.interactions)))
     inter, _ = hold_out_items(inter, 0.1, "order")  # a cold item stays only as its user's test target
     inter = inter.sort_values(["timestamp", "order"])
-    training = inter[inter.groupby("user_id").cumcount(ascending=False) >= 2]  # before validation and test
-    first = training.drop_duplicates("item_id")["item_id"].map(mapping).tolist()
+    before_test = inter[inter.groupby("user_id").cumcount(ascending=False) >= 1]  # the test targets dropped
+    first = before_test.drop_duplicates("item_id")["item_id"].map(mapping).tolist()
     assert order[: len(first)].tolist() == first
-    # the training interactions are those of the train split (whose histories this data never truncates)
-    train = cold_base.split_frame("train")[ITEM_SEQUENCE]
-    assert max(len(s) for s in train) < cold_base.max_length
-    assert set(first) == set(np.concatenate([np.asarray(s) for s in train]).tolist())
+    # those are the interactions of the validation split (whose histories this data never truncates)
+    valid = cold_base.split_frame("valid")[ITEM_SEQUENCE]
+    assert max(len(s) for s in valid) < cold_base.max_length
+    assert set(first) == set(np.concatenate([np.asarray(s) for s in valid]).tolist())
     foreign = read_dataset(tiny_dir)
     foreign.interactions = foreign.interactions.iloc[1:]
     with pytest.raises(MolarDataError, match="fingerprint"):
@@ -413,13 +413,22 @@ def test_new_item_prior_is_chosen_on_validation_data_only(cold, monkeypatch):
     monkeypatch.setattr(type(cold), "split_frame", no_test)
     again = estimate_new_item_prior(model, cold)
     assert again == first  # deterministic
-    assert first["prior"] in PRIOR_GRID
-    curve = {p["prior"]: p["ndcg@10"] for p in first["curve"]}
-    best = max(curve.values())
-    assert curve[first["prior"]] == best and first["validation_ndcg@10"] == best
-    assert all(abs(b) >= abs(first["prior"]) for b, v in curve.items() if v == best)  # ties: closest to 0
+    assert first["prior"] in PRIOR_GRID and first["rule"] == "budget"
+    curve = first["curve"]
+    assert [c["prior"] for c in curve] == sorted(PRIOR_GRID)
+    # budget rule: the largest offset whose warm cost is within 2%; warm NDCG only falls as the offset grows
+    warm = [c["warm_ndcg@10"] for c in curve]
+    assert all(a >= b - 1e-9 for a, b in zip(warm, warm[1:]))
+    within = [c["prior"] for c in curve if c["warm_cost"] <= 0.02 + 1e-12]
+    assert first["prior"] == (max(within) if within else min(PRIOR_GRID))
+    # ndcg rule: the best NDCG@10 over all users, ties to the offset closest to 0
+    best = max(c["ndcg@10"] for c in curve)
+    by_ndcg = first["by_rule"]["ndcg"]
+    assert next(c["ndcg@10"] for c in curve if c["prior"] == by_ndcg) == best
+    assert all(abs(c["prior"]) >= abs(by_ndcg) for c in curve if c["ndcg@10"] == best)
+    assert estimate_new_item_prior(model, cold, rule="ndcg")["prior"] == by_ndcg
     assert first["validation_users"] == cold.manifest["users"]
-    shares = [p["new_item_share@10"] for p in first["curve"]]
+    shares = [c["new_item_share@10"] for c in curve]
     assert shares == sorted(shares)  # a larger offset puts more pseudo-new items in the top 10
 
 
@@ -434,8 +443,8 @@ def test_new_item_prior_follows_how_often_the_pseudo_new_items_are_targets(cold)
     known = list(range(3, table.size(0)))
     never = [i for i in known if i not in targets]
     assert never and targets
-    low = estimate_new_item_prior(model, cold, pseudo_new=never)
-    high = estimate_new_item_prior(model, cold, pseudo_new=sorted(targets))
+    low = estimate_new_item_prior(model, cold, pseudo_new=never, rule="ndcg")
+    high = estimate_new_item_prior(model, cold, pseudo_new=sorted(targets), rule="ndcg")
     assert low["prior"] < 0
     assert high["prior"] > low["prior"]
     assert low["validation_targets_pseudo_new"] == 0
