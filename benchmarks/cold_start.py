@@ -226,9 +226,11 @@ def main(argv=None):
         "total_seconds": time.perf_counter() - started,
     }
     if args.reuse_model:  # the model's training is the earlier run's: keep how it was made
-        out["training"] = {"reused_model": str(model_dir), **run["reused"],
-                           **{k: previous.get(k) for k in ("command", "git_commit", "date", "settings")}}
-        out["training"]["train_s"] = (previous.get("timings") or {}).get("train_s")
+        made = previous.get("training") or {  # a reused run's record, or the training run's own
+            **{k: previous.get(k) for k in ("command", "git_commit", "date", "settings")},
+            "train_s": (previous.get("timings") or {}).get("train_s"),
+        }
+        out["training"] = {**made, "reused_model": str(model_dir), **run["reused"]}
     path = write_result(RESULTS_DIR / f"{args.name}.json", out)
     print(f"wrote {path}")
 
