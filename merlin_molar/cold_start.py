@@ -13,11 +13,14 @@ Three parts, each used by the CLI, the benchmark (``benchmarks/cold_start.py``) 
 * :func:`extend_catalogue`: a trained Molar model scores the extended catalogue with no retraining. The
   content tower reads the extended item table; the ID branch has no embedding for a new item, so the
   task gives it a content-only score calibrated on the known items' ID scores (see
-  :func:`merlin_molar.models.task.calibrated_new_item_scores`). SASRec models are refused.
+  :func:`merlin_molar.models.task.calibrated_new_item_scores`) plus a log-prior offset chosen on the
+  validation split without test data (:func:`estimate_new_item_prior`). SASRec models are refused.
 * :func:`evaluate_cold_start`: full ranking over the extended catalogue (history masked), with metrics
   reported separately for users whose test target is cold and users whose target is warm, for the model
   and for three baselines scored in the same run: random, popularity (zero for items never seen in
-  training) and content-only nearest neighbour of the last item (cosine in the MIRM table).
+  training) and content-only nearest neighbour of the last item (cosine in the MIRM table);
+  :func:`cold_start_evaluation` wires it for a saved model (the CLI's ``evaluate-cold-start`` and the
+  benchmark).
 """
 from __future__ import annotations
 
@@ -210,8 +213,9 @@ def item_arrival_order(prepared, raw=None) -> np.ndarray:
     if raw is None:
         source = manifest.get("source")
         if not source or not Path(source).exists():
-            raise MolarDataError(prepared.root, f"the raw data it was prepared from ({source}) is not readable: "
-                                                "give the new-item prior explicitly")
+            raise MolarDataError(prepared.root, f"the raw data it was prepared from ({source}) is not readable, so "
+                                                "the new-item prior cannot be estimated: give it explicitly "
+                                                "(`merlin-molar extend-model --new-item-prior NUMBER`)")
         raw = read_dataset(source, text_columns=manifest.get("text_columns"))
     if _fingerprint(raw) != manifest.get("fingerprint"):
         raise MolarDataError(raw.source, "is not the data this directory was prepared from (fingerprint differs)")
