@@ -502,3 +502,13 @@ def test_prior_is_saved_with_the_extended_model_and_scored_alike_by_task_lean_an
     assert results["molar_old_catalogue"]["cold"]["recall@50"] == 0
     assert results["molar_old_catalogue"]["all"]["new_item_share@10"] == 0
     assert results["molar"]["all"]["new_item_share@10"] < results["molar_no_prior"]["all"]["new_item_share@10"]
+
+
+def test_prior_without_the_raw_data_asks_for_an_explicit_value(cold):
+    from merlin_molar.cold_start import item_arrival_order
+    from merlin_molar.io import read_json, write_json
+
+    manifest = read_json(cold.root / "molar_manifest.json")
+    write_json(cold.root / "molar_manifest.json", {**manifest, "source": str(cold.root / "gone")})
+    with pytest.raises(MolarDataError, match="extend-model --new-item-prior NUMBER"):
+        item_arrival_order(load_prepared(cold.root))
