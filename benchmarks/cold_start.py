@@ -2,6 +2,10 @@
 
     python benchmarks/cold_start.py --data ../shared/data/ml-100k --name cold_start_ml100k
 
+    python benchmarks/cold_start.py --data ../shared/data/ml-100k --name cold_start_ml100k --reuse-model
+
+re-evaluates the model and prepared data that an earlier run left in ``--workdir`` (no training).
+
 One run, one split:
 1. ``prepare(..., cold_items=0.1)``: the 10% of items that appear last (by first interaction) are held out;
    Categorify is fitted without them; they stay only as test targets.
@@ -10,7 +14,9 @@ One run, one split:
 3. ``add_items(prepared, prepared/cold_items.csv)``: vocabulary and table extended (catalogue version 2).
 4. Full-ranking test evaluation over the extended catalogue, history masked, reported separately for
    users whose test target is a cold item and users whose target is warm:
-   ``molar`` (the trained model, extended, new items scored with the calibrated content score),
+   ``molar`` (the trained model, extended, new items scored with the calibrated content score plus the
+   new-item prior chosen on the validation split, ``cold_start.estimate_new_item_prior``),
+   ``molar_no_prior`` (the same without the prior),
    ``molar_old_catalogue`` (the same model, new items not added: it cannot rank them),
    ``content_knn`` (cosine of the MIRM vectors to the last history item), ``popularity`` (training
    interaction counts, 0 for new items), ``random``; plus ``molar_content_scale`` (new items scored by the
@@ -23,6 +29,8 @@ the targets and whether they were met, the exact command and the machine.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import time
@@ -33,21 +41,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import merlin_molar  # noqa: E402,F401
-from merlin_molar.cold_start import (  # noqa: E402
-    cold_start_table,
-    content_knn_scorer,
-    evaluate_cold_start,
-    model_for_catalogue,
-    model_scorer,
-    popularity_scorer,
-    random_scorer,
-    summary,
-)
+from merlin_molar.cold_start import cold_start_evaluation, cold_start_table, summary  # noqa: E402
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
-from merlin_molar.items import load_item_table  # noqa: E402
 from merlin_molar.items.add_items import add_items  # noqa: E402
 from merlin_molar.models.dueg import small_decoder_config  # noqa: E402
-from merlin_molar.persistence import load_model  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, train  # noqa: E402
 from merlin_molar.training import TrainConfig  # noqa: E402
 
@@ -55,35 +52,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS_DIR, command_line, data_dir, git_commit, machine, now, write_result  # noqa: E402
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(data_dir("ml-100k")))
-    p.add_argument("--workdir", default=str(REPO / "outputs" / "cold_start"))
-    p.add_argument("--name", default="cold_start_ml100k")
-    p.add_argument("--cold-items", type=float, default=0.1)
-    p.add_argument("--epochs", type=float, default=30)
-    p.add_argument("--max-length", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--llm-hidden", type=int, default=64)
-    p.add_argument("--llm-layers", type=int, default=2)
-    p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--id-weight", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=42)
-    args = p.parse_args(argv)
+def wilson(hits: int, n: int, z: float = 1.96):
+    """95% Wilson score interval of a binomial rate (hits of n)."""
+    if not n:
+        return None
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine()
-    started = time.perf_counter()
-    workdir = Path(args.workdir) / args.name
+
+def train_from_scratch(args, workdir: Path, timings: dict) -> dict:
     prepared_dir = workdir / "prepared"
     if (prepared_dir / "molar_manifest.json").exists():
         import shutil
 
         shutil.rmtree(workdir)  # the run mutates the prepared dir (add-items): always start clean
-    timings = {}
     t = time.perf_counter()
     prepared = prepare(read_dataset(args.data), prepared_dir, max_length=args.max_length, cold_items=args.cold_items)
     timings["prepare_s"] = time.perf_counter() - t
@@ -103,7 +87,6 @@ def main(argv=None):
     t = time.perf_counter()
     trained = train(prepared, "molar", workdir / "molar", options, config, item_table_path=table_dir)
     timings["train_s"] = time.perf_counter() - t
-    model_dir = trained["model_dir"]
 
     t = time.perf_counter()
     added = add_items(prepared, prepared_dir / cold_info["items_file"], item_table=table_dir)
@@ -111,43 +94,114 @@ def main(argv=None):
     prepared = load_prepared(prepared_dir)
     width = prepared.item_cardinality
     print(f"add-items: catalogue version {added.version}, {len(added.added)} items, ids {added.first_id}..{width - 1}")
+    return {"prepared": prepared, "model_dir": trained["model_dir"], "table_dir": table_dir, "known": known,
+            "width": width, "train_metrics": {"valid": trained["valid"]},
+            "catalogue": {"version": added.version, "id_mapping_fingerprint": added.id_mapping_fingerprint}}
 
-    def extended(scoring="quantile", id_weight=None):
-        model, kind, _, _ = load_model(model_dir)
-        model = model_for_catalogue(model, kind, prepared, table_dir, new_item_scoring=scoring)
-        if id_weight is not None:
-            model.heads[0].prediction_task_dict["next-item"].id_weight = id_weight
-        return model
 
-    old_model = load_model(model_dir)[0]
-    table = load_item_table(table_dir, prepared)
-    scorers = {
-        "molar": model_scorer(extended(), width),
-        "content_knn": content_knn_scorer(table),
-        "popularity": popularity_scorer(prepared, width, seed=args.seed),
-        "random": random_scorer(width, seed=args.seed),
-        "molar_old_catalogue": model_scorer(old_model, width),
-        "molar_content_scale": model_scorer(extended("content"), width),
-        "molar_content_tower": model_scorer(extended(id_weight=0.0), width),
-    }
+def reuse_trained(workdir: Path, timings: dict) -> dict:
+    """The prepared data and model an earlier run left in ``workdir``, checked to belong together. Ranks the
+    catalogue as of the version that added the cold items (items added later by hand are left out)."""
+    from merlin_molar.errors import MolarDataError
+    from merlin_molar.io import read_json
+
+    prepared = load_prepared(workdir / "prepared")
+    model_dir = workdir / "molar" / "model"
+    train_manifest = read_json(workdir / "molar" / "molar_manifest.json")
+    if train_manifest.get("dataset_fingerprint") != prepared.manifest.get("fingerprint"):
+        raise MolarDataError(model_dir, "was trained on other data than WORKDIR/prepared (dataset fingerprint)")
+    history = prepared.manifest.get("catalogue", {}).get("history") or []
+    model_meta = read_json(model_dir / "molar_model.json")
+    if history and model_meta.get("id_mapping_fingerprint") not in (None, history[0]["id_mapping_fingerprint"]):
+        raise MolarDataError(model_dir, "was trained on another catalogue than WORKDIR/prepared's first version")
+    cold_file = prepared.manifest["cold_start"]["items_file"]
+    version = next((h for h in history[1:] if Path(h.get("items_file", "")).name == cold_file), None)
+    if version is None:
+        t = time.perf_counter()
+        add_items(prepared, prepared.root / cold_file, item_table=prepared.root / "item_table")
+        timings["add_items_s"] = time.perf_counter() - t
+        prepared = load_prepared(prepared.root)
+        version = prepared.manifest["catalogue"]["history"][-1]
+    known = int(history[0]["item_cardinality"]) if history else int(version["first_id"])
+    print(f"reusing {model_dir} (trained on {known} items); ranking catalogue version {version['version']} "
+          f"({version['item_cardinality']} items; the prepared catalogue has {prepared.item_cardinality})")
+    metrics = workdir / "molar" / "metrics.json"
+    return {"prepared": prepared, "model_dir": model_dir, "table_dir": prepared.root / "item_table", "known": known,
+            "width": int(version["item_cardinality"]),
+            "train_metrics": {"valid": read_json(metrics)["valid"]} if metrics.exists() else None,
+            "catalogue": {"version": version["version"], "id_mapping_fingerprint": version["id_mapping_fingerprint"],
+                          "prepared_catalogue_version": prepared.manifest["catalogue"]["version"]},
+            "reused": {"dataset_fingerprint": train_manifest["dataset_fingerprint"],
+                       "config_sha": train_manifest.get("config_sha"), "saved_at": model_meta.get("saved_at")}}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(data_dir("ml-100k")))
+    p.add_argument("--workdir", default=str(REPO / "outputs" / "cold_start"))
+    p.add_argument("--name", default="cold_start_ml100k")
+    p.add_argument("--cold-items", type=float, default=0.1)
+    p.add_argument("--epochs", type=float, default=30)
+    p.add_argument("--max-length", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--llm-hidden", type=int, default=64)
+    p.add_argument("--llm-layers", type=int, default=2)
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--id-weight", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--reuse-model", action="store_true",
+                   help="evaluate the model and prepared data an earlier run left in WORKDIR/NAME (no prepare, "
+                        "embedding or training); they must match (dataset fingerprint, item table)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine()
+    started = time.perf_counter()
+    workdir = Path(args.workdir) / args.name
+    previous = RESULTS_DIR / f"{args.name}.json"
+    previous = json.loads(previous.read_text()) if previous.exists() else {}
+    timings = {}
+    if args.reuse_model:
+        run = reuse_trained(workdir, timings)
+    else:
+        run = train_from_scratch(args, workdir, timings)
+    prepared, model_dir, table_dir = run["prepared"], run["model_dir"], run["table_dir"]
+    known, width = run["known"], run["width"]
+
     t = time.perf_counter()
-    results = evaluate_cold_start(prepared, scorers, known_items=known)
+    details = {}
+    results = cold_start_evaluation(model_dir, prepared, table_dir, diagnostics=True, seed=args.seed, items=width,
+                                    details=details)
     timings["evaluate_s"] = time.perf_counter() - t
     print(cold_start_table(results))
+    print(f"new-item prior: {details['new_item_prior']:+.2f} (chosen on the validation split)")
 
     s = summary(results)
     knn_cold = s["content_knn"]["cold"]["recall@10"]
     old_warm = s["molar_old_catalogue"]["warm"]["ndcg@10"]
+    cold_users = results["molar"]["cold"]["users"]
     targets = {
         "cold_recall@10_vs_content_knn": {
             "target": ">= 2x",
             "ratio": s["molar"]["cold"]["recall@10"] / knn_cold if knn_cold else None,
             "met": s["molar"]["cold"]["recall@10"] >= 2 * knn_cold,
+            "cold_users": cold_users,
+            "hits@10": {v: results[v]["cold"]["hits@10"] for v in ("molar", "molar_no_prior", "content_knn")},
+            "wilson95_recall@10": {
+                v: wilson(results[v]["cold"]["hits@10"], cold_users) for v in ("molar", "molar_no_prior", "content_knn")
+            },
+            "note": f"{cold_users} cold users: recall@10 moves by {1 / cold_users:.4f} per hit; the 95% Wilson "
+                    "intervals show how little a ratio of two such rates says when they overlap",
         },
         "warm_ndcg@10_cost_vs_old_catalogue": {
             "target": "<= 2%",
             "cost": 1 - s["molar"]["warm"]["ndcg@10"] / old_warm if old_warm else None,
+            "cost_without_prior": 1 - s["molar_no_prior"]["warm"]["ndcg@10"] / old_warm if old_warm else None,
             "met": s["molar"]["warm"]["ndcg@10"] >= 0.98 * old_warm,
+            "warm_users": results["molar"]["warm"]["users"],
         },
     }
     for name, v in targets.items():
@@ -156,21 +210,27 @@ def main(argv=None):
         "benchmark": args.name,
         "summary": s,
         "targets": targets,
+        "new_item_prior": {"value": details["new_item_prior"], "estimate": details["new_item_prior_estimate"]},
         "command": command_line(),
         "git_commit": git_commit(),
         "date": now(),
         "machine": info,
         "settings": vars(args),
         "data": {**prepared.manifest, "source": str(args.data)},
-        "catalogue": {"known_items": known, "after_add_items": width, "added": len(added.added),
-                      "version": added.version, "id_mapping_fingerprint": added.id_mapping_fingerprint},
+        "catalogue": {"known_items": known, "ranked_items": width, "added": width - known, **run["catalogue"]},
         "protocol": "leave-one-out test targets; full ranking over the extended catalogue (reserved ids and "
                     "history masked); cold = users whose test target is a held-out item",
         "results": results,
-        "trained_model_metrics_from_train": {k: trained[k] for k in ("valid",)},
+        "trained_model_metrics_from_train": run["train_metrics"],
         "timings": timings,
         "total_seconds": time.perf_counter() - started,
     }
+    if args.reuse_model:  # the model's training is the earlier run's: keep how it was made
+        made = previous.get("training") or {  # a reused run's record, or the training run's own
+            **{k: previous.get(k) for k in ("command", "git_commit", "date", "settings")},
+            "train_s": (previous.get("timings") or {}).get("train_s"),
+        }
+        out["training"] = {**made, "reused_model": str(model_dir), **run["reused"]}
     path = write_result(RESULTS_DIR / f"{args.name}.json", out)
     print(f"wrote {path}")
 

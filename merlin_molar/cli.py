@@ -120,38 +120,35 @@ def cmd_add_items(args):
         print(f"nothing to add: all {len(result.skipped)} item(s) are already in catalogue version {result.version}")
 
 
+def _prior_value(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a number, got {text!r}") from None
+
+
 def cmd_extend_model(args):
     from merlin_molar.data import load_prepared
     from merlin_molar.persistence import extend_saved_model
 
-    out = extend_saved_model(args.model_dir, load_prepared(args.prepared), args.output, item_table=args.item_table)
+    out = extend_saved_model(args.model_dir, load_prepared(args.prepared), args.output, item_table=args.item_table,
+                             new_item_prior=args.new_item_prior)
+    from merlin_molar.io import read_json
+
+    extension = read_json(Path(out) / "molar_model.json")["catalogue_extension"]
+    print(f"new-item prior: {extension['new_item_prior']:+.2f} (log units added to every new item's score)")
     print(f"wrote {out}: {args.model_dir} scoring the catalogue of {args.prepared} (no retraining); "
           f"serve it with `merlin-molar export --model-dir {out} --prepared {args.prepared} --repository DIR`")
 
 
 def cmd_evaluate_cold_start(args):
-    from merlin_molar.cold_start import (
-        cold_start_table,
-        content_knn_scorer,
-        evaluate_cold_start,
-        model_for_catalogue,
-        model_scorer,
-        popularity_scorer,
-        random_scorer,
-    )
+    from merlin_molar.cold_start import cold_start_evaluation, cold_start_table
     from merlin_molar.data import load_prepared
-    from merlin_molar.items import load_item_table
-    from merlin_molar.persistence import load_model
 
-    data = load_prepared(args.prepared)
-    model, kind, _, _ = load_model(args.model_dir)
-    model = model_for_catalogue(model, kind, data, args.item_table)
-    width = data.item_cardinality
-    table = load_item_table(args.item_table or data.root / "item_table", data)
-    results = evaluate_cold_start(data, {
-        kind: model_scorer(model, width), "content_knn": content_knn_scorer(table),
-        "popularity": popularity_scorer(data, width), "random": random_scorer(width),
-    })
+    results = cold_start_evaluation(args.model_dir, load_prepared(args.prepared), args.item_table,
+                                    diagnostics=args.diagnostics)
     print(cold_start_table(results))
     if args.output:
         from merlin_molar.io import write_json
@@ -286,12 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", required=True, help="the prepared directory, after add-items")
     p.add_argument("--item-table", help="the extended item table (default: PREPARED/item_table)")
     p.add_argument("--output", required=True, help="directory for the extended model")
+    p.add_argument("--new-item-prior", default="auto", type=_prior_value,
+                   help="log-prior offset for the new items' scores: 'auto' (default) picks it on the validation "
+                        "split by simulating cold start with the latest training items; or a number (0 = none)")
 
     p = add("evaluate-cold-start", cmd_evaluate_cold_start,
             "cold vs warm test targets: a saved model and the random/popularity/content-kNN baselines")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--prepared", required=True, help="prepared with --cold-items, cold items added with add-items")
     p.add_argument("--item-table", help="default: PREPARED/item_table")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also the model ranking only its trained catalogue, uncalibrated and content-only variants")
     p.add_argument("--output", help="write the metrics as JSON here")
 
     p = add("finetune-items", cmd_finetune_items, "MIRM stage 1: fine-tune the item encoder (LoRA or full)")

@@ -117,7 +117,9 @@ def load_model(path) -> tuple:
     if kind == "molar" and meta.get("catalogue_extension"):
         from merlin_molar.cold_start import extend_catalogue
 
-        extend_catalogue(model, kind, table, meta["catalogue_extension"].get("new_item_scoring", "quantile"))
+        extension = meta["catalogue_extension"]  # saved before the prior existed: 0, as it was scored then
+        extend_catalogue(model, kind, table, extension.get("new_item_scoring", "quantile"),
+                         float(extension.get("new_item_prior", 0.0)))
     return model.eval(), kind, config, schema
 
 
@@ -133,12 +135,16 @@ def with_item_cardinality(schema: Schema, cardinality: int) -> Schema:
     return Schema([col.with_properties(properties) if c.name == col.name else c for c in schema])
 
 
-def extend_saved_model(model_dir, prepared, output_dir, item_table=None, new_item_scoring: str = "quantile") -> Path:
+def extend_saved_model(
+    model_dir, prepared, output_dir, item_table=None, new_item_scoring: str = "quantile", new_item_prior="auto"
+) -> Path:
     """Write ``output_dir``: the saved Molar model of ``model_dir`` made to score ``prepared``'s current catalogue
     (items added with ``add-items`` since training), with no retraining. The weights are copied unchanged;
     the item table is the extended one, checked to start with the model's own table byte for byte; the
     saved schema has the new item cardinality, so ``export`` and ``load_model`` see the extended catalogue.
-    ID-only models (SASRec, GRU4Rec) are refused."""
+    ``new_item_prior`` (``"auto"``: :func:`merlin_molar.cold_start.estimate_new_item_prior` on the
+    validation split, or a number) is saved with it, so every later load, ``recommend`` and the exported
+    server score the new items with the same offset. ID-only models (SASRec, GRU4Rec) are refused."""
     import shutil
 
     from merlin_molar.cold_start import extend_catalogue
@@ -153,7 +159,14 @@ def extend_saved_model(model_dir, prepared, output_dir, item_table=None, new_ite
     table = load_item_table(Path(item_table) if item_table else Path(prepared.root) / "item_table", prepared)
     if kind == "molar" and trained is None:
         trained = int(load_file(str(model_dir / "item_table.safetensors"))["table"].size(0))
-    extend_catalogue(model, kind, table, new_item_scoring)  # checks the table
+    extend_catalogue(model, kind, table, new_item_scoring)  # checks the table; refuses ID-only models
+    estimate = None
+    if new_item_prior == "auto":
+        from merlin_molar.cold_start import estimate_new_item_prior
+
+        estimate = estimate_new_item_prior(model, prepared, new_item_scoring=new_item_scoring)
+        new_item_prior = estimate["prior"]
+    new_item_prior = float(new_item_prior or 0.0)
     catalogue = prepared.manifest.get("catalogue", {})
     with atomic_path(output_dir, is_dir=True) as tmp:
         shutil.copy2(model_dir / "weights.pt", tmp / "weights.pt")
@@ -172,6 +185,8 @@ def extend_saved_model(model_dir, prepared, output_dir, item_table=None, new_ite
                 "trained_items": trained,
                 "items": int(table.size(0)),
                 "new_item_scoring": new_item_scoring,
+                "new_item_prior": new_item_prior,
+                **({"new_item_prior_estimate": estimate} if estimate else {}),
                 "catalogue_version": catalogue.get("version", 1),
                 "id_mapping_fingerprint": fingerprint,
                 "source_model": str(model_dir.resolve()),

@@ -88,6 +88,22 @@ def calibrated_new_item_scores(
     return (1 - id_weight) * new_c + id_weight * imputed
 
 
+def scores_with_new_items(
+    content_logp: torch.Tensor, id_logp: torch.Tensor, id_weight: float, method: str = "quantile", prior: float = 0.0
+) -> torch.Tensor:
+    """Fused scores of a catalogue whose last items are unknown to the ID branch (``id_logp`` covers the
+    first ``known`` items): known items ``(1 - w) c + w d``, new items :func:`calibrated_new_item_scores`
+    plus ``prior``, a log-prior offset for items added after training (estimated on validation data by
+    :func:`merlin_molar.cold_start.estimate_new_item_prior`). :class:`MolarTask` and the lean serving path
+    both score through this function."""
+    known = id_logp.size(-1)
+    fused = (1 - id_weight) * content_logp[:, :known] + id_weight * id_logp
+    new = calibrated_new_item_scores(content_logp, id_logp, id_weight, method)
+    if prior:
+        new = new + prior
+    return torch.cat([fused, new], dim=-1)
+
+
 class MolarTask(FullRankingNextItemTask):
     """Molar's head: next-item loss on the content tower + ``alpha`` x post-alignment loss.
 
@@ -134,6 +150,8 @@ class MolarTask(FullRankingNextItemTask):
         self.id_item_table = None
         self.align_head = None
         self.new_item_scoring = "quantile"  # how items added after training are scored (see calibrated_new_item_scores)
+        self.new_item_prior = 0.0  # their log-prior offset (see scores_with_new_items)
+        self.log_prob_sink = None  # a list: inference appends (content_logp, id_logp) (cold_start's prior estimate)
 
     def attach_id_branch(self, id_inputs, content_dim: int) -> None:
         """Called by the model builder: the ID branch's item table and the content -> ID-width projection."""
@@ -152,12 +170,14 @@ class MolarTask(FullRankingNextItemTask):
             return content_scores
         id_scores = self.id_loss.logits(ident, self.id_item_table.weight)
         known = id_scores.size(-1)
+        if self.log_prob_sink is not None:
+            self.log_prob_sink.append((torch.log_softmax(content_scores, -1), torch.log_softmax(id_scores, -1)))
         if known < content_scores.size(-1):  # items added after training (cold_start.extend_catalogue)
             content_logp = torch.log_softmax(content_scores, -1)
             id_logp = torch.log_softmax(id_scores, -1)
-            fused = (1 - self.id_weight) * content_logp[:, :known] + self.id_weight * id_logp
-            new = calibrated_new_item_scores(content_logp, id_logp, self.id_weight, self.new_item_scoring)
-            return torch.cat([fused, new], dim=-1)
+            return scores_with_new_items(
+                content_logp, id_logp, self.id_weight, self.new_item_scoring, float(self.new_item_prior)
+            )
         if self.id_weight >= 1:
             return id_scores
         return (1 - self.id_weight) * torch.log_softmax(content_scores, -1) + self.id_weight * torch.log_softmax(

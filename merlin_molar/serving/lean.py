@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from merlin_molar.cold_start import OOV_ID
-from merlin_molar.models.task import calibrated_new_item_scores
+from merlin_molar.models.task import scores_with_new_items
 
 LEAN_FILE = "lean.json"
 TABLES_FILE = "tables.safetensors"
@@ -174,7 +174,8 @@ def export_lean(model_dir, output_dir) -> Path:
             mode = "content" if not has_id else ("id" if task.id_weight >= 1 and not extended else "fused")
             meta.update(mode=mode, id_weight=float(task.id_weight), temperature=0.0)
             if extended:
-                meta.update(known_items=int(known), new_item_scoring=task.new_item_scoring)
+                meta.update(known_items=int(known), new_item_scoring=task.new_item_scoring,
+                            new_item_prior=float(task.new_item_prior))
             sides = []
             if mode in ("content", "fused"):
                 tables["content_inputs"] = parts["content_table"]
@@ -287,12 +288,11 @@ class LeanModel:
             users[batch:, width:] = ident
             both = users @ self.scoring.t()
             known = meta.get("known_items")
-            if known:  # items added after training: the same calibration as MolarTask
+            if known:  # items added after training: scored by the same function as MolarTask
                 content_logp = torch.log_softmax(both[:batch], -1)
                 id_logp = torch.log_softmax(both[batch:, :known], -1)
-                fused = (1 - self.id_weight) * content_logp[:, :known] + self.id_weight * id_logp
-                new = calibrated_new_item_scores(content_logp, id_logp, self.id_weight, meta["new_item_scoring"])
-                return torch.cat([fused, new], dim=-1)
+                return scores_with_new_items(content_logp, id_logp, self.id_weight, meta["new_item_scoring"],
+                                             float(meta.get("new_item_prior", 0.0)))
             return (1 - self.id_weight) * torch.log_softmax(both[:batch], -1) + self.id_weight * torch.log_softmax(
                 both[batch:], -1
             )

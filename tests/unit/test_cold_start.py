@@ -16,6 +16,7 @@ from merlin_molar.cold_start import (
     content_knn_scorer,
     evaluate_cold_start,
     extend_catalogue,
+    hold_out_items,
     model_for_catalogue,
     model_scorer,
     popularity_scorer,
@@ -371,3 +372,143 @@ def test_cold_hold_out_does_not_depend_on_partitioning(cold_base, tiny_dir, tmp_
         assert [list(x) for x in a[ITEM_SEQUENCE]] == [list(x) for x in b[ITEM_SEQUENCE]]
     pd.testing.assert_frame_equal(pd.read_parquet(split.root / COLD_TARGETS_FILE),
                                   pd.read_parquet(cold_base.root / COLD_TARGETS_FILE))
+
+
+# --- the new-item prior ---------------------------------------------------------------------------------------------
+def test_item_arrival_order_is_first_training_interaction_of_known_items(cold_base, tiny_dir):
+    from merlin_molar.cold_start import item_arrival_order
+
+    order = item_arrival_order(cold_base)
+    mapping = vocabulary(cold_base)
+    assert sorted(order.tolist()) == sorted(mapping.tolist())  # every known item once, no cold item
+    raw = read_dataset(tiny_dir)
+    inter = raw.interactions.assign(order=np.arange(len(raw.interactions)))
+    inter, _ = hold_out_items(inter, 0.1, "order")  # a cold item stays only as its user's test target
+    inter = inter.sort_values(["timestamp", "order"])
+    before_test = inter[inter.groupby("user_id").cumcount(ascending=False) >= 1]  # the test targets dropped
+    first = before_test.drop_duplicates("item_id")["item_id"].map(mapping).tolist()
+    assert order[: len(first)].tolist() == first
+    # those are the interactions of the validation split (whose histories this data never truncates)
+    valid = cold_base.split_frame("valid")[ITEM_SEQUENCE]
+    assert max(len(s) for s in valid) < cold_base.max_length
+    assert set(first) == set(np.concatenate([np.asarray(s) for s in valid]).tolist())
+    foreign = read_dataset(tiny_dir)
+    foreign.interactions = foreign.interactions.iloc[1:]
+    with pytest.raises(MolarDataError, match="fingerprint"):
+        item_arrival_order(cold_base, foreign)
+
+
+def test_new_item_prior_is_chosen_on_validation_data_only(cold, monkeypatch):
+    from merlin_molar.cold_start import PRIOR_GRID, estimate_new_item_prior
+
+    table = load_item_table(cold.root / "item_table", cold)
+    model = tiny_molar(cold, table)
+    first = estimate_new_item_prior(model, cold)
+    real_split = type(cold).split_frame
+
+    def no_test(self, split):
+        assert split != "test", "the prior must not read the test split"
+        return real_split(self, split)
+
+    monkeypatch.setattr(type(cold), "split_frame", no_test)
+    again = estimate_new_item_prior(model, cold)
+    assert again == first  # deterministic
+    assert first["prior"] in PRIOR_GRID and first["rule"] == "budget"
+    curve = first["curve"]
+    assert [c["prior"] for c in curve] == sorted(PRIOR_GRID)
+    # budget rule: the largest offset whose warm cost is within 2%; warm NDCG only falls as the offset grows
+    warm = [c["warm_ndcg@10"] for c in curve]
+    assert all(a >= b - 1e-9 for a, b in zip(warm, warm[1:]))
+    within = [c["prior"] for c in curve if c["warm_cost"] <= 0.02 + 1e-12]
+    assert first["prior"] == (max(within) if within else min(PRIOR_GRID))
+    # ndcg rule: the best NDCG@10 over all users, ties to the offset closest to 0
+    best = max(c["ndcg@10"] for c in curve)
+    by_ndcg = first["by_rule"]["ndcg"]
+    assert next(c["ndcg@10"] for c in curve if c["prior"] == by_ndcg) == best
+    assert all(abs(c["prior"]) >= abs(by_ndcg) for c in curve if c["ndcg@10"] == best)
+    assert estimate_new_item_prior(model, cold, rule="ndcg")["prior"] == by_ndcg
+    assert first["validation_users"] == cold.manifest["users"]
+    shares = [c["new_item_share@10"] for c in curve]
+    assert shares == sorted(shares)  # a larger offset puts more pseudo-new items in the top 10
+
+
+def test_new_item_prior_follows_how_often_the_pseudo_new_items_are_targets(cold):
+    """Pseudo-new items that are never validation targets are pushed down (a negative prior); items that are
+    the validation targets get a higher one: the estimate reads the validation targets, nothing else."""
+    from merlin_molar.cold_start import estimate_new_item_prior
+
+    table = load_item_table(cold.root / "item_table", cold)
+    model = tiny_molar(cold, table)
+    targets = {int(s[-1]) for s in cold.split_frame("valid")[ITEM_SEQUENCE]}
+    known = list(range(3, table.size(0)))
+    never = [i for i in known if i not in targets]
+    assert never and targets
+    low = estimate_new_item_prior(model, cold, pseudo_new=never, rule="ndcg")
+    high = estimate_new_item_prior(model, cold, pseudo_new=sorted(targets), rule="ndcg")
+    assert low["prior"] < 0
+    assert high["prior"] > low["prior"]
+    assert low["validation_targets_pseudo_new"] == 0
+    with pytest.raises(MolarDataError, match="trained item ids"):
+        estimate_new_item_prior(model, cold, pseudo_new=[table.size(0)])
+
+
+def test_prior_is_saved_with_the_extended_model_and_scored_alike_by_task_lean_and_recommend(cold, tmp_path):
+    from merlin_molar.cold_start import cold_start_evaluation
+    from merlin_molar.io import read_json
+    from merlin_molar.persistence import extend_saved_model, load_model, save_model
+    from merlin_molar.serving.lean import LeanModel, export_lean
+
+    old_table = load_item_table(cold.root / "item_table", cold)
+    n_old = old_table.size(0)
+    config = MolarConfig(llm=small_decoder_config("qwen2", hidden_size=16, num_layers=1).to_dict(),
+                         sasrec=dict(d_model=16, n_layers=1, n_heads=1, dropout=0.0, max_length=20), max_length=20)
+    saved = save_model(tiny_molar(cold, old_table), tmp_path / "model", "molar", config, cold.schema, old_table)
+    add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
+    prepared = load_prepared(cold.root)
+    auto = extend_saved_model(saved, prepared, tmp_path / "auto")
+    extension = read_json(auto / "molar_model.json")["catalogue_extension"]
+    assert extension["new_item_prior"] == extension["new_item_prior_estimate"]["prior"]
+    assert load_model(auto)[0].heads[0].prediction_task_dict["next-item"].new_item_prior == extension[
+        "new_item_prior"]
+
+    out = extend_saved_model(saved, prepared, tmp_path / "fixed", new_item_prior=-0.75)
+    zero = extend_saved_model(saved, prepared, tmp_path / "zero", new_item_prior=0)
+    model = load_model(out)[0]
+    histories = torch.zeros(4, 20, dtype=torch.long)
+    histories[:, :3] = torch.tensor([[3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14]])
+    histories[3, 3] = n_old + 1  # a new item in the history: read by the content tower
+    with torch.no_grad():
+        with_prior = model({"item_id-list": histories})
+        without = load_model(zero)[0]({"item_id-list": histories})
+    finite = torch.isfinite(without)
+    torch.testing.assert_close(with_prior[:, :n_old][finite[:, :n_old]], without[:, :n_old][finite[:, :n_old]])
+    shift = (with_prior - without)[:, n_old:][finite[:, n_old:]]
+    torch.testing.assert_close(shift, torch.full_like(shift, -0.75))
+
+    lean = LeanModel.load(export_lean(out, tmp_path / "lean"))
+    assert lean.meta["new_item_prior"] == -0.75 and lean.meta["known_items"] == n_old
+    with torch.no_grad():
+        got = lean.scores(histories)
+    got[:, :3] = float("-inf")
+    got.scatter_(1, histories, float("-inf"))
+    assert torch.equal(torch.isfinite(got), torch.isfinite(with_prior))
+    finite = torch.isfinite(with_prior)
+    torch.testing.assert_close(got[finite], with_prior[finite], rtol=1e-5, atol=1e-5)
+
+    # the evaluation of the saved, extended model uses its saved prior; molar_no_prior is the prior-0 model
+    results = cold_start_evaluation(out, prepared, diagnostics=True, progress=False)
+    results_zero = cold_start_evaluation(zero, prepared, progress=False)
+    assert results["molar_no_prior"] == results_zero["molar"]
+    assert results["molar_old_catalogue"]["cold"]["recall@50"] == 0
+    assert results["molar_old_catalogue"]["all"]["new_item_share@10"] == 0
+    assert results["molar"]["all"]["new_item_share@10"] < results["molar_no_prior"]["all"]["new_item_share@10"]
+
+
+def test_prior_without_the_raw_data_asks_for_an_explicit_value(cold):
+    from merlin_molar.cold_start import item_arrival_order
+    from merlin_molar.io import read_json, write_json
+
+    manifest = read_json(cold.root / "molar_manifest.json")
+    write_json(cold.root / "molar_manifest.json", {**manifest, "source": str(cold.root / "gone")})
+    with pytest.raises(MolarDataError, match="extend-model --new-item-prior NUMBER"):
+        item_arrival_order(load_prepared(cold.root))
