@@ -11,7 +11,7 @@ from merlin_molar.models.molar import MolarConfig, molar_model
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.persistence import save_model
 from merlin_molar.serving.lean import LeanModel, export_lean, length_buckets
-from merlin_molar.serving.ops import ItemCodec, MolarRequestError, check_histories
+from merlin_molar.serving.ops import ItemCodec, MolarRequestError, as_bytes, check_histories
 
 SASREC = dict(d_model=16, n_layers=2, n_heads=1, dropout=0.1, max_length=20)
 
@@ -48,8 +48,11 @@ def test_codec_for_integer_ids():
 
 def test_check_histories():
     check_histories(np.array([0, 2, 3]), 3, 4)
+    check_histories(np.array([0, 3], dtype=np.int32), 3, 1)
     for offsets, n, message in [([0, 2, 2], 2, "empty history"), ([0, 3, 1], 3, "increasing"),
-                                ([0, 1, 2], 3, "must match"), ([0] + [1] * 5, 1, "exceeds"), ([0], 0, "no history")]:
+                                ([0, 1, 2], 3, "must match"), ([0] + [1] * 5, 1, "exceeds"), ([0], 0, "no history"),
+                                ([0, 0], 0, r"empty history in row\(s\) \[0\]"), ([0, -1], 0, "increasing"),
+                                ([1, 2], 2, "must start at 0"), ([0, 2], 3, r"last offset \(2\) must match")]:
         with pytest.raises(MolarRequestError, match=message):
             check_histories(np.array(offsets), n, 4)
 
@@ -154,3 +157,32 @@ def test_lean_scores_new_items_as_the_extended_model(tiny_prepared, tmp_path, sc
     lean = LeanModel.load(export_lean(saved, tmp_path / "lean"))
     assert lean.n_items == trained + new and lean.meta["known_items"] == trained
     _assert_lean_equals_the_model(lean, model.eval())
+
+
+@pytest.mark.parametrize("strings", [False, True])
+def test_codec_equals_the_pandas_lookup(strings):
+    """The vectorised / dict lookups against pandas' ``Index.get_indexer`` on the same vocabulary, for every
+    form the ids arrive in (int32 or int64; bytes from Triton, str or numpy str in-process)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    raw = rng.choice(10**6, size=500, replace=False)
+    if strings:
+        raw = np.array([product_code(int(i)) for i in raw], dtype=object)
+    encoded = rng.permutation(500) + 3
+    codec = ItemCodec(raw, encoded)
+    reference = pd.Index(as_bytes(raw) if strings else raw)
+    picks = rng.integers(500, size=200)
+    forms = ([as_bytes(raw[picks]), raw[picks], raw[picks].astype(str), as_bytes(raw[picks]).astype("S")]
+             if strings else [raw[picks], raw[picks].astype(np.int32)])
+    for values in forms:
+        keys = as_bytes(values) if strings else values.astype(np.int64)
+        want = encoded[reference.get_indexer(keys)]
+        np.testing.assert_array_equal(codec.encode(values, np.array([0, 150, 200])), want)
+        np.testing.assert_array_equal(codec.decode(want), as_bytes(raw[picks]) if strings else raw[picks])
+    unknown = np.concatenate([raw[picks[:3]], [b"NOPE" if strings else 10**7]])
+    with pytest.raises(MolarRequestError, match=r"1 unknown item id\(s\).* in row\(s\) \[1\]"):
+        codec.encode(unknown, np.array([0, 3, 4]))
+    if strings:  # ids that are neither bytes nor str are compared as their UTF-8 text
+        numeric = ItemCodec(np.array(["12", "7"], dtype=object), np.array([3, 4]))
+        np.testing.assert_array_equal(numeric.encode(np.array([7, "12"], dtype=object), np.array([0, 2])), [4, 3])
