@@ -17,7 +17,13 @@ take (they hold object arrays of bytes).
 
 The repository's ``<model_name>/1/model.py`` imports :class:`TritonPythonModel` from here, so this module
 runs only inside Triton's Python backend (``triton_python_backend_utils`` exists only there).
+
+Measured inside the server (quickstart-size model, batch 1, 2 busy cores): reading the request tensors ~15 us
+and building the response ~50 us per request, against ~1 ms for the step itself (which runs ~15% slower
+than back-to-back in-process calls: the client and Triton run between requests and evict its tables from
+the caches); the rest of served minus in-process latency is Triton, its Python-backend IPC and the client.
 """
+import gc
 import traceback
 
 import numpy as np
@@ -45,6 +51,11 @@ class TritonPythonModel(MerlinExecutorModel):
             isinstance(node.op, SelectionOp) for node in output.parents_with_dependencies
         )
         self._step = output.op if single else None
+        # everything loaded so far (torch, transformers, merlin, the model: ~580k objects) lives as long as the
+        # process: keep it out of the cyclic garbage collector, whose full collections otherwise walk all of
+        # it (measured: 300-450 ms each, a stalled request whenever one falls due; frozen: < 0.1 ms)
+        gc.collect()
+        gc.freeze()
 
     def execute(self, requests):
         return [self._answer(request) for request in requests]

@@ -72,18 +72,31 @@ class ItemCodec:
 
     Integer catalogues look up int64 ids; string catalogues (product codes) look up UTF-8 ``bytes``, the form
     Triton's BYTES tensors arrive in, and answer with ``bytes`` too. Unknown ids are refused, never encoded as
-    Categorify's out-of-vocabulary id (its embedding was never trained)."""
+    Categorify's out-of-vocabulary id (its embedding was never trained).
+
+    Lookups are per request, so they avoid pandas: integer ids are found with ``np.searchsorted`` in the sorted
+    raw ids, string ids in a dict that holds every id both as ``bytes`` and as ``str`` (in-process callers
+    send ``str``), so neither kind is converted first."""
 
     def __init__(self, raw_ids, encoded_ids):
         raw_ids, encoded_ids = np.asarray(raw_ids), np.asarray(encoded_ids, dtype=np.int64)
         self.strings = is_string_dtype(raw_ids.dtype)
         keys = as_bytes(raw_ids) if self.strings else raw_ids.astype(np.int64)
-        self.index = pd.Index(keys)
-        if not self.index.is_unique:
+        if len(pd.unique(keys)) != len(keys):
             raise ValueError("the item vocabulary holds duplicate raw ids")
         self.encoded = encoded_ids
         self.raw = np.zeros(int(encoded_ids.max()) + 1, dtype=object if self.strings else np.int64)
         self.raw[encoded_ids] = keys
+        if self.strings:
+            self._lookup = {key: int(code) for key, code in zip(keys, encoded_ids)}
+            for key, code in zip(keys, encoded_ids):
+                try:
+                    self._lookup.setdefault(key.decode(), int(code))
+                except UnicodeDecodeError:
+                    pass
+        else:
+            order = np.argsort(keys, kind="stable")
+            self._sorted, self._sorted_codes = keys[order], encoded_ids[order]
 
     @classmethod
     def from_vocabulary(cls, vocabulary: pd.Series) -> "ItemCodec":
@@ -98,19 +111,32 @@ class ItemCodec:
     def raw_dtype(self):
         return np.dtype(object) if self.strings else np.dtype(np.int64)
 
+    def _codes(self, values: np.ndarray) -> np.ndarray:
+        """Encoded ids, -1 for unknown ones."""
+        if self.strings:
+            get = self._lookup.get
+            codes = np.fromiter((get(v, -1) for v in values.ravel()), dtype=np.int64, count=values.size)
+            missing = np.flatnonzero(codes < 0)
+            if len(missing):  # not bytes or str as stored (e.g. numpy bytes_, numbers in an object array)
+                codes[missing] = [get(k, -1) for k in as_bytes(values.ravel()[missing])]
+            return codes
+        keys = values.astype(np.int64, copy=False)
+        if not len(self._sorted):
+            return np.full(len(keys), -1, dtype=np.int64)
+        pos = np.searchsorted(self._sorted, keys).clip(max=len(self._sorted) - 1)
+        return np.where(self._sorted[pos] == keys, self._sorted_codes[pos], -1)
+
     def encode(self, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Encoded ids of a ragged batch's raw ids; :class:`MolarRequestError` names unknown ids and their rows."""
         if self.strings:
             if not is_string_dtype(values.dtype):
                 raise MolarRequestError(f"this model's item ids are strings, got {values.dtype} values")
-            keys = as_bytes(values)
-        else:
-            if not np.issubdtype(values.dtype, np.integer):
-                raise MolarRequestError(f"this model's item ids are integers, got {values.dtype} values")
-            keys = values.astype(np.int64, copy=False)
-        pos = self.index.get_indexer(keys)
-        unknown = pos < 0
+        elif not np.issubdtype(values.dtype, np.integer):
+            raise MolarRequestError(f"this model's item ids are integers, got {values.dtype} values")
+        codes = self._codes(values)
+        unknown = codes < 0
         if unknown.any():
+            keys = as_bytes(values) if self.strings else values.astype(np.int64, copy=False)
             rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
             bad_rows = np.unique(rows[unknown])
             bad_ids = pd.unique(keys[unknown])
@@ -119,7 +145,7 @@ class ItemCodec:
                 f"{len(bad_ids)} unknown item id(s) {shown} in row(s) {bad_rows[:10].tolist()}: "
                 "they are not in the vocabulary the model was trained with"
             )
-        return self.encoded[pos]
+        return codes
 
     def decode(self, encoded: np.ndarray) -> np.ndarray:
         return self.raw[encoded]
@@ -128,6 +154,19 @@ class ItemCodec:
 def check_histories(offsets: np.ndarray, n_values: int, max_batch_size: int) -> None:
     """Raise :class:`MolarRequestError` for an empty or oversized batch, malformed offsets or empty histories."""
     rows = len(offsets) - 1
+    if rows == 1 and max_batch_size >= 1:  # one history (most requests): the same checks on Python ints
+        start, end = int(offsets[0]), int(offsets[1])
+        if start != 0:
+            raise MolarRequestError(f"malformed request: the offsets must start at 0, got {start}")
+        if end < 0:
+            raise MolarRequestError("malformed request: the offsets must be in increasing order")
+        if end != n_values:
+            raise MolarRequestError(
+                f"malformed request: the last offset ({end}) must match the number of values ({n_values})"
+            )
+        if end == 0:
+            raise MolarRequestError("empty history in row(s) [0]: every row needs at least one item")
+        return
     if rows < 1:
         raise MolarRequestError("the request holds no history (0 rows)")
     if offsets[0] != 0:

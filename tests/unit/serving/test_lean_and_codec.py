@@ -12,9 +12,9 @@ from merlin_molar.models.molar import MolarConfig, molar_model
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.persistence import save_model
 from merlin_molar.serving.lean import LeanModel, export_lean, length_buckets
-from merlin_molar.serving.ops import ItemCodec, MolarRequestError, check_histories
+from merlin_molar.serving.ops import ItemCodec, MolarRequestError, as_bytes, check_histories
 
-SASREC = dict(d_model=16, n_layers=1, n_heads=1, dropout=0.1, max_length=20)
+SASREC = dict(d_model=16, n_layers=2, n_heads=1, dropout=0.1, max_length=20)
 GRU4REC = dict(d_model=12, n_layers=2, dropout=0.1, max_length=20)  # narrower than the DUEG (16)
 
 
@@ -50,8 +50,11 @@ def test_codec_for_integer_ids():
 
 def test_check_histories():
     check_histories(np.array([0, 2, 3]), 3, 4)
+    check_histories(np.array([0, 3], dtype=np.int32), 3, 1)
     for offsets, n, message in [([0, 2, 2], 2, "empty history"), ([0, 3, 1], 3, "increasing"),
-                                ([0, 1, 2], 3, "must match"), ([0] + [1] * 5, 1, "exceeds"), ([0], 0, "no history")]:
+                                ([0, 1, 2], 3, "must match"), ([0] + [1] * 5, 1, "exceeds"), ([0], 0, "no history"),
+                                ([0, 0], 0, r"empty history in row\(s\) \[0\]"), ([0, -1], 0, "increasing"),
+                                ([1, 2], 2, "must start at 0"), ([0, 2], 3, r"last offset \(2\) must match")]:
         with pytest.raises(MolarRequestError, match=message):
             check_histories(np.array(offsets), n, 4)
 
@@ -62,7 +65,7 @@ def test_length_buckets():
 
 def _molar(prepared, **overrides):
     torch.manual_seed(0)
-    config = MolarConfig(llm=small_decoder_config("qwen2", hidden_size=16, num_layers=1).to_dict(), sasrec=SASREC,
+    config = MolarConfig(llm=small_decoder_config("qwen2", hidden_size=16, num_layers=2).to_dict(), sasrec=SASREC,
                          max_length=20, **overrides)
     table = torch.randn(prepared.item_cardinality, 24)
     return molar_model(prepared.schema, table, config).eval(), config, table
@@ -102,11 +105,23 @@ def test_lean_scores_equal_the_model(tiny_prepared, tmp_path, variant, mode):
     saved = save_model(model, tmp_path / "model", kind, config, tiny_prepared.schema, table)
     lean = LeanModel.load(export_lean(saved, tmp_path / "lean"))
     assert lean.mode == mode
-    generator = torch.Generator().manual_seed(1)
-    for lengths in ([1], [3, 8], [9, 20, 2], [16]):
+    assert set(lean.kinds.values()) == {"slim"}  # the slim forwards cover the default towers
+    _assert_lean_equals_the_model(lean, model)
+
+
+def _windows(n_items, generator):
+    for lengths in ([1], [3, 8], [9, 20, 2], [16], [20], [5, 5]):
         window = torch.zeros(len(lengths), 20, dtype=torch.long)
         for row, n in enumerate(lengths):
-            window[row, :n] = torch.randint(3, lean.n_items, (n,), generator=generator)
+            window[row, :n] = torch.randperm(n_items - 3, generator=generator)[:n] + 3
+        yield window, torch.tensor(lengths)
+
+
+def _assert_lean_equals_the_model(lean, model, k=10):
+    """Scores and the served top-k (``LeanModel.top_k`` on ragged histories, batch 1 and larger) equal the
+    saved model's own forward."""
+    generator = torch.Generator().manual_seed(1)
+    for window, lengths in _windows(lean.n_items, generator):
         with torch.no_grad():
             want = model({"item_id-list": window})
             got = lean.scores(window)
@@ -115,3 +130,70 @@ def test_lean_scores_equal_the_model(tiny_prepared, tmp_path, variant, mode):
         finite = torch.isfinite(want)
         assert torch.equal(finite, torch.isfinite(got))
         torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+        want[:, :3] = float("-inf")
+        want.scatter_(1, window, float("-inf"))
+        want_scores, want_ids = torch.topk(want, k, dim=-1)
+        values = torch.cat([row[:n] for row, n in zip(window, lengths)]).numpy()
+        offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
+        top_scores, top_ids = lean.top_k(values, offsets, k)
+        np.testing.assert_array_equal(top_ids, want_ids.numpy())
+        np.testing.assert_allclose(top_scores, want_scores.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_lean_falls_back_to_traced_towers(tiny_prepared, tmp_path, monkeypatch):
+    """An architecture the slim forwards do not cover is traced as it is, with the same scores."""
+    import merlin_molar.serving.lean as lean_module
+
+    monkeypatch.setattr(lean_module, "slim_tower", lambda *args: None)
+    model, config, table = _molar(tiny_prepared)
+    saved = save_model(model, tmp_path / "model", "molar", config, tiny_prepared.schema, table)
+    lean = LeanModel.load(export_lean(saved, tmp_path / "lean"))
+    assert lean.kinds == {"content": "traced", "id": "traced"}
+    _assert_lean_equals_the_model(lean, model)
+
+
+@pytest.mark.parametrize("scoring", ["quantile", "content"])
+def test_lean_scores_new_items_as_the_extended_model(tiny_prepared, tmp_path, scoring):
+    """Items added after training (extend-model): the lean path scores them as MolarTask does."""
+    from merlin_molar.persistence import load_model, with_item_cardinality
+
+    model, config, table = _molar(tiny_prepared)
+    trained, new = table.size(0), 7
+    extended = torch.cat([table, torch.randn(new, table.size(1), generator=torch.Generator().manual_seed(3))])
+    schema = with_item_cardinality(tiny_prepared.schema, trained + new)
+    extension = {"trained_items": trained, "items": trained + new, "new_item_scoring": scoring}
+    saved = save_model(model, tmp_path / "model", "molar", config, schema, extended,
+                       extra={"catalogue_extension": extension})
+    model, *_ = load_model(saved)
+    lean = LeanModel.load(export_lean(saved, tmp_path / "lean"))
+    assert lean.n_items == trained + new and lean.meta["known_items"] == trained
+    _assert_lean_equals_the_model(lean, model.eval())
+
+
+@pytest.mark.parametrize("strings", [False, True])
+def test_codec_equals_the_pandas_lookup(strings):
+    """The vectorised / dict lookups against pandas' ``Index.get_indexer`` on the same vocabulary, for every
+    form the ids arrive in (int32 or int64; bytes from Triton, str or numpy str in-process)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    raw = rng.choice(10**6, size=500, replace=False)
+    if strings:
+        raw = np.array([product_code(int(i)) for i in raw], dtype=object)
+    encoded = rng.permutation(500) + 3
+    codec = ItemCodec(raw, encoded)
+    reference = pd.Index(as_bytes(raw) if strings else raw)
+    picks = rng.integers(500, size=200)
+    forms = ([as_bytes(raw[picks]), raw[picks], raw[picks].astype(str), as_bytes(raw[picks]).astype("S")]
+             if strings else [raw[picks], raw[picks].astype(np.int32)])
+    for values in forms:
+        keys = as_bytes(values) if strings else values.astype(np.int64)
+        want = encoded[reference.get_indexer(keys)]
+        np.testing.assert_array_equal(codec.encode(values, np.array([0, 150, 200])), want)
+        np.testing.assert_array_equal(codec.decode(want), as_bytes(raw[picks]) if strings else raw[picks])
+    unknown = np.concatenate([raw[picks[:3]], [b"NOPE" if strings else 10**7]])
+    with pytest.raises(MolarRequestError, match=r"1 unknown item id\(s\).* in row\(s\) \[1\]"):
+        codec.encode(unknown, np.array([0, 3, 4]))
+    if strings:  # ids that are neither bytes nor str are compared as their UTF-8 text
+        numeric = ItemCodec(np.array(["12", "7"], dtype=object), np.array([3, 4]))
+        np.testing.assert_array_equal(numeric.encode(np.array([7, "12"], dtype=object), np.array([0, 2])), [4, 3])

@@ -1,0 +1,312 @@
+"""Slim inference forwards of the two user towers, holding the trained weights of the Hugging Face modules.
+
+A request needs one user embedding per history: the tower's output at the history's last position. The
+Hugging Face modules compute every position of every layer, and their Python-level forward (mask and
+position bookkeeping, attention dispatch, output dataclasses) costs about as much as the arithmetic at the
+sizes served here (a 2-layer width-64 tower over <= 50 positions). The slim forwards below compute the same
+function with as few tensor ops as possible:
+
+* **last position only in the final layer**: its keys and values need every position, but its queries,
+  attention output, MLP and the final norm are computed for each row's last position alone;
+* fused projections: one matmul for queries, keys and values (and for SwiGLU's gate and up projections);
+* position tables precomputed for every position the tower can see (GPT-2's learned positions; RoPE's cos and
+  sin, taken from the model's own rotary embedding, so every RoPE variant it implements is covered).
+
+Both are TorchScript-compatible (``torch.jit.script``) with the signature ``(inputs_embeds [batch, length,
+width], last [batch]) -> [batch, width]``: ``last`` is each row's last history position; windows are
+right-padded and the towers causal, so whatever follows ``last`` never changes the answer.
+
+:func:`slim_tower` builds one from a tower, or returns ``None`` for an architecture it does not cover (the
+lean path then traces the Hugging Face module as it is). Covered: GPT-2 (the SASRec branch) and the
+Qwen2 / Llama / Mistral / Qwen3 decoder families (the DUEG), with full causal attention, optionally with
+Molar's ``[User]`` token and with LoRA adapters (merged into a copy of the weights).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+DECODER_TYPES = ("qwen2", "llama", "mistral", "qwen3")
+# Hugging Face activation names -> (torch function name, approximate): those the slim forwards implement
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+               "silu": "silu", "swish": "silu"}
+
+
+def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "silu":
+        return F.silu(x)
+    if kind == "gelu":
+        return F.gelu(x)
+    if kind == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.relu(x)
+
+
+def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without its weight (folded into the next projection, or applied by the caller)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _last_rows(h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``h[b, last[b]]`` for every row ``b``: ``[batch, width]``."""
+    return h.gather(1, last.view(-1, 1, 1).expand(-1, 1, h.size(-1))).squeeze(1)
+
+
+def _last_mask(last: torch.Tensor, length: int) -> torch.Tensor:
+    """``[batch, 1, 1, length]``: the positions each row's last position attends to (bool)."""
+    return (torch.arange(length, device=last.device).view(1, -1) <= last.view(-1, 1)).view(-1, 1, 1, length)
+
+
+class _GPT2Layer(torch.nn.Module):
+    """A pre-norm GPT-2 block (LayerNorm, fused QKV, causal attention, LayerNorm, MLP)."""
+
+    def __init__(self, block, scale: float, activation: str):
+        super().__init__()
+        attn, mlp = block.attn, block.mlp
+        self.heads = int(attn.num_heads)
+        self.scale = float(scale)
+        self.activation = activation
+        self.eps1, self.eps2 = float(block.ln_1.eps), float(block.ln_2.eps)
+        for name, value in {
+            "ln1_w": block.ln_1.weight, "ln1_b": block.ln_1.bias, "ln2_w": block.ln_2.weight, "ln2_b": block.ln_2.bias,
+            # Conv1D holds [in, out]; F.linear wants [out, in]
+            "qkv_w": attn.c_attn.weight.t(), "qkv_b": attn.c_attn.bias, "o_w": attn.c_proj.weight.t(),
+            "o_b": attn.c_proj.bias, "fc_w": mlp.c_fc.weight.t(), "fc_b": mlp.c_fc.bias,
+            "proj_w": mlp.c_proj.weight.t(), "proj_b": mlp.c_proj.bias,
+        }.items():
+            self.register_buffer(name, value.detach().float().contiguous().clone())
+
+    def _qkv(self, x: torch.Tensor):
+        batch, length, width = x.shape
+        qkv = F.linear(F.layer_norm(x, [width], self.ln1_w, self.ln1_b, self.eps1), self.qkv_w, self.qkv_b)
+        q, k, v = qkv.view(batch, length, 3 * self.heads, -1).transpose(1, 2).chunk(3, dim=1)
+        return q, k, v
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        m = F.layer_norm(h, [h.size(-1)], self.ln2_w, self.ln2_b, self.eps2)
+        return h + F.linear(_activation(F.linear(m, self.fc_w, self.fc_b), self.activation), self.proj_w, self.proj_b)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, length, width = h.shape
+        q, k, v = self._qkv(h)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        h = h + F.linear(a.transpose(1, 2).reshape(batch, length, width), self.o_w, self.o_b)
+        return self._mlp(h)
+
+    def last(self, h: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
+        """The block's output at each row's ``last`` position only (``None``: the final one): ``[batch, width]``."""
+        batch, length, width = h.shape
+        q, k, v = self._qkv(h)
+        if last is None:
+            a = F.scaled_dot_product_attention(q[:, :, -1:], k, v, scale=self.scale)
+            h = h[:, -1]
+        else:
+            q = q.gather(2, last.view(-1, 1, 1, 1).expand(-1, q.size(1), 1, q.size(3)))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=_last_mask(last, length), scale=self.scale)
+            h = _last_rows(h, last)
+        return self._mlp(h + F.linear(a.reshape(batch, width), self.o_w, self.o_b))
+
+
+class SlimGPT2(torch.nn.Module):
+    """``GPT2Model(inputs_embeds=x).last_hidden_state`` at each row's last position."""
+
+    def __init__(self, model):
+        super().__init__()
+        config = model.config
+        activation = ACTIVATIONS[config.activation_function]
+        layers = []
+        for index, block in enumerate(model.h):
+            head_dim = block.attn.head_dim
+            scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
+            if config.scale_attn_by_inverse_layer_idx:
+                scale /= index + 1
+            layers.append(_GPT2Layer(block, scale, activation))
+        self.body = torch.nn.ModuleList(layers[:-1])
+        self.final = layers[-1]
+        self.register_buffer("positions", model.wpe.weight.detach().float().contiguous().clone())
+        self.register_buffer("lnf_w", model.ln_f.weight.detach().float().clone())
+        self.register_buffer("lnf_b", model.ln_f.bias.detach().float().clone())
+        self.eps = float(model.ln_f.eps)
+
+    def forward(self, x: torch.Tensor, last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.positions[: x.size(1)]
+        for layer in self.body:
+            h = layer(h)
+        h = self.final.last(h, last)
+        return F.layer_norm(h, [h.size(-1)], self.lnf_w, self.lnf_b, self.eps)
+
+
+def _rotated_half(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows (or entries) of a projection giving ``rotate_half`` of each head's output: ``[-x2, x1]``."""
+    w = weight.reshape(heads, 2, -1, *weight.shape[1:])
+    return torch.cat([-w[:, 1:], w[:, :1]], dim=1).reshape(weight.shape)
+
+
+class _DecoderLayer(torch.nn.Module):
+    """A Qwen2 / Llama / Mistral / Qwen3 decoder layer: RMSNorm, attention with RoPE, RMSNorm, gated MLP.
+
+    The RMSNorm weights are folded into the projections that follow them, and (without Qwen3's per-head q/k
+    norms) ``rotate_half`` into extra rows of the fused QKV projection: one matmul gives ``q, k, v`` and
+    ``rotate_half(q), rotate_half(k)``, and RoPE is one ``addcmul`` for queries and keys together."""
+
+    def __init__(self, layer, config, activation: str):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.head_dim = int(attn.head_dim)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.groups = self.heads // self.kv_heads
+        self.scale = float(attn.scaling)
+        self.activation = activation
+        self.eps1 = float(layer.input_layernorm.variance_epsilon)
+        self.eps2 = float(layer.post_attention_layernorm.variance_epsilon)
+        self.qk_norm = hasattr(attn, "q_norm")
+        self.qk_eps = float(attn.q_norm.variance_epsilon) if self.qk_norm else 0.0
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if getattr(mlp, name).bias is not None:
+                raise NotImplementedError("MLP biases")
+        bias = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in (attn.q_proj, attn.k_proj)]
+        weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        biases = bias + [attn.v_proj.bias if attn.v_proj.bias is not None else torch.zeros(attn.v_proj.out_features)]
+        if not self.qk_norm:  # rotate_half(x W^T + b) = x (P W)^T + P b
+            weights += [_rotated_half(attn.q_proj.weight, self.heads), _rotated_half(attn.k_proj.weight, self.kv_heads)]
+            biases += [_rotated_half(bias[0], self.heads), _rotated_half(bias[1], self.kv_heads)]
+        norm1, norm2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        tensors = {
+            "qkv_w": torch.cat(weights) * norm1, "qkv_b": torch.cat(biases),
+            "o_w": attn.o_proj.weight, "o_b": attn.o_proj.bias if attn.o_proj.bias is not None else torch.zeros(0),
+            "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * norm2, "down": mlp.down_proj.weight,
+            "q_norm": attn.q_norm.weight if self.qk_norm else torch.zeros(0),
+            "k_norm": attn.k_norm.weight if self.qk_norm else torch.zeros(0),
+        }
+        self.has_o_bias = attn.o_proj.bias is not None
+        for name, value in tensors.items():
+            self.register_buffer(name, value.detach().float().contiguous().clone())
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries and keys with RoPE, values: ``[batch, heads, length, head_dim]`` each."""
+        batch, length = x.size(0), x.size(1)
+        qkv = F.linear(_rms_norm(x, self.eps1), self.qkv_w, self.qkv_b).view(batch, length, -1, self.head_dim)
+        qkv = qkv.transpose(1, 2)
+        if self.qk_norm:
+            q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+            q = _rotate(_rms_norm(q, self.qk_eps) * self.q_norm, cos, sin)
+            k = _rotate(_rms_norm(k, self.qk_eps) * self.k_norm, cos, sin)
+        else:
+            qk, v, qk_half = qkv.split([self.heads + self.kv_heads, self.kv_heads, self.heads + self.kv_heads], dim=1)
+            q, k = torch.addcmul(qk * cos, qk_half, sin).split([self.heads, self.kv_heads], dim=1)
+        if self.groups > 1:
+            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
+        return q, k, v
+
+    def _out(self, a: torch.Tensor) -> torch.Tensor:
+        return F.linear(a, self.o_w, self.o_b) if self.has_o_bias else F.linear(a, self.o_w)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(_rms_norm(h, self.eps2), self.gate_up).chunk(2, dim=-1)
+        return h + F.linear(_activation(gate, self.activation) * up, self.down)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, length = h.size(0), h.size(1)
+        q, k, v = self._qkv(h, cos, sin)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        h = h + self._out(a.transpose(1, 2).reshape(batch, length, -1))
+        return self._mlp(h)
+
+    def last(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer's output at each row's ``last`` position only (``None``: the final one): ``[batch, width]``."""
+        batch, length = h.size(0), h.size(1)
+        q, k, v = self._qkv(h, cos, sin)
+        if last is None:
+            a = F.scaled_dot_product_attention(q[:, :, -1:], k, v, scale=self.scale)
+            h = h[:, -1]
+        else:
+            q = q.gather(2, last.view(-1, 1, 1, 1).expand(-1, q.size(1), 1, q.size(3)))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=_last_mask(last, length), scale=self.scale)
+            h = _last_rows(h, last)
+        return self._mlp(h + self._out(a.reshape(batch, -1)))
+
+
+class SlimDecoder(torch.nn.Module):
+    """A Hugging Face decoder base model's ``last_hidden_state`` (``inputs_embeds`` in) at each row's last
+    position; with ``user_token``, Molar's DUEG with its ``[User]`` token after every position (the answer
+    is the hidden state of the token after ``last``)."""
+
+    def __init__(self, model, max_length: int, user_token: Optional[torch.Tensor] = None):
+        super().__init__()
+        config = model.config
+        activation = ACTIVATIONS[config.hidden_act]
+        layers = [_DecoderLayer(layer, config, activation) for layer in model.layers]
+        self.body = torch.nn.ModuleList(layers[:-1])
+        self.final = layers[-1]
+        self.has_user_token = user_token is not None
+        token = torch.zeros(0) if user_token is None else user_token.detach().float().clone()
+        self.register_buffer("user_token", token)
+        positions = max_length * (2 if self.has_user_token else 1)
+        probe = torch.zeros(1, positions, config.hidden_size)
+        with torch.no_grad():
+            cos, sin = model.rotary_emb(probe, torch.arange(positions).unsqueeze(0))
+        self.register_buffer("cos", cos[0].float().contiguous())
+        self.register_buffer("sin", sin[0].float().contiguous())
+        self.register_buffer("norm_w", model.norm.weight.detach().float().clone())
+        self.eps = float(model.norm.variance_epsilon)
+
+    def forward(self, x: torch.Tensor, last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.has_user_token:
+            batch, length, width = x.shape
+            x = torch.stack([x, self.user_token.expand(batch, length, width)], dim=2).reshape(batch, 2 * length, width)
+            if last is not None:
+                last = 2 * last + 1
+        length = x.size(1)
+        cos, sin = self.cos[:length], self.sin[:length]
+        h = x
+        for layer in self.body:
+            h = layer(h, cos, sin)
+        return _rms_norm(self.final.last(h, cos, sin, last), self.eps) * self.norm_w
+
+
+def _unsupported_decoder(model) -> Optional[str]:
+    config = model.config
+    if config.model_type not in DECODER_TYPES:
+        return f"decoder type {config.model_type!r}"
+    if config.hidden_act not in ACTIVATIONS:
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None)
+                                                                            or []):
+        return "sliding-window attention"
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
+        return "sliding-window attention"
+    if not hasattr(model, "rotary_emb") or not hasattr(model, "norm") or len(model.layers) < 1:
+        return "an unexpected module layout"
+    return None
+
+
+def _merged(llm):
+    """A LoRA-wrapped (peft) model as its base model with the adapters merged into a copy of the weights."""
+    if hasattr(llm, "merge_and_unload"):
+        return copy.deepcopy(llm).merge_and_unload()
+    return llm
+
+
+def slim_tower(kind: str, tower, max_length: int) -> Optional[torch.nn.Module]:
+    """A slim TorchScript-compatible forward of a user tower, or ``None`` where the architecture is not covered.
+
+    ``kind``: ``"gpt2"`` for ``tower`` a ``GPT2Model`` (the SASRec branch), ``"dueg"`` for ``tower`` a
+    :class:`~merlin_molar.models.dueg.MolarBlock`."""
+    if kind == "gpt2":
+        config = tower.config
+        if config.activation_function not in ACTIVATIONS or config.reorder_and_upcast_attn or len(tower.h) < 1:
+            return None
+        return SlimGPT2(tower).eval()
+    llm = _merged(tower.llm)
+    if next(llm.parameters()).dtype != torch.float32 or _unsupported_decoder(llm) is not None:
+        return None
+    return SlimDecoder(llm, max_length, tower.user_token).eval()
