@@ -26,7 +26,9 @@ def result(ndcg):
 def test_molar_gru4rec_takes_its_id_branch_from_the_same_seeds_gru4rec(quality, tmp_path, monkeypatch):
     calls = []
 
-    def fake_train(prepared, kind, run_dir, options, config, item_table_path=None, init_id_branch_from=None):
+    def fake_train(prepared, kind, run_dir, options, config, item_table_path=None, init_id_branch_from=None,
+                   resume=False):
+        assert resume  # an interrupted run continues from its checkpoint
         calls.append((kind, Path(run_dir).name, init_id_branch_from))
         (Path(run_dir) / "model").mkdir(parents=True)
         return result(0.1)
