@@ -177,6 +177,8 @@ def parse_args(argv=None):
     p.add_argument("--max-epochs", type=float, default=TrainConfig.epochs, help="early stopping decides")
     p.add_argument("--max-length", type=int, help="override the dataset's maximum sequence length")
     p.add_argument("--suffix", default="", help="appended to the result file names")
+    p.add_argument("--summary-only", action="store_true",
+                   help="only summarise finished runs of the work directory (no data preparation, no training)")
     return p.parse_args(argv)
 
 
@@ -192,18 +194,30 @@ def main(argv=None):
             DATASETS[dataset] = {**DATASETS[dataset], "max_length": args.max_length}
         start = time.perf_counter()
         info = machine()
-        prepared, item_table = prepared_dataset(dataset, args.data_root, args.workdir)
+        runs_dir = args.workdir / dataset / f"runs_L{DATASETS[dataset]['max_length']}"
+        if args.summary_only:
+            missing = [f"{v}-seed{s}" for s in seeds for v in variants
+                       if not (runs_dir / f"{v}-seed{s}" / "metrics.json").exists()]
+            if missing:
+                raise SystemExit(f"quality.py: error: --summary-only: no finished run in {runs_dir} for {missing}")
+            prepared_dir = args.workdir / dataset / f"prepared_L{DATASETS[dataset]['max_length']}"
+            manifest = read_json(prepared_dir / "molar_manifest.json")
+        else:
+            prepared, item_table = prepared_dataset(dataset, args.data_root, args.workdir)
+            manifest = prepared.manifest
         runs = {}
         for seed in seeds:
             for variant in variants:
                 config = TrainConfig(seed=seed, epochs=args.max_epochs, logging_steps=10_000)
-                run_dir = args.workdir / dataset / f"runs_L{DATASETS[dataset]['max_length']}" / f"{variant}-seed{seed}"
-                runs.setdefault(variant, {})[seed] = run_one(prepared, item_table, variant, seed, run_dir, config)
+                run_dir = runs_dir / f"{variant}-seed{seed}"
+                if args.summary_only:
+                    runs.setdefault(variant, {})[seed] = read_json(run_dir / "metrics.json")
+                else:
+                    runs.setdefault(variant, {})[seed] = run_one(prepared, item_table, variant, seed, run_dir, config)
                 r = runs[variant][seed]
                 print(f"{dataset} {variant} seed {seed}: test N@10 {r['test']['ndcg@10']:.4f} "
                       f"R@10 {r['test']['recall@10']:.4f} (best epoch {r.get('best_epoch')}, "
                       f"{r['train_seconds']:.0f} s)", flush=True)
-        runs_dir = args.workdir / dataset / f"runs_L{DATASETS[dataset]['max_length']}"
         baseline = {s: read_json(runs_dir / f"{BASELINE}-seed{s}" / "metrics.json") for s in seeds
                     if (runs_dir / f"{BASELINE}-seed{s}" / "metrics.json").exists()}
         summary = summarise(runs, baseline)
@@ -217,7 +231,7 @@ def main(argv=None):
             "git_commit": git_commit(),
             "date": now(),
             "machine": {**info, "load_average_at_end": list(os.getloadavg())},
-            "dataset": {"name": dataset, **DATASETS[dataset], "manifest": prepared.manifest},
+            "dataset": {"name": dataset, **DATASETS[dataset], "manifest": manifest},
             "train_config": {**TrainConfig().__dict__, "epochs": args.max_epochs, "seed": seeds},
             "variants": {v: {"kind": VARIANTS[v][0], "options": VARIANTS[v][1], "id_branch_from": VARIANTS[v][2],
                              "id_branch_from_sasrec": VARIANTS[v][2] == "sasrec"} for v in variants},
