@@ -24,7 +24,7 @@ Molar's ``[User]`` token and with LoRA adapters (merged into a copy of the weigh
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,18 @@ def _last_mask(last: torch.Tensor, length: int) -> torch.Tensor:
     return (torch.arange(length, device=last.device).view(1, -1) <= last.view(-1, 1)).view(-1, 1, 1, length)
 
 
+def _attend_last(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, last: Optional[torch.Tensor], scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each row's ``last`` query only (``None``: the final one) over its causal keys
+    ``[batch, heads, 1, head_dim]``, and the residual stream at that position ``[batch, width]``."""
+    if last is None:
+        return F.scaled_dot_product_attention(q[:, :, -1:], k, v, scale=scale), h[:, -1]
+    q = q.gather(2, last.view(-1, 1, 1, 1).expand(-1, q.size(1), 1, q.size(3)))
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=_last_mask(last, h.size(1)), scale=scale)
+    return a, _last_rows(h, last)
+
+
 class _GPT2Layer(torch.nn.Module):
     """A pre-norm GPT-2 block (LayerNorm, fused QKV, causal attention, LayerNorm, MLP)."""
 
@@ -103,15 +115,9 @@ class _GPT2Layer(torch.nn.Module):
 
     def last(self, h: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
         """The block's output at each row's ``last`` position only (``None``: the final one): ``[batch, width]``."""
-        batch, length, width = h.shape
+        batch, width = h.size(0), h.size(2)
         q, k, v = self._qkv(h)
-        if last is None:
-            a = F.scaled_dot_product_attention(q[:, :, -1:], k, v, scale=self.scale)
-            h = h[:, -1]
-        else:
-            q = q.gather(2, last.view(-1, 1, 1, 1).expand(-1, q.size(1), 1, q.size(3)))
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=_last_mask(last, length), scale=self.scale)
-            h = _last_rows(h, last)
+        a, h = _attend_last(q, k, v, h, last, self.scale)
         return self._mlp(h + F.linear(a.reshape(batch, width), self.o_w, self.o_b))
 
 
@@ -223,16 +229,9 @@ class _DecoderLayer(torch.nn.Module):
 
     def last(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, last: Optional[torch.Tensor]) -> torch.Tensor:
         """The layer's output at each row's ``last`` position only (``None``: the final one): ``[batch, width]``."""
-        batch, length = h.size(0), h.size(1)
         q, k, v = self._qkv(h, cos, sin)
-        if last is None:
-            a = F.scaled_dot_product_attention(q[:, :, -1:], k, v, scale=self.scale)
-            h = h[:, -1]
-        else:
-            q = q.gather(2, last.view(-1, 1, 1, 1).expand(-1, q.size(1), 1, q.size(3)))
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=_last_mask(last, length), scale=self.scale)
-            h = _last_rows(h, last)
-        return self._mlp(h + self._out(a.reshape(batch, -1)))
+        a, h = _attend_last(q, k, v, h, last, self.scale)
+        return self._mlp(h + self._out(a.reshape(h.size(0), -1)))
 
 
 class SlimDecoder(torch.nn.Module):
