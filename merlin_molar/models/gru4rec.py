@@ -18,8 +18,7 @@ import torch
 import transformers4rec.torch as tr
 from merlin.schema import Schema
 
-from merlin_molar.models.sasrec import item_id_inputs
-from merlin_molar.models.task import FullRankingNextItemTask
+from merlin_molar.models.sasrec import full_ranking_model, item_id_inputs
 
 
 @dataclass
@@ -72,8 +71,4 @@ def gru4rec_body(schema: Schema, config: Optional[GRU4RecConfig] = None) -> tr.S
 def gru4rec_model(schema: Schema, config: Optional[GRU4RecConfig] = None) -> tr.Model:
     """GRU4Rec with weight-tied full-softmax cross-entropy at every position and full-ranking evaluation (the
     same task as :func:`merlin_molar.models.sasrec.sasrec_model`)."""
-    config = config or GRU4RecConfig()
-    body = gru4rec_body(schema, config)
-    task = FullRankingNextItemTask(weight_tying=True, softmax_temperature=0)
-    head = tr.Head(body, task, inputs=body.inputs)
-    return tr.Model(head)
+    return full_ranking_model(gru4rec_body(schema, config or GRU4RecConfig()))

@@ -90,8 +90,11 @@ def sasrec_body(schema: Schema, config: Optional[SASRecConfig] = None) -> tr.Seq
 
 def sasrec_model(schema: Schema, config: Optional[SASRecConfig] = None) -> tr.Model:
     """SASRec with weight-tied full-softmax cross-entropy at every position and full-ranking evaluation."""
-    config = config or SASRecConfig()
-    body = sasrec_body(schema, config)
+    return full_ranking_model(sasrec_body(schema, config or SASRecConfig()))
+
+
+def full_ranking_model(body: tr.SequentialBlock) -> tr.Model:
+    """An ID body (item-id inputs >> sequence layer) under the weight-tied full-ranking next-item task."""
     # softmax_temperature=0 skips T4Rec's division of the [positions, items] logits by the default
     # temperature 1.0: same loss, one full pass over the largest tensor less (~14% of a CPU step on ML-1M).
     task = FullRankingNextItemTask(weight_tying=True, softmax_temperature=0)
