@@ -202,6 +202,7 @@ def main(argv=None):
                 raise SystemExit(f"quality.py: error: --summary-only: no finished run in {runs_dir} for {missing}")
             prepared_dir = args.workdir / dataset / f"prepared_L{DATASETS[dataset]['max_length']}"
             manifest = read_json(prepared_dir / "molar_manifest.json")
+            prepared = item_table = None  # every run is finished: run_one only reads its metrics
         else:
             prepared, item_table = prepared_dataset(dataset, args.data_root, args.workdir)
             manifest = prepared.manifest
@@ -210,10 +211,7 @@ def main(argv=None):
             for variant in variants:
                 config = TrainConfig(seed=seed, epochs=args.max_epochs, logging_steps=10_000)
                 run_dir = runs_dir / f"{variant}-seed{seed}"
-                if args.summary_only:
-                    runs.setdefault(variant, {})[seed] = read_json(run_dir / "metrics.json")
-                else:
-                    runs.setdefault(variant, {})[seed] = run_one(prepared, item_table, variant, seed, run_dir, config)
+                runs.setdefault(variant, {})[seed] = run_one(prepared, item_table, variant, seed, run_dir, config)
                 r = runs[variant][seed]
                 print(f"{dataset} {variant} seed {seed}: test N@10 {r['test']['ndcg@10']:.4f} "
                       f"R@10 {r['test']['recall@10']:.4f} (best epoch {r.get('best_epoch')}, "
