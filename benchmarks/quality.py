@@ -35,6 +35,7 @@ from common import RESULTS_DIR, command_line, git_commit, machine, now, table, w
 from merlin_molar.data import prepare, read_dataset  # noqa: E402
 from merlin_molar.data.readers import RawDataset  # noqa: E402
 from merlin_molar.io import read_json  # noqa: E402
+from merlin_molar.models.molar import MolarConfig  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, train  # noqa: E402
 from merlin_molar.training import TrainConfig  # noqa: E402
 
@@ -47,20 +48,28 @@ DATASETS = {
 }
 # name -> (model kind, model options on top of the defaults, the variant whose same-seed run becomes the frozen
 # ID branch, or None). "sasrec" and "molar" are the README's recipe with the CLI defaults: `train --model sasrec`,
-# then `train --model molar --init-id-branch <sasrec run>/model` (a frozen, trained SASRec as the ID branch);
-# "gru4rec" and "molar_gru4rec" are the same recipe with GRU4Rec as the ID model. Ratios are always to SASRec.
+# then `train --model molar --init-id-branch <sasrec run>/model` (a frozen, trained SASRec as the ID branch, the
+# MoE content adaptor); "gru4rec" and "molar_gru4rec" are the same recipe with GRU4Rec as the ID model. The
+# "*_linear*" rows are the ablations measured with the linear adaptor (the default until the MoE rows showed it
+# ahead): they pin it, so that their finished runs stay what they were. Ratios are always to SASRec.
+LINEAR = {"content_adaptor": "linear"}
 VARIANTS = {
     "sasrec": ("sasrec", {}, None),
     "gru4rec": ("gru4rec", {}, None),
     "molar": ("molar", {}, "sasrec"),
-    "molar_gru4rec": ("molar", {}, "gru4rec"),
     "molar_no_align": ("molar", {"alpha": 0.0}, "sasrec"),
-    "molar_fixed_fusion": ("molar", {"id_weight_grid": []}, "sasrec"),
-    "molar_align_all": ("molar", {"align_positions": "all"}, "sasrec"),
-    "molar_joint": ("molar", {}, None),
-    "molar_moe": ("molar", {"content_adaptor": "moe"}, "sasrec"),
+    "molar_gru4rec": ("molar", {}, "gru4rec"),
+    "molar_linear": ("molar", LINEAR, "sasrec"),
+    "molar_linear_no_align": ("molar", {**LINEAR, "alpha": 0.0}, "sasrec"),
+    "molar_linear_gru4rec": ("molar", LINEAR, "gru4rec"),
+    "molar_linear_joint": ("molar", LINEAR, None),
+    "molar_linear_fixed_fusion": ("molar", {**LINEAR, "id_weight_grid": []}, "sasrec"),
+    "molar_linear_align_all": ("molar", {**LINEAR, "align_positions": "all"}, "sasrec"),
     "content_only": ("molar", {"id_branch": "none"}, None),
+    "content_only_linear": ("molar", {**LINEAR, "id_branch": "none"}, None),
 }
+# a finished run is reused only if its saved model has the variant's value of each of these (and of each option)
+RECIPE_FIELDS = ("content_adaptor", "alpha", "id_weight_grid", "align_positions", "id_branch")
 BASELINE = "sasrec"  # the ratio column: every variant over the SASRec of the same seed
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
 
@@ -88,6 +97,7 @@ def prepared_dataset(name: str, data_root: Path, workdir: Path):
 def run_one(prepared, table, variant: str, seed: int, run_dir: Path, config: TrainConfig) -> dict:
     done = run_dir / "metrics.json"
     if done.exists():
+        check_finished_run(run_dir, variant)
         return read_json(done)
     kind, options, id_from = VARIANTS[variant]
     init = run_dir.parent / f"{id_from}-seed{seed}" / "model" if id_from else None
@@ -97,6 +107,21 @@ def run_one(prepared, table, variant: str, seed: int, run_dir: Path, config: Tra
                    resume=True,  # an interrupted run continues from its last epoch checkpoint
                    init_id_branch_from=init)
     return {k: v for k, v in result.items() if k != "log_history"}
+
+
+def check_finished_run(run_dir: Path, variant: str) -> None:
+    """Refuse a finished run whose saved model is not what ``variant`` now means (for example a run made
+    before a default changed): its metrics would be reported under the wrong name."""
+    kind, options, id_from = VARIANTS[variant]
+    if kind != "molar":
+        return
+    saved = MolarConfig.from_dict(read_json(run_dir / "model" / "molar_model.json")["config"])
+    expected = MolarConfig(**options, **({"id_branch": "frozen"} if id_from else {}))
+    differ = {f: (getattr(saved, f), getattr(expected, f)) for f in (*RECIPE_FIELDS, *options)
+              if getattr(saved, f) != getattr(expected, f)}
+    if differ:
+        raise SystemExit(f"quality.py: error: {run_dir}: the finished run is not variant {variant!r} "
+                         f"(saved vs expected: {differ}); move it to the variant it is, or delete it")
 
 
 def mean_std(values):

@@ -87,7 +87,7 @@ def load_model(path) -> tuple:
         config = ID_MODELS[kind].config(**meta["config"])
         model = ID_MODELS[kind].model(schema, config)
     elif kind == "molar":
-        config = MolarConfig(**meta["config"])
+        config = MolarConfig.from_dict(meta["config"])
         table_file = path / "item_table.safetensors"
         if not table_file.is_file():
             raise MolarDataError(table_file, "file not found (the saved model is incomplete)")

@@ -2,6 +2,7 @@
 and example recommendations, with the CLI's default (recommended) settings, on CPU."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -36,10 +37,13 @@ def run_quickstart(data: Optional[str] = None, workdir="outputs/quickstart", epo
           f"-> NVTabular leave-one-out splits in {prepared.root}")
     print("[2/5] MIRM item table with the packaged all-MiniLM-L6-v2 (text; a Qwen2-VL path adds posters)")
     table = embed_item_table(prepared, batch_size=64)
+    # the quickstart always trains anew: its previous runs (perhaps of an older version's defaults, which
+    # `train` would refuse to overwrite) are its own outputs, not a user's work
+    shutil.rmtree(workdir / "runs", ignore_errors=True)
     print(f"[3/5] SASRec (Transformers4Rec Trainer, early stopping on validation NDCG@10, seed {SEED})")
     results = {"SASRec (ID only)": train(prepared, "sasrec", workdir / "runs" / "sasrec", None, config)}
-    print("[4/5] Molar: DUEG (random-init 2-layer Qwen2) over the item table, the trained SASRec as its frozen ID "
-          "branch, post-aligned; fusion weight chosen on validation")
+    print("[4/5] Molar: DUEG (random-init 2-layer Qwen2) over the item table (MoE adaptor), the trained SASRec "
+          "as its frozen ID branch, post-aligned; fusion weight chosen on validation")
     results["Molar (content + ID)"] = train(
         prepared, "molar", workdir / "runs" / "molar", None, config, item_table_path=table,
         init_id_branch_from=results["SASRec (ID only)"]["model_dir"],

@@ -44,6 +44,9 @@ class MolarConfig:
     from the DUEG's: the alignment projects content user embeddings to it.
     ``id_weight`` fuses the two scores; after training it is chosen on the validation split from
     ``id_weight_grid`` (an empty grid keeps ``id_weight``).
+    ``content_adaptor`` maps the frozen item table into the DUEG: ``"moe"`` (default, a whitened mixture of
+    ``adaptor_experts`` adaptors, ahead of ``"linear"`` on every seed of both quality regimes,
+    ``benchmarks/results/quality_*.json``) or ``"linear"``; configs saved without the field load as linear.
     """
 
     llm: Union[str, dict] = field(default_factory=lambda: small_decoder_config().to_dict())
@@ -59,7 +62,7 @@ class MolarConfig:
     id_weight: float = 0.5
     id_weight_grid: Tuple[float, ...] = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
     align_positions: Literal["last", "all"] = "last"
-    content_adaptor: Literal["linear", "moe"] = "linear"
+    content_adaptor: Literal["linear", "moe"] = "moe"
     adaptor_experts: int = 8
     adaptor_dropout: float = 0.2
     max_align_rows: int = 4096
@@ -93,6 +96,9 @@ class MolarConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "MolarConfig":
+        values = dict(values)
+        # a config saved before the field existed was trained with the linear adaptor, the only one then
+        values.setdefault("content_adaptor", "linear")
         return cls(**values)
 
 

@@ -61,7 +61,7 @@ def test_gradients_reach_trainable_parts_and_not_the_frozen_table(tiny_prepared,
     body, task = model.heads[0].body, model.heads[0].prediction_task_dict["next-item"]
     content_table_module = body.content.inputs.categorical_module.item_embedding_table
     assert content_table_module.table.grad is None and not content_table_module.table.requires_grad
-    assert content_table_module.projection[0].weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in content_table_module.projection.parameters())  # the adaptor
     assert all(p.grad is not None for p in body.content[1].llm.parameters() if p.requires_grad)
     assert task.align_head.weight.grad.abs().sum() > 0
     assert body.id_body.inputs.categorical_module.item_embedding_table.weight.grad.abs().sum() > 0
@@ -147,3 +147,11 @@ def test_molar_takes_over_a_trained_sasrec_as_its_frozen_id_branch(tiny_prepared
     assert all(torch.equal(trained_sasrec[k], id_branch[k]) for k in trained_sasrec)  # frozen: unchanged
     if molar["fusion"]["id_weight"] == 1.0:  # ID only: exactly the SASRec's ranking
         assert molar["test"]["ndcg@10"] == pytest.approx(sasrec["test"]["ndcg@10"], abs=1e-6)
+
+
+def test_the_moe_adaptor_is_the_default_and_old_configs_keep_the_linear_one():
+    assert MolarConfig().content_adaptor == "moe"
+    assert MolarConfig.from_dict(MolarConfig().to_dict()).content_adaptor == "moe"
+    saved_before_the_choice = MolarConfig(content_adaptor="linear").to_dict()
+    del saved_before_the_choice["content_adaptor"]  # as a model saved by merlin-molar before the field existed
+    assert MolarConfig.from_dict(saved_before_the_choice).content_adaptor == "linear"

@@ -77,7 +77,7 @@ def _molar(prepared, **overrides):
     ("content only", "content"),
     ("id only", "id"),
     ("user token", "fused"),
-    ("moe adaptor", "fused"),
+    ("linear adaptor", "fused"),
     ("sasrec", "id"),
     ("gru4rec", "id"),
     ("molar gru4rec", "fused"),
@@ -94,7 +94,7 @@ def test_lean_scores_equal_the_model(tiny_prepared, tmp_path, variant, mode):
     else:
         overrides = {"fused": {}, "infonce": {"rec_loss": "infonce"}, "content only": {"id_branch": "none"},
                      "id only": {"id_weight": 1.0}, "user token": {"user_token": True},
-                     "moe adaptor": {"content_adaptor": "moe"},
+                     "linear adaptor": {"content_adaptor": "linear"},
                      "molar gru4rec": {"id_model": "gru4rec", "gru4rec": GRU4REC}}[variant]
         (model, config, table), kind = _molar(tiny_prepared, **overrides), "molar"
     if variant == "infonce":  # a scale away from its initial value, so that it must be carried over
