@@ -192,7 +192,7 @@ def _trained_cardinality(model, kind: str) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # the new-item prior (estimated on training and validation data only)
 # --------------------------------------------------------------------------------------------------------------
-PRIOR_GRID = tuple(float(b) for b in np.round(np.arange(-4.0, 1.0001, 0.25), 2))  # log units, 0 included
+PRIOR_GRID = tuple(float(b) for b in np.round(np.arange(-4.0, 1.0001, 0.05), 2))  # log units, 0 included
 PSEUDO_NEW_FRACTION = 0.1
 WARM_COST_BUDGET = 0.02  # the warm NDCG@10 the cold-start requirement allows new items to cost
 
