@@ -91,7 +91,7 @@ def build(args, work: Path):
     model_dir = save_model(model, work / "model", "molar", config, prepared.schema, table)
     repository = export_triton(model_dir, prepared.root, work / "repository", top_k=args.top_k,
                                max_batch_size=args.max_batch_size, overwrite=True, torch_threads=1,
-                               instances=args.instances)
+                               instances=args.instances, pin_cores=args.pin_cores)
     return prepared, model_dir, repository, config
 
 
@@ -277,6 +277,7 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--instances", type=int, default=os.cpu_count(), help="Triton instances (one per core)")
+    parser.add_argument("--pin-cores", action="store_true", help="export --pin-cores: instance i on core i")
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="of the load phase")
     parser.add_argument("--latency-requests", type=int, default=1000, help="batch-1 requests per path")
     parser.add_argument("--latency-blocks", type=int, default=10)
@@ -388,6 +389,7 @@ def main(argv=None):
         "sampled_against_in_process_per_level": load_rows[0]["sampled_against_in_process"],
         "instances": args.instances,
         "torch_threads_per_instance": 1,
+        "pin_cores": args.pin_cores,
         "item_ids": "string (product codes)" if args.string_ids else "int64",
     }
     lat_rows = [{"path": name, **values} for name, values in latency.items()]
@@ -416,7 +418,7 @@ def main(argv=None):
                   "max_batch_size": args.max_batch_size},
         "server": f"tritonserver 2.51 bundled in nvidia-pytriton 0.7.0, Python backend, CPU, 127.0.0.1; one model "
                   f"(merlin-systems executor running MolarRecommend: Categorify mapping + lean model), "
-                  f"{args.instances} instance(s), 1 torch thread each",
+                  f"{args.instances} instance(s), 1 torch thread each{', pinned to cores' if args.pin_cores else ''}",
         "load": {"closed_loop": True, "protocol": args.protocol, "requests_per_level": args.requests,
                  "clients": args.clients, "batch_mix": batch_mix, "bad_fraction": args.bad_fraction,
                  "bad_kinds": BAD_KINDS, "sample_every": args.sample_every, "timeout_s": args.timeout,

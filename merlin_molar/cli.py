@@ -207,9 +207,9 @@ def cmd_export(args):
 
     out = export_triton(args.model_dir, args.prepared, args.repository, top_k=args.top_k,
                         max_batch_size=args.max_batch_size, instances=args.instances,
-                        torch_threads=args.torch_threads)
+                        torch_threads=args.torch_threads, pin_cores=args.pin_cores)
     print(f"wrote Triton model repository {out} ({args.instances} instance(s), "
-          f"{args.torch_threads} torch thread(s) each)")
+          f"{args.torch_threads} torch thread(s) each{', each pinned to one core' if args.pin_cores else ''})")
 
 
 def cmd_quickstart(args):
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton instances of the model (instance_group, CPU), e.g. one per core")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads per instance (keep instances x threads <= cores; 0 = torch's default)")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="bind instance i to the i-th core the server may use (keeps its tables in that core's "
+                        "cache; for a machine that serves only this model)")
 
     p = add("quickstart", cmd_quickstart, "the whole pipeline on MovieLens on CPU, ending in a metrics table")
     p.add_argument("--data", help="MovieLens directory (default: $MOLAR_DATA, ../shared/data/ml-100k, or a download)")

@@ -185,6 +185,19 @@ def check_histories(offsets: np.ndarray, n_values: int, max_batch_size: int) -> 
         raise MolarRequestError(f"empty history in row(s) {empty[:10].tolist()}: every row needs at least one item")
 
 
+PIN_CORES = "pin_cores"  # the model config parameter written by export_triton(pin_cores=...)
+
+
+def pinned_core(instance_name: str, cores) -> int:
+    """The core Triton instance ``instance_name`` (``<group>_<index>``, e.g. ``molar_0_1``) binds itself to:
+    the ``index``-th of ``cores`` (the CPUs the server may use), modulo their number."""
+    cores = sorted(cores)
+    index = instance_name.rsplit("_", 1)[-1]
+    if not cores or not index.isdigit():
+        raise ValueError(f"cannot pin Triton instance {instance_name!r} to one of the cores {cores}")
+    return cores[int(index) % len(cores)]
+
+
 class MolarRecommend(BaseOperator):
     """Raw histories -> top-k raw item ids and scores, in one step (see the module docstring).
 

@@ -125,8 +125,9 @@ def coded_repository(coded_saved, coded_prepared, tmp_path_factory):
     from merlin_molar.serving import export_triton
 
     path = tmp_path_factory.mktemp("triton-coded") / "repository"
+    # 2 instances, each pinned to a core: the real server then runs the pinning path of the executor model
     return export_triton(coded_saved, coded_prepared.root, path, top_k=TOP_K, max_batch_size=MAX_BATCH,
-                         instances=2)
+                         instances=2, pin_cores=True)
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,8 @@ def test_repository_layout_and_configs(repository, molar_saved, tmp_path, ml100k
     assert {p.name for p in lean.iterdir()} == {"lean.json", "tables.safetensors", "content_tower.pt", "id_tower.pt"}
     manifest = json.loads((repository / "molar_serving.json").read_text())
     assert manifest["top_k"] == TOP_K and manifest["max_batch_size"] == MAX_BATCH
-    assert manifest["item_ids"] == "int64" and manifest["instances"] == 1
+    assert manifest["item_ids"] == "int64" and manifest["instances"] == 1 and manifest["pin_cores"] is False
+    assert executor.parameters["pin_cores"].string_value == "false"
 
     four = export_triton(molar_saved, ml100k_prepared.root, tmp_path / "four", instances=4, torch_threads=1)
     config = text_format.Parse((four / "molar" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -119,7 +120,9 @@ def test_string_catalogue_repository(coded_repository):
     assert types == {f"{ITEM_SEQUENCE}__values": "TYPE_STRING", f"{ITEM_SEQUENCE}__offsets": "TYPE_INT32",
                      "item_ids": "TYPE_STRING", "scores": "TYPE_FP32"}
     assert [g.count for g in config.instance_group] == [2]
+    assert config.parameters["pin_cores"].string_value == "true"
     manifest = json.loads((coded_repository / "molar_serving.json").read_text())
+    assert manifest["pin_cores"] is True
     assert manifest["item_ids"] == "string" and manifest["inputs"][f"{ITEM_SEQUENCE}__values"] == "BYTES"
 
 

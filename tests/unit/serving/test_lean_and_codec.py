@@ -198,3 +198,14 @@ def test_codec_equals_the_pandas_lookup(strings):
     if strings:  # ids that are neither bytes nor str are compared as their UTF-8 text
         numeric = ItemCodec(np.array(["12", "7"], dtype=object), np.array([3, 4]))
         np.testing.assert_array_equal(numeric.encode(np.array([7, "12"], dtype=object), np.array([0, 2])), [4, 3])
+
+
+def test_pinned_core_maps_instances_onto_the_allowed_cores():
+    from merlin_molar.serving.ops import pinned_core
+
+    assert [pinned_core(f"molar_0_{i}", {4, 2}) for i in range(3)] == [2, 4, 2]
+    assert pinned_core("my_model_1_0", [7]) == 7
+    with pytest.raises(ValueError, match="cannot pin"):
+        pinned_core("molar", {0, 1})
+    with pytest.raises(ValueError, match="cannot pin"):
+        pinned_core("molar_0_0", set())
