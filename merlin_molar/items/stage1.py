@@ -123,12 +123,19 @@ def attribute_description_examples(
     ]
 
 
-def user_behaviour_examples(
-    histories: Sequence[Sequence[int]], titles: Dict[int, str], n: int, history_length: int = 10, seed: int = 0
-) -> List[Stage1Example]:
-    """``n`` (titles of up to ``history_length`` consecutive items -> next item's title) examples, each at a
-    random user and position of the train histories (sampling with replacement)."""
-    usable = [[i for i in h if i in titles] for h in histories]
+def behaviour_windows(
+    histories: Sequence[Sequence[int]], known, n: int, history_length: int = 10, seed: int = 0
+) -> List[Tuple[List[int], int]]:
+    """``n`` (up to ``history_length`` consecutive item ids, the next item id) windows, each at a random user
+    and position of ``histories`` (sampling with replacement); items not in ``known`` are dropped first.
+
+    Pass the train split's histories only: a window never reaches past the end of its history, so the
+    validation and test targets (the two items after the train history) are never in a window.
+
+        >>> behaviour_windows([[5, 6, 7]], {5, 6, 7}, n=2, history_length=1)
+        [([5], 6), ([6], 7)]
+    """
+    usable = [[int(i) for i in h if i in known] for h in histories]
     usable = [h for h in usable if len(h) >= 2]
     if not usable:
         return []
@@ -137,9 +144,23 @@ def user_behaviour_examples(
     for _ in range(n):
         history = usable[rng.randrange(len(usable))]
         t = rng.randrange(1, len(history))
-        context = "; ".join(titles[i] for i in history[max(0, t - history_length) : t])
-        out.append(Stage1Example("user_behaviour", BEHAVIOUR_PROMPT.replace("{history}", context), titles[history[t]]))
+        out.append((history[max(0, t - history_length) : t], history[t]))
     return out
+
+
+def user_behaviour_examples(
+    histories: Sequence[Sequence[int]], titles: Dict[int, str], n: int, history_length: int = 10, seed: int = 0
+) -> List[Stage1Example]:
+    """``n`` (titles of up to ``history_length`` consecutive items -> next item's title) examples, each at a
+    random user and position of the train histories (sampling with replacement)."""
+    return [
+        Stage1Example(
+            "user_behaviour",
+            BEHAVIOUR_PROMPT.replace("{history}", "; ".join(titles[i] for i in context)),
+            titles[target],
+        )
+        for context, target in behaviour_windows(histories, titles, n, history_length, seed)
+    ]
 
 
 def build_stage1_mixture(
