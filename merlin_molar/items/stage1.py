@@ -634,7 +634,7 @@ def finetune_sentence_encoder(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)  # a log file gets a line per tenth only
             bar.update(1)
     seconds = time.perf_counter() - started
 
