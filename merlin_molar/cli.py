@@ -159,15 +159,44 @@ def cmd_evaluate_cold_start(args):
 
 def cmd_finetune_items(args):
     from merlin_molar.data import load_prepared
-    from merlin_molar.items import build_stage1_mixture, finetune
+    from merlin_molar.items.encoders import detect_kind
+    from merlin_molar.validation import check_stage1_options, loading
 
     data = load_prepared(args.prepared)
-    examples = build_stage1_mixture(data, examples_per_task=args.examples_per_task)
+    with loading("--base-model", args.base_model or "the default encoder"):
+        kind = detect_kind(args.base_model)
+    check_stage1_options(args, kind)  # again: check_command could not detect the kind of a hub id
+    if kind == "sentence":
+        _finetune_sentence(args, data)
+        return
+    from merlin_molar.items import Stage1Config, build_stage1_mixture, finetune
+
+    defaults = Stage1Config()
+    mixture_options = {} if args.history_length is None else {"history_length": args.history_length}
+    examples = build_stage1_mixture(data, examples_per_task=args.examples_per_task, seed=args.seed, **mixture_options)
     out = finetune(
-        args.base_model, examples, args.output, method=args.method, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
+        args.base_model, examples, args.output, method=args.method or defaults.method, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size or defaults.batch_size,
+        learning_rate=args.lr or defaults.learning_rate, device=args.device, seed=args.seed,
     )
     print(f"wrote fine-tuned item encoder {out} (use it with: merlin-molar embed-items --encoder {out})")
+
+
+def _finetune_sentence(args, data):
+    """Stage 1 of a sentence encoder: contrastive, recent train items' text -> the next item's text."""
+    from merlin_molar.items.stage1 import SentenceStage1Config, finetune_sentence_encoder, sentence_behaviour_examples
+
+    defaults = SentenceStage1Config()
+    history_length = args.history_length or 3
+    examples = sentence_behaviour_examples(data, args.examples_per_task, history_length, seed=args.seed)
+    source = {"prepared": str(data.root), "split": "train", "history_length": history_length,
+              "examples": args.examples_per_task, "seed": args.seed}
+    out = finetune_sentence_encoder(
+        args.base_model, examples, args.output, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size or defaults.batch_size, learning_rate=args.lr or defaults.learning_rate,
+        temperature=args.temperature or defaults.temperature, device=args.device, seed=args.seed, source=source,
+    )
+    print(f"wrote stage-1 sentence encoder {out} (use it with: merlin-molar embed-items --encoder {out})")
 
 
 def cmd_train(args):
@@ -296,16 +325,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the model ranking only its trained catalogue, uncalibrated and content-only variants")
     p.add_argument("--output", help="write the metrics as JSON here")
 
-    p = add("finetune-items", cmd_finetune_items, "MIRM stage 1: fine-tune the item encoder (LoRA or full)")
+    p = add("finetune-items", cmd_finetune_items,
+            "MIRM stage 1: fine-tune the item encoder on the training split (LLM/VLM: generative mixture, LoRA "
+            "or full; sentence encoder, the default: contrastive history -> next item)")
     p.add_argument("--prepared", required=True)
-    p.add_argument("--base-model", required=True, help="local path or hub id of a VLM or text LLM")
-    p.add_argument("--output", required=True)
-    p.add_argument("--method", default="lora", choices=["lora", "full"])
-    p.add_argument("--examples-per-task", type=int, default=10_000)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--base-model", help="local path or hub id of a VLM, a text LLM or a sentence-transformers "
+                   "model (default: the packaged all-MiniLM-L6-v2); a sentence encoder is trained contrastively: "
+                   "the text of a user's last --history-length training items (newest last) against the next "
+                   "item's text, in-batch negatives, every weight trained")
+    p.add_argument("--output", required=True, help="model directory to write (then `embed-items --encoder` it)")
+    p.add_argument("--method", choices=["lora", "full"],
+                   help="LLM/VLM: lora (default) or full; a sentence encoder is always trained fully")
+    p.add_argument("--examples-per-task", type=int, default=10_000,
+                   help="examples per stage-1 task (a sentence encoder has one task: history -> next item)")
+    p.add_argument("--history-length", type=int,
+                   help="items of history per behaviour example (default: 10 for an LLM, 3 for a sentence encoder)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the examples (unless --max-steps)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, help="default: 8 for an LLM, 32 for a sentence encoder (the "
+                   "other examples of a batch are its negatives)")
+    p.add_argument("--lr", type=float, help="default: 1e-4 for an LLM, 5e-5 for a sentence encoder")
+    p.add_argument("--temperature", type=float, help="sentence encoder: InfoNCE temperature (default 0.05)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = add("train", cmd_train, "train SASRec, GRU4Rec or Molar with the Transformers4Rec Trainer, then evaluate")
     p.add_argument("--prepared", required=True)

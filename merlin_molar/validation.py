@@ -45,8 +45,10 @@ RULES = {
     "shard_index": ("--shard-index", lambda v: v >= 0, "must be 0 or more"),
     "examples_per_task": ("--examples-per-task", lambda v: v >= 1, "must be at least 1"),
     "max_steps": ("--max-steps", lambda v: v >= 1, "must be at least 1"),
+    "history_length": ("--history-length", lambda v: v >= 1, "must be at least 1"),
+    "temperature": ("--temperature", lambda v: _finite(v) and v > 0, "must be greater than 0"),
 }
-INTEGER_OPTIONS = set(RULES) - {"epochs", "lr"}
+INTEGER_OPTIONS = set(RULES) - {"epochs", "lr", "temperature"}
 # dest -> option, for the options that name a directory the command writes
 OUTPUTS = {"output": "--output", "repository": "--repository", "workdir": "--workdir"}
 MODEL_PATHS = {"encoder": "--encoder", "base_model": "--base-model"}
@@ -311,13 +313,12 @@ def check_command(args) -> None:
     model_dir = getattr(args, "model_dir", None)
     if model_dir is not None:
         check_existing(model_dir, "--model-dir", "molar_model.json")
-    if command == "finetune-items" and Path(os.path.expanduser(str(args.base_model))).exists():
+    if command == "finetune-items" and (args.base_model is None or
+                                        Path(os.path.expanduser(str(args.base_model))).exists()):
         from merlin_molar.items.encoders import detect_kind
 
-        with loading("--base-model", args.base_model):
-            kind = detect_kind(args.base_model)
-        if kind not in ("vlm", "text-llm"):
-            raise MolarDataError("--base-model", f"{args.base_model} is a {kind} model: stage 1 needs a VLM or LLM")
+        with loading("--base-model", args.base_model or "the default encoder"):
+            check_stage1_options(args, detect_kind(args.base_model))
     if command == "embed-items" and not args.output:
         check_writable_dir(Path(os.path.expanduser(str(args.prepared))) / "item_table", "--prepared")
     if command == "train":
@@ -330,6 +331,19 @@ def check_command(args) -> None:
         for n, history in enumerate(args.history):
             if not [h for h in str(history).split(",") if h.strip()]:
                 raise MolarDataError("--history", f"history {n} is empty: give comma-separated raw item ids")
+
+
+def check_stage1_options(args, kind: str) -> None:
+    """``finetune-items`` options that only one kind of base model takes."""
+    if kind == "sentence":
+        if args.method == "lora":
+            raise MolarDataError("--method", "lora is for LLM/VLM backbones; a sentence encoder is trained fully")
+        if args.batch_size is not None and args.batch_size < 2:
+            raise MolarDataError("--batch-size", f"must be at least 2 for a sentence encoder (in-batch negatives), "
+                                                 f"got {args.batch_size}")
+    elif args.temperature is not None:
+        raise MolarDataError("--temperature", f"applies to a sentence-encoder base model only; "
+                                              f"{args.base_model} is a {kind} model")
 
 
 def check_checkpoint(checkpoint) -> None:

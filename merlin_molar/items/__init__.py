@@ -6,7 +6,7 @@ built.
     >>> from merlin_molar.data import load_prepared
     >>> from merlin_molar.items import build_encoder, embed_catalogue, load_item_table
     >>> prepared = load_prepared("/tmp/p1m")                                  # doctest: +SKIP
-    >>> encoder = build_encoder()  # packaged all-MiniLM-L6-v2; or a Qwen2-VL path / finetune() output
+    >>> encoder = build_encoder()  # packaged all-MiniLM-L6-v2; or a Qwen2-VL path / a stage-1 output
     >>> embed_catalogue(prepared, encoder, "/tmp/p1m/item_table")              # doctest: +SKIP
     >>> table = load_item_table("/tmp/p1m/item_table", prepared)  # torch [item_cardinality, dim]
 """
@@ -29,12 +29,16 @@ from merlin_molar.items.prompts import (  # noqa: F401
 )
 from merlin_molar.items.stage1 import (  # noqa: F401
     STAGE1_TASKS,
+    SentenceStage1Config,
     Stage1Config,
     Stage1Example,
     attribute_description_examples,
+    behaviour_windows,
     build_stage1_mixture,
     finetune,
+    finetune_sentence_encoder,
     image_description_examples,
+    sentence_behaviour_examples,
     user_behaviour_examples,
 )
 from merlin_molar.items.table import (  # noqa: F401

@@ -151,6 +151,7 @@ class SentenceEncoder(ItemEncoder):
             self.model.max_seq_length = max_seq_length
         self.model.eval()
         self.dim = int(self.model.get_embedding_dimension())
+        self.stage1 = read_stage1_meta(self.name_or_path)
         self._torch = torch
 
     def _texts(self, items: Sequence[ItemContent]) -> List[str]:
@@ -172,7 +173,7 @@ class SentenceEncoder(ItemEncoder):
         return EncodedBatch(np.asarray(emb, dtype=np.float32), batch.used_image)
 
     def describe(self) -> Dict[str, object]:
-        return {
+        described = {
             "kind": self.kind,
             "name_or_path": self.name_or_path,
             "dim": self.dim,
@@ -181,6 +182,9 @@ class SentenceEncoder(ItemEncoder):
             "pooling": "sentence-transformers modules (mean pooling + normalize for all-MiniLM-L6-v2)",
             "prompts": self.prompts.describe(),
         }
+        if self.stage1 is not None:  # a stage-1 output (finetune_sentence_encoder): say what it was tuned from
+            described.update(base_model=self.stage1.get("base_model"), stage1=self.stage1)
+        return described
 
 
 def add_cur_item_token(tokenizer, model) -> int:
