@@ -311,6 +311,19 @@ class Stage1Config:
         self.target_modules = tuple(self.target_modules)
 
 
+def _shuffled_batches(examples: Sequence, batch_size: int, seed: int, full_only: bool = False):
+    """Endless batches of ``examples``: a fresh seeded permutation per pass (``full_only`` drops each pass's
+    short last batch)."""
+    import torch
+
+    order = torch.Generator().manual_seed(seed)
+    last_start = len(examples) - batch_size + 1 if full_only else len(examples)
+    while True:
+        perm = torch.randperm(len(examples), generator=order).tolist()
+        for start in range(0, last_start, batch_size):
+            yield [examples[i] for i in perm[start : start + batch_size]]
+
+
 def finetune(
     base_model,
     examples: Sequence[Stage1Example],
@@ -381,16 +394,8 @@ def finetune(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=c.learning_rate, weight_decay=c.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * total_steps), total_steps)
-    order = torch.Generator().manual_seed(c.seed)
-
-    def batches():
-        while True:
-            perm = torch.randperm(len(examples), generator=order).tolist()
-            for start in range(0, len(perm), c.batch_size):
-                yield [examples[i] for i in perm[start : start + c.batch_size]]
-
     losses: List[float] = []
-    stream = batches()
+    stream = _shuffled_batches(examples, c.batch_size, c.seed)
     started = time.perf_counter()
     desc = f"stage-1 {c.method} ({c.kind})"
     with progress_bar(total=total_steps, desc=desc, unit="step", disable=not progress) as bar:
@@ -407,7 +412,7 @@ def finetune(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)  # a log file gets a line per tenth only
             bar.update(1)
 
     model.eval()
@@ -604,16 +609,9 @@ def finetune_sentence_encoder(
     total_steps = c.max_steps or max(1, math.ceil(steps_per_epoch * c.epochs))
     optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(c.warmup_ratio * total_steps), total_steps)
-    order = torch.Generator().manual_seed(c.seed)
-
-    def batches():  # full batches only: a short last batch would have too few negatives
-        while True:
-            perm = torch.randperm(len(examples), generator=order).tolist()
-            for start in range(0, len(perm) - batch_size + 1, batch_size):
-                yield [examples[i] for i in perm[start : start + batch_size]]
-
     losses: List[float] = []
-    stream = batches()
+    # full batches only: a short last batch would have too few negatives
+    stream = _shuffled_batches(examples, batch_size, c.seed, full_only=True)
     started = time.perf_counter()
     with progress_bar(total=total_steps, desc="stage-1 contrastive (sentence)", unit="step",
                       disable=not progress) as bar:
