@@ -57,8 +57,8 @@ def export_triton(
     cores: one instance per core with 1 thread each is the default advice for batch-1 traffic.
     ``pin_cores``: each instance binds itself to one core of those the server may use (instance ``i`` to the
     ``i``-th, modulo their number), so that its tables stay in that core's cache. On the 2-core machines here
-    an unpinned instance's step took 0.9-1.9 ms in the server against 0.9 ms in-process, moving with the
-    core it ran on; pinned, 1.2-1.4 ms (``benchmarks/results/serving_load.json``). Leave it off where other
+    it took the served-minus-in-process p50 from 1.63 ms to 1.07 ms in one quiet window
+    (``benchmarks/results/serving_load_unpinned.json`` and ``serving_load.json``). Leave it off where other
     work shares the server's cores.
 
     In NVIDIA's Merlin/Triton containers install this package into the container's Python and start
