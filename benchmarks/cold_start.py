@@ -20,8 +20,10 @@ One run, one split:
    ``molar_old_catalogue`` (the same model, new items not added: it cannot rank them),
    ``content_knn`` (cosine of the MIRM vectors to the last history item), ``popularity`` (training
    interaction counts, 0 for new items), ``random``; plus ``molar_content_scale`` (new items scored by the
-   content log-softmax alone, no calibration) and ``molar_content_tower`` (content scores only,
-   id_weight 0) to show what the calibration and the ID branch contribute.
+   content log-softmax alone, no calibration), ``molar_content_tower`` (content scores only,
+   id_weight 0) and ``molar_actual_budget`` (the prior read from the added items' own validation warm cost,
+   ``estimate_new_item_prior(rule="actual_budget")``) to show what the calibration, the ID branch and the
+   prior's rule contribute.
 
 Writes benchmarks/results/<name>.json with a top-level ``summary`` {variant: {cold: {...}, warm: {...}}},
 the targets and whether they were met, the exact command and the machine.
@@ -204,6 +206,14 @@ def main(argv=None):
             "warm_users": results["molar"]["warm"]["users"],
         },
     }
+    if "molar_actual_budget" in s:  # the same targets at the offset the added items' own warm cost gives
+        actual = s["molar_actual_budget"]
+        targets["with_rule_actual_budget"] = {
+            "prior": details["new_item_prior_estimate"]["by_rule"]["actual_budget"],
+            "cold_recall@10_ratio_vs_content_knn": actual["cold"]["recall@10"] / knn_cold if knn_cold else None,
+            "hits@10": results["molar_actual_budget"]["cold"]["hits@10"],
+            "warm_ndcg@10_cost": 1 - actual["warm"]["ndcg@10"] / old_warm if old_warm else None,
+        }
     for name, v in targets.items():
         print(f"{name}: {v}")
     out = {

@@ -164,7 +164,7 @@ def extend_saved_model(
     if new_item_prior == "auto":
         from merlin_molar.cold_start import estimate_new_item_prior
 
-        estimate = estimate_new_item_prior(model, prepared, new_item_scoring=new_item_scoring)
+        estimate = estimate_new_item_prior(model, prepared, new_item_scoring=new_item_scoring, item_table=table)
         new_item_prior = estimate["prior"]
     new_item_prior = float(new_item_prior or 0.0)
     catalogue = prepared.manifest.get("catalogue", {})

@@ -271,8 +271,12 @@ def test_trained_model_scores_new_items_without_retraining(cold, adaptor):
     torch.testing.assert_close(diff, diff[:, :1].expand_as(diff), atol=1e-4, rtol=0)
     # new items get finite scores on the same scale: some rank in the top 10, not all of it
     assert torch.isfinite(after[:, n_old:]).all()
-    if adaptor == "linear":  # where this seeded, untrained model puts them: some in the top 10, not all
-        top = torch.topk(after, 10, dim=1).indices
+    if adaptor == "linear":  # calibrated (no prior), this seeded untrained model puts some in the top 10, not all
+        task = extended.heads[0].prediction_task_dict["next-item"]
+        prior, task.new_item_prior = task.new_item_prior, 0.0
+        with torch.no_grad():
+            top = torch.topk(extended({"item_id-list": histories}), 10, dim=1).indices
+        task.new_item_prior = prior
         share = float((top >= n_old).float().mean())
         assert 0 < share < 1
     # a history holding a new item: the content tower reads it, the ID branch sees OOV
@@ -453,6 +457,49 @@ def test_new_item_prior_follows_how_often_the_pseudo_new_items_are_targets(cold)
     assert low["validation_targets_pseudo_new"] == 0
     with pytest.raises(MolarDataError, match="trained item ids"):
         estimate_new_item_prior(model, cold, pseudo_new=[table.size(0)])
+
+
+def test_actual_budget_rule_reads_the_added_items_own_warm_cost(cold):
+    """With the added items in the catalogue, ``rule="actual_budget"`` reads their own warm cost on the
+    validation split (all of whose targets are known items), not the pseudo-new simulation's; the model passed
+    in is untouched."""
+    from merlin_molar.cold_start import PRIOR_GRID, estimate_new_item_prior, model_scorer
+    from merlin_molar.evaluation import mask_seen_items, reference_metrics
+
+    table = load_item_table(cold.root / "item_table", cold)
+    model = tiny_molar(cold, table)
+    before = estimate_new_item_prior(model, cold)
+    assert "actual_new_items" not in before and "actual_budget" not in before["by_rule"]
+    with pytest.raises(ValueError, match="rule"):
+        estimate_new_item_prior(model, cold, rule="actual_budget")
+    add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
+    prepared = load_prepared(cold.root)
+    estimate = estimate_new_item_prior(model, prepared)
+    task = model.heads[0].prediction_task_dict["next-item"]
+    assert not hasattr(task, "known_items")  # estimated on a copy
+    assert estimate["prior"] == before["prior"]  # the default rule still reads the simulation, unchanged
+    actual = estimate["actual_new_items"]
+    assert actual["new_items"] == prepared.item_cardinality - table.size(0) > 0
+    curve = actual["curve"]
+    assert [c["prior"] for c in curve] == sorted(PRIOR_GRID)
+    within = [c["prior"] for c in curve if c["warm_cost"] <= 0.02 + 1e-12]
+    assert estimate["by_rule"]["actual_budget"] == (max(within) if within else min(PRIOR_GRID))
+    assert estimate_new_item_prior(model, prepared, rule="actual_budget")["prior"] == estimate["by_rule"][
+        "actual_budget"]
+    warm = [c["warm_ndcg@10"] for c in curve]
+    assert all(a >= b - 1e-9 for a, b in zip(warm, warm[1:]))
+    shares = [c["new_item_share@10"] for c in curve]
+    assert shares == sorted(shares) and shares[0] < shares[-1]
+    # the reference: the untouched model's validation NDCG@10 over the known items
+    sequences = [np.asarray(v, dtype=np.int64) for v in prepared.split_frame("valid")[ITEM_SEQUENCE]]
+    histories = torch.zeros(len(sequences), prepared.max_length, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        histories[i, : len(seq) - 1] = torch.from_numpy(seq[:-1][-prepared.max_length:])
+    targets = torch.tensor([int(seq[-1]) for seq in sequences])
+    scores = mask_seen_items(model_scorer(model, table.size(0))(histories), histories, targets)
+    expected = float(reference_metrics(scores, targets, (10,))["ndcg_at_10"].mean())
+    assert actual["validation_ndcg@10_known_items_only"] == pytest.approx(expected, abs=1e-6)
+    assert expected > 0
 
 
 def test_prior_is_saved_with_the_extended_model_and_scored_alike_by_task_lean_and_recommend(cold, tmp_path):
