@@ -254,8 +254,9 @@ def _add_train_options(p):
     p.add_argument("--epochs", type=float, default=d.epochs,
                    help="maximum number of epochs (early stopping on validation NDCG@10 decides)")
     p.add_argument("--patience", type=int, default=d.early_stopping_patience,
-                   help="stop after N epochs without a better validation NDCG@10 and keep the best epoch's "
-                   "weights (0: no early stopping, train --epochs and keep the last weights)")
+                   help="stop after N epochs without a better validation NDCG@10, but not before 400 "
+                   "optimizer steps, and keep the best epoch's weights (0: no early stopping, train --epochs and "
+                   "keep the last weights)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.learning_rate)
     p.add_argument("--seed", type=int, default=d.seed)

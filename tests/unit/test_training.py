@@ -74,9 +74,10 @@ def test_inference_returns_top_k_without_history(trained, tiny_prepared):
     assert isinstance(model, tr.Model)
 
 
-def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_prepared, tmp_path):
+def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_prepared, tmp_path, monkeypatch):
     from merlin_molar.pipeline import train
 
+    monkeypatch.setattr("merlin_molar.training.EARLY_STOPPING_MIN_STEPS", 0)  # patience alone decides
     config = TrainConfig(epochs=40, early_stopping_patience=2, batch_size=64, learning_rate=0.02, logging_steps=1000)
     result = train(tiny_prepared, "sasrec", tmp_path / "run", {"d_model": 16, "n_layers": 1}, config)
     curve = [(h["epoch"], h["eval_/next-item/ndcg_at_10"]) for h in result["log_history"]
@@ -86,3 +87,29 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_prepared, tmp_path):
     assert curve[-1][0] - best_epoch == 2  # stopped after `patience` epochs without improvement
     assert result["best_epoch"] == best_epoch
     assert result["valid"]["ndcg@10"] == pytest.approx(best, abs=1e-6)  # the best epoch's weights were restored
+
+
+def test_early_stopping_does_not_stop_before_its_minimum_number_of_steps(tiny_prepared, tmp_path, monkeypatch):
+    """Patience counts epochs; a dataset with few steps per epoch still trains at least
+    ``EARLY_STOPPING_MIN_STEPS`` steps, then stops at the first epoch whose last ``patience`` brought nothing."""
+    from merlin_molar.pipeline import train
+
+    config = TrainConfig(epochs=40, early_stopping_patience=2, batch_size=64, learning_rate=0.02, logging_steps=1000)
+
+    def run(name, min_steps):
+        monkeypatch.setattr("merlin_molar.training.EARLY_STOPPING_MIN_STEPS", min_steps)
+        result = train(tiny_prepared, "sasrec", tmp_path / name, {"d_model": 16, "n_layers": 1}, config)
+        return [(h["epoch"], h["step"], h["eval_/next-item/ndcg_at_10"]) for h in result["log_history"]
+                if "eval_/next-item/ndcg_at_10" in h], result
+
+    free, _ = run("free", 0)
+    steps_per_epoch = free[0][1]
+    floor = free[-1][1] + 3 * steps_per_epoch  # past where patience alone stopped
+    curve, result = run("floor", floor)
+    assert curve[-1][0] < 40, "early stopping never stopped"
+    assert curve[-1][1] >= floor  # not before the minimum
+    if curve[-2][1] >= floor:  # an epoch past the minimum that did not stop: one of its last 2 epochs improved
+        assert max(c[2] for c in curve[-3:-1]) > max(c[2] for c in curve[:-3])
+    best_epoch, best = max(((c[0], c[2]) for c in curve), key=lambda c: c[1])
+    assert curve[-1][0] - best_epoch >= 2
+    assert result["valid"]["ndcg@10"] == pytest.approx(best, abs=1e-6)
