@@ -303,8 +303,8 @@ def estimate_new_item_prior(
     Adding new items is a trade: every top-10 slot they take is taken from a warm item, and the requirement
     states how much warm accuracy it is worth; within that budget new items get as much reach as possible.
     Each warm user's NDCG@10 can only fall as ``b`` grows (raising other items never lifts their target), so
-    the rule is monotone and stable. ``rule="ndcg"``: the ``b`` with the best NDCG@10 over all users (ties to the ``b``
-    closest to 0). It weighs fresh and other targets by how often each occurs, which is the right objective
+    the rule is monotone and stable. ``rule="ndcg"``: the ``b`` with the best NDCG@10 over all users (ties to
+    the ``b`` closest to 0). It weighs fresh and other targets by how often each occurs, which is the right objective
     for the mean metric but, with few fresh targets, a flat and noisy curve; on MovieLens-100K it drove new
     items out of every top-10. Every choice is recorded (``by_rule``), with the whole curves.
 
@@ -423,10 +423,10 @@ def _actual_new_items_curve(model, prepared, item_table, grid, new_item_scoring,
     """The warm cost of the items added after training, for every offset of ``grid``, on the validation
     split (whose targets are all known items): ``None`` when ``prepared``'s catalogue has no such items.
 
-    A copy of ``model`` is extended with the catalogue's table and scores the validation histories as they are
-    (new items are in nobody's history); each offset's NDCG@10 is compared with the same scores ranking only the known
-    items, which is what the model did before the extension (the known items' fused scores move by one
-    constant per user when items are added)."""
+    A copy of ``model`` is extended with the catalogue's table and scores the validation histories as they
+    are (new items are in nobody's history); each offset's NDCG@10 is compared with the same scores ranking
+    only the known items, which is what the model did before the extension (the known items' fused scores
+    move by one constant per user when items are added)."""
     import copy
 
     from merlin_molar.data.workflow import ITEM_SEQUENCE
@@ -648,8 +648,8 @@ def cold_start_evaluation(
     model ranking only the items it was trained on), ``molar_content_scale`` (new items scored by the content
     log-softmax alone, no calibration), ``molar_no_prior`` (calibrated, without the new-item prior) and
     ``molar_content_tower`` (content scores only, ``id_weight`` 0), and, when the prior is estimated here,
-    ``molar_actual_budget`` (the offset ``rule="actual_budget"`` chooses). A model saved before items were added is
-    extended here with ``new_item_prior`` (``"auto"``: :func:`estimate_new_item_prior`, on validation data);
+    ``molar_actual_budget`` (the offset ``rule="actual_budget"`` chooses). A model saved before items were
+    added is extended here with ``new_item_prior`` (``"auto"``: :func:`estimate_new_item_prior`, on validation data);
     an extended model (``extend-model``) keeps the prior saved with it. ``details`` (a dict), when given,
     receives ``known_items``, ``new_item_prior`` and the estimate. ``items`` ranks only the first ``items``
     ids (the catalogue as it was at an earlier version: ids are appended, never moved). Each group reports
