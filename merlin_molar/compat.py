@@ -81,9 +81,18 @@ def _patch_trainer() -> None:
         log._merlin_molar_compat = True
         T4RecTrainer.log = log
 
+    # transformers 4.41 (stateful callbacks): _save_checkpoint looks up every current stateful callback by
+    # class name in the state loaded from the checkpoint it resumed from, so a run resumed with a callback
+    # that checkpoint did not have (one written by an older merlin-molar, whose early stopping was Hugging
+    # Face's own class) dies with a KeyError at its first save. Such a callback starts a fresh entry instead.
     if "_save_checkpoint" not in vars(T4RecTrainer):
 
         def _save_checkpoint(self, model, trial, metrics=None):
+            from transformers.trainer_callback import ExportableState
+
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, ExportableState):
+                    self.state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
             return HFTrainer._save_checkpoint(self, model, trial)
 
         T4RecTrainer._save_checkpoint = _save_checkpoint

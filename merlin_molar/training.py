@@ -102,9 +102,15 @@ class EarlyStoppingAfter(EarlyStoppingCallback):
     a run before ``min_steps`` optimizer steps: at the first evaluation from then on, it stops if the last
     ``patience`` evaluations brought no improvement."""
 
-    def __init__(self, patience: int, min_steps: Optional[int] = None):
-        super().__init__(early_stopping_patience=patience)
+    def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0,
+                 min_steps: Optional[int] = None):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
         self.min_steps = EARLY_STOPPING_MIN_STEPS if min_steps is None else min_steps
+
+    def state(self) -> dict:  # what Hugging Face saves in a checkpoint and rebuilds the callback from
+        saved = super().state()
+        saved["args"]["min_steps"] = self.min_steps
+        return saved
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
         super().on_evaluate(args, state, control, metrics, **kwargs)

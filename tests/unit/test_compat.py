@@ -44,3 +44,36 @@ def test_trainer_signatures_match_the_modern_hf_trainer():
     if TRANSFORMERS >= Version("4.47"):
         inspect.signature(T4RecTrainer.log).bind(None, {}, 0.0)
         inspect.signature(T4RecTrainer._save_checkpoint).bind(None, None, trial=None, metrics=None)
+
+
+def test_a_run_resumes_from_a_checkpoint_written_with_other_stateful_callbacks(tiny_prepared, tmp_path):
+    """transformers >= 4.41 looks every current stateful callback up in the resumed checkpoint's state and
+    raised KeyError at the first save for one the checkpoint did not have (a checkpoint of an older
+    merlin-molar, written with Hugging Face's own EarlyStoppingCallback)."""
+    import json
+
+    import torch
+
+    from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
+    from merlin_molar.training import EarlyStoppingAfter, TrainConfig, make_trainer
+
+    def trainer(epochs):
+        torch.manual_seed(0)
+        model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
+        config = TrainConfig(epochs=epochs, early_stopping_patience=5, batch_size=64, logging_steps=1000)
+        return make_trainer(model, tiny_prepared, tmp_path, config)
+
+    trainer(1).train()
+    (checkpoint,) = tmp_path.glob("checkpoint-*")
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    callbacks = state["stateful_callbacks"]
+    assert callbacks["EarlyStoppingAfter"]["args"]["min_steps"] == EarlyStoppingAfter().min_steps
+    callbacks["EarlyStoppingCallback"] = callbacks.pop("EarlyStoppingAfter")  # as an older version wrote it
+    state_file.write_text(json.dumps(state))
+    resumed = trainer(2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))  # KeyError: 'EarlyStoppingAfter' without the override
+    assert resumed.state.epoch == 2
+    (latest,) = [c for c in tmp_path.glob("checkpoint-*") if c != checkpoint] or [checkpoint]
+    saved = json.loads((latest / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert "EarlyStoppingAfter" in saved
