@@ -93,6 +93,9 @@ def training_arguments(output_dir, config: TrainConfig, max_length: int) -> T4Re
             load_best_model_at_end=True,
             metric_for_best_model=BEST_MODEL_METRIC,
             greater_is_better=True,
+            # a resumed run keeps counting patience where the checkpoint left off, so it stops at the epoch
+            # the uninterrupted run would have (Hugging Face's default restarts the count at 0)
+            restore_callback_states_from_checkpoint=True,
         )
     return T4RecTrainingArguments(**{**defaults, **config.extra})
 

@@ -113,3 +113,43 @@ def test_early_stopping_does_not_stop_before_its_minimum_number_of_steps(tiny_pr
     best_epoch, best = max(((c[0], c[2]) for c in curve), key=lambda c: c[1])
     assert curve[-1][0] - best_epoch >= 2
     assert result["valid"]["ndcg@10"] == pytest.approx(best, abs=1e-6)
+
+
+def test_a_resumed_run_keeps_its_early_stopping_count(tiny_prepared, tmp_path):
+    """The patience count and the step floor come back from the checkpoint, so a resumed run stops where the
+    uninterrupted one would have."""
+    import json
+
+    from transformers import TrainerCallback
+
+    from merlin_molar.training import EarlyStoppingAfter
+
+    class Interrupted(Exception):
+        pass
+
+    class InterruptAfterEpoch4(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.epoch >= 4:
+                raise Interrupted
+
+    def trainer():
+        torch.manual_seed(0)
+        model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
+        config = TrainConfig(epochs=6, early_stopping_patience=50, batch_size=64, learning_rate=0.0,
+                             logging_steps=1000)
+        return make_trainer(model, tiny_prepared, tmp_path, config)
+
+    first = trainer()
+    first.add_callback(InterruptAfterEpoch4())
+    with pytest.raises(Interrupted):
+        first.train()
+    (stopper,) = [c for c in first.callback_handler.callbacks if isinstance(c, EarlyStoppingAfter)]
+    assert stopper.early_stopping_patience_counter == 3  # lr 0: no epoch after the first improves
+    last = max(tmp_path.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    saved = json.loads((last / "trainer_state.json").read_text())["stateful_callbacks"]["EarlyStoppingAfter"]
+    assert saved["attributes"]["early_stopping_patience_counter"] == 3
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(last))
+    (restored,) = [c for c in resumed.callback_handler.callbacks if isinstance(c, EarlyStoppingAfter)]
+    assert restored.early_stopping_patience_counter == 5  # 3 from the checkpoint, then epochs 5 and 6
+    assert restored.min_steps == stopper.min_steps
