@@ -116,9 +116,10 @@ class EarlyStoppingAfter(EarlyStoppingCallback):
         return saved
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
+        stop_already_requested = control.should_training_stop  # e.g. max_steps reached: never cancelled here
         super().on_evaluate(args, state, control, metrics, **kwargs)
         if state.global_step < self.min_steps:
-            control.should_training_stop = False
+            control.should_training_stop = stop_already_requested
 
 
 class EpochSeed:

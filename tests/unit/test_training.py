@@ -153,3 +153,25 @@ def test_a_resumed_run_keeps_its_early_stopping_count(tiny_prepared, tmp_path):
     (restored,) = [c for c in resumed.callback_handler.callbacks if isinstance(c, EarlyStoppingAfter)]
     assert restored.early_stopping_patience_counter == 5  # 3 from the checkpoint, then epochs 5 and 6
     assert restored.min_steps == stopper.min_steps
+
+
+def test_the_step_floor_holds_back_only_its_own_stop():
+    """Before ``min_steps`` the callback withdraws its own patience stop, never one another part of the Trainer
+    asked for (the end of ``max_steps``)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from merlin_molar.training import BEST_MODEL_METRIC, EarlyStoppingAfter
+
+    args = TrainingArguments(output_dir="unused", eval_strategy="epoch", load_best_model_at_end=True,
+                             metric_for_best_model=BEST_MODEL_METRIC, save_strategy="epoch", report_to=[])
+    stopper = EarlyStoppingAfter(1, min_steps=100)
+    state = TrainerState(global_step=10, best_metric=0.5)
+    for requested_before in (False, True):
+        control = TrainerControl(should_training_stop=requested_before)
+        stopper.on_evaluate(args, state, control, {f"eval_{BEST_MODEL_METRIC}": 0.1})  # no improvement
+        assert stopper.early_stopping_patience_counter >= 1
+        assert control.should_training_stop is requested_before
+    state.global_step = 100
+    control = TrainerControl()
+    stopper.on_evaluate(args, state, control, {f"eval_{BEST_MODEL_METRIC}": 0.1})
+    assert control.should_training_stop  # from the floor on, patience decides
