@@ -197,6 +197,20 @@ PSEUDO_NEW_FRACTION = 0.1
 WARM_COST_BUDGET = 0.02  # the warm NDCG@10 the cold-start requirement allows new items to cost
 
 
+def _histories_and_targets(sequences, length: int, drop: np.ndarray = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(histories [users, length] left-aligned, right-padded with 0; targets [users])`` of whole sequences
+    (the last item is the target), each history keeping its last ``length`` items; ``drop``: a boolean mask
+    over item ids whose items are taken out of the histories first."""
+    histories = torch.zeros(len(sequences), length, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        h = np.asarray(seq[:-1], dtype=np.int64)
+        if drop is not None:
+            h = h[~drop[h]]
+        h = np.array(h[-length:])
+        histories[i, : len(h)] = torch.from_numpy(h)
+    return histories, torch.tensor([int(seq[-1]) for seq in sequences])
+
+
 def item_arrival_order(prepared, raw=None) -> np.ndarray:
     """Encoded ids of the trained (known) items, in order of their first interaction before the test:
     every user's interactions but the last (the test target; the validation target is the last one kept),
@@ -333,13 +347,7 @@ def estimate_new_item_prior(
 
     valid = prepared.split_frame("valid").sort_values("user_id")
     sequences = [np.asarray(v, dtype=np.int64) for v in valid[ITEM_SEQUENCE]]
-    length = prepared.max_length
-    histories = torch.zeros(len(sequences), length, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        h = seq[:-1]
-        h = h[~is_new[h]][-length:]  # a new item is in nobody's history
-        histories[i, : len(h)] = torch.from_numpy(h)
-    targets = torch.tensor([int(seq[-1]) for seq in sequences])
+    histories, targets = _histories_and_targets(sequences, prepared.max_length, drop=is_new)  # new: in no history
     grid = sorted({float(b) for b in grid})
     ndcg_all, ndcg_warm, recall_new, share = (np.zeros(len(grid)) for _ in range(4))
     ndcg_warm_without = 0.0  # the warm users' NDCG@10 when the pseudo-new items are not ranked at all
@@ -444,11 +452,7 @@ def _actual_new_items_curve(model, prepared, item_table, grid, new_item_scoring,
     score = model_scorer(extended, width)
     new_col = torch.arange(width) >= known
     sequences = [np.asarray(v, dtype=np.int64) for v in prepared.split_frame("valid")[ITEM_SEQUENCE]]
-    histories = torch.zeros(len(sequences), prepared.max_length, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        h = seq[:-1][-prepared.max_length:]
-        histories[i, : len(h)] = torch.from_numpy(h)
-    targets = torch.tensor([int(seq[-1]) for seq in sequences])
+    histories, targets = _histories_and_targets(sequences, prepared.max_length)
     loss = np.zeros((len(grid), len(targets)))  # each validation user's NDCG@10 lost to the new items
     share = np.zeros(len(grid))
     ndcg_without = np.zeros(len(targets))
@@ -511,12 +515,7 @@ def cold_test_split(prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         is_cold[i] = True
     if (np.array([s[-1] for s in sequences]) == OOV_ID).any():
         raise MolarDataError(prepared.root / "test", "a test target is out of vocabulary but not a cold item")
-    length = prepared.max_length
-    histories = torch.zeros(len(sequences), length, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        h = np.array(s[:-1][-length:])
-        histories[i, : len(h)] = torch.from_numpy(h)
-    targets = torch.tensor([int(s[-1]) for s in sequences])
+    histories, targets = _histories_and_targets(sequences, prepared.max_length)
     return histories, targets, torch.from_numpy(is_cold)
 
 
