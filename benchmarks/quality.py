@@ -153,6 +153,22 @@ def summarise(runs: dict, baseline: dict = None) -> dict:
     return summary
 
 
+def bf16_over_fp32(runs: dict, fp32_runs_dir: Path) -> dict:
+    """Each bf16 run's test NDCG@10 over the fp32 run of the same variant and seed (where that one is finished):
+    {variant: {"seeds": [...], "fp32_test_ndcg@10": {mean, std}, "ratio": {mean, std, per_seed}}}."""
+    out = {}
+    for variant, by_seed in runs.items():
+        fp32 = {s: read_json(fp32_runs_dir / f"{variant}-seed{s}" / "metrics.json") for s in sorted(by_seed)
+                if (fp32_runs_dir / f"{variant}-seed{s}" / "metrics.json").exists()}
+        if fp32:
+            ratios = {s: by_seed[s]["test"]["ndcg@10"] / fp32[s]["test"]["ndcg@10"] for s in fp32}
+            out[variant] = {"seeds": sorted(fp32),
+                            "fp32_test_ndcg@10": mean_std([fp32[s]["test"]["ndcg@10"] for s in fp32]),
+                            "bf16_test_ndcg@10": mean_std([by_seed[s]["test"]["ndcg@10"] for s in fp32]),
+                            "ratio": {**mean_std(list(ratios.values())), "per_seed": ratios}}
+    return out
+
+
 def markdown(dataset: str, summary: dict) -> str:
     lines = [
         f"### {dataset}: test metrics, mean ± std over seeds (each run early-stopped on valid NDCG@10)",
@@ -202,6 +218,9 @@ def parse_args(argv=None):
     p.add_argument("--max-epochs", type=float, default=TrainConfig.epochs, help="early stopping decides")
     p.add_argument("--max-length", type=int, help="override the dataset's maximum sequence length")
     p.add_argument("--suffix", default="", help="appended to the result file names")
+    p.add_argument("--bf16", action="store_true",
+                   help="train with bf16 autocast (runs under runs_L<length>_bf16); the result also pairs each run "
+                        "with the fp32 run of the same variant and seed, where that one is finished")
     p.add_argument("--summary-only", action="store_true",
                    help="only summarise finished runs of the work directory (no data preparation, no training)")
     return p.parse_args(argv)
@@ -219,7 +238,8 @@ def main(argv=None):
             DATASETS[dataset] = {**DATASETS[dataset], "max_length": args.max_length}
         start = time.perf_counter()
         info = machine()
-        runs_dir = args.workdir / dataset / f"runs_L{DATASETS[dataset]['max_length']}"
+        fp32_runs_dir = args.workdir / dataset / f"runs_L{DATASETS[dataset]['max_length']}"
+        runs_dir = fp32_runs_dir.with_name(fp32_runs_dir.name + "_bf16") if args.bf16 else fp32_runs_dir
         if args.summary_only:
             missing = [f"{v}-seed{s}" for s in seeds for v in variants
                        if not (runs_dir / f"{v}-seed{s}" / "metrics.json").exists()]
@@ -234,7 +254,7 @@ def main(argv=None):
         runs = {}
         for seed in seeds:
             for variant in variants:
-                config = TrainConfig(seed=seed, epochs=args.max_epochs, logging_steps=10_000)
+                config = TrainConfig(seed=seed, epochs=args.max_epochs, logging_steps=10_000, bf16=args.bf16)
                 run_dir = runs_dir / f"{variant}-seed{seed}"
                 runs.setdefault(variant, {})[seed] = run_one(prepared, item_table, variant, seed, run_dir, config)
                 r = runs[variant][seed]
@@ -255,10 +275,11 @@ def main(argv=None):
             "date": now(),
             "machine": {**info, "load_average_at_end": list(os.getloadavg())},
             "dataset": {"name": dataset, **DATASETS[dataset], "manifest": manifest},
-            "train_config": {**TrainConfig().__dict__, "epochs": args.max_epochs, "seed": seeds},
+            "train_config": {**TrainConfig().__dict__, "epochs": args.max_epochs, "seed": seeds, "bf16": args.bf16},
             "variants": {v: {"kind": VARIANTS[v][0], "options": VARIANTS[v][1], "id_branch_from": VARIANTS[v][2],
                              "id_branch_from_sasrec": VARIANTS[v][2] == "sasrec"} for v in variants},
             "summary": summary,
+            **({"bf16_over_fp32": bf16_over_fp32(runs, fp32_runs_dir)} if args.bf16 else {}),
             "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
             "wall_seconds": time.perf_counter() - start,
         })
