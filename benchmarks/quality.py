@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import statistics
 import sys
@@ -32,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is imported)
 from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
 
-from merlin_molar.data import prepare, read_dataset  # noqa: E402
+from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
+from merlin_molar.data.workflow import _fingerprint as data_fingerprint  # noqa: E402
+from merlin_molar.errors import MolarDataError  # noqa: E402
 from merlin_molar.data.readers import RawDataset  # noqa: E402
 from merlin_molar.io import read_json  # noqa: E402
 from merlin_molar.models.molar import MolarConfig  # noqa: E402
@@ -86,12 +89,32 @@ def last_n(raw: RawDataset, n: int) -> RawDataset:
 
 
 def prepared_dataset(name: str, data_root: Path, workdir: Path):
+    """The dataset's prepared directory and item table, made once: several quality.py processes (variants run
+    side by side, one per core) share them, so they are built under a lock and a finished one is reused.
+    Preparing again while another process trains from the directory would rewrite its files under it (and two
+    NVTabular fits into one ``.categories`` directory crash)."""
     spec = DATASETS[name]
     raw = read_dataset(data_root / spec["source"])
     if spec["last_n"]:
         raw = last_n(raw, spec["last_n"])
-    prepared = prepare(raw, workdir / name / f"prepared_L{spec['max_length']}", max_length=spec["max_length"])
-    return prepared, embed_item_table(prepared, batch_size=64)  # a finished table is reused
+    root = workdir / name / f"prepared_L{spec['max_length']}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        prepared = finished_prepare(root, raw, spec["max_length"]) or prepare(raw, root, max_length=spec["max_length"])
+        return prepared, embed_item_table(prepared, batch_size=64)  # a finished table is reused
+
+
+def finished_prepare(root: Path, raw, max_length: int):
+    """``root`` as :class:`PreparedData` when a finished ``prepare`` of this very data and length is there (same
+    interactions and item ids: the manifest's fingerprint), else None."""
+    try:
+        prepared = load_prepared(root)
+    except MolarDataError:
+        return None
+    m = prepared.manifest
+    same = (m.get("fingerprint"), m.get("max_length"), m.get("k_core"), m.get("cold_items"))
+    return prepared if same == (data_fingerprint(raw), max_length, 0, None) else None
 
 
 def run_one(prepared, table, variant: str, seed: int, run_dir: Path, config: TrainConfig) -> dict:

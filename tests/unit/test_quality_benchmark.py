@@ -53,3 +53,28 @@ def test_ratio_column_is_relative_to_sasrec(quality):
     assert alone["gru4rec"]["test_ndcg@10_ratio_to_sasrec"]["mean"] == pytest.approx(1.0)
     assert "test_ndcg@10_ratio_to_sasrec" not in quality.summarise({"gru4rec": runs["gru4rec"]})["gru4rec"]
     assert "| gru4rec | 2 |" in quality.markdown("d", summary)
+
+
+def test_a_finished_prepare_is_reused_only_for_the_same_data_and_length(quality, tiny_dir, tiny_prepared, tmp_path):
+    from merlin_molar.data import read_dataset
+
+    raw = read_dataset(tiny_dir)
+    assert quality.finished_prepare(tiny_prepared.root, raw, 20).root == tiny_prepared.root
+    assert quality.finished_prepare(tiny_prepared.root, raw, 10) is None  # another length
+    fewer = quality.RawDataset(raw.interactions.iloc[1:], raw.items, raw.source, list(raw.text_columns))
+    assert quality.finished_prepare(tiny_prepared.root, fewer, 20) is None  # other interactions
+    assert quality.finished_prepare(tmp_path / "nothing", raw, 20) is None
+
+
+def test_bf16_runs_are_paired_with_the_fp32_run_of_the_same_variant_and_seed(quality, tmp_path):
+    from merlin_molar.io import write_json
+
+    for seed, ndcg in ((0, 0.10), (1, 0.20)):  # no fp32 run of seed 2
+        (tmp_path / f"molar-seed{seed}").mkdir()
+        write_json(tmp_path / f"molar-seed{seed}" / "metrics.json", result(ndcg))
+    paired = quality.bf16_over_fp32({"molar": {0: result(0.11), 1: result(0.18), 2: result(0.5)},
+                                     "sasrec": {0: result(0.1)}}, tmp_path)
+    assert list(paired) == ["molar"]  # no fp32 sasrec run at all
+    assert paired["molar"]["seeds"] == [0, 1]
+    assert paired["molar"]["ratio"]["per_seed"] == pytest.approx({0: 1.1, 1: 0.9})
+    assert paired["molar"]["fp32_test_ndcg@10"]["mean"] == pytest.approx(0.15)
