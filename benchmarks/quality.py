@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -70,7 +71,12 @@ VARIANTS = {
     "molar_linear_align_all": ("molar", {**LINEAR, "align_positions": "all"}, "sasrec"),
     "content_only": ("molar", {"id_branch": "none"}, None),
     "content_only_linear": ("molar", {**LINEAR, "id_branch": "none"}, None),
+    "molar_stage1": ("molar", {}, "sasrec"),
 }
+# the item table each variant's content tower reads (default "original": the packaged MiniLM's). "stage1" is the
+# MiniLM after MIRM stage 1 (`merlin-molar finetune-items`, as benchmarks/stage1_sentence.py runs it), given with
+# --stage1-encoder: the same recipe as "molar" on the tuned table (issue 10, item 5)
+VARIANT_TABLES = {"molar_stage1": "stage1"}
 # a finished run is reused only if its saved model has the variant's value of each of these (and of each option)
 RECIPE_FIELDS = ("content_adaptor", "alpha", "id_weight_grid", "align_positions", "id_branch")
 BASELINE = "sasrec"  # the ratio column: every variant over the SASRec of the same seed
@@ -88,8 +94,9 @@ def last_n(raw: RawDataset, n: int) -> RawDataset:
     return RawDataset(inter, raw.items, f"{raw.source}#last{n}", list(raw.text_columns))
 
 
-def prepared_dataset(name: str, data_root: Path, workdir: Path):
-    """The dataset's prepared directory and item table, made once: several quality.py processes (variants run
+def prepared_dataset(name: str, data_root: Path, workdir: Path, stage1_encoder: Optional[Path] = None):
+    """The dataset's prepared directory and item tables (``{"original": path}``, and ``"stage1"`` embedded with
+    ``stage1_encoder`` when given), made once: several quality.py processes (variants run
     side by side, one per core) share them, so they are built under a lock and a finished one is reused.
     Preparing again while another process trains from the directory would rewrite its files under it (and two
     NVTabular fits into one ``.categories`` directory crash)."""
@@ -102,7 +109,14 @@ def prepared_dataset(name: str, data_root: Path, workdir: Path):
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         prepared = finished_prepare(root, raw, spec["max_length"]) or prepare(raw, root, max_length=spec["max_length"])
-        return prepared, embed_item_table(prepared, batch_size=64)  # a finished table is reused
+        tables = {"original": embed_item_table(prepared, batch_size=64)}  # a finished table is reused
+        if stage1_encoder is not None:
+            if not (Path(stage1_encoder) / "molar_stage1.json").exists():
+                raise SystemExit(f"quality.py: error: --stage1-encoder: {stage1_encoder} is not a stage-1 encoder "
+                                 "(no molar_stage1.json): run benchmarks/stage1_sentence.py or finetune-items first")
+            tables["stage1"] = embed_item_table(prepared, root / "item_table_stage1", encoder=str(stage1_encoder),
+                                                batch_size=64)
+        return prepared, tables
 
 
 def finished_prepare(root: Path, raw, max_length: int):
@@ -241,6 +255,9 @@ def parse_args(argv=None):
     p.add_argument("--max-epochs", type=float, default=TrainConfig.epochs, help="early stopping decides")
     p.add_argument("--max-length", type=int, help="override the dataset's maximum sequence length")
     p.add_argument("--suffix", default="", help="appended to the result file names")
+    p.add_argument("--stage1-encoder", type=Path, default=REPO / "outputs" / "stage1_sentence" / "minilm_stage1",
+                   help="the MiniLM after MIRM stage 1, for the *_stage1 variants (benchmarks/stage1_sentence.py "
+                        "writes it there)")
     p.add_argument("--bf16", action="store_true",
                    help="train with bf16 autocast (runs under runs_L<length>_bf16); the result also pairs each run "
                         "with the fp32 run of the same variant and seed, where that one is finished")
@@ -270,15 +287,17 @@ def main(argv=None):
                 raise SystemExit(f"quality.py: error: --summary-only: no finished run in {runs_dir} for {missing}")
             prepared_dir = args.workdir / dataset / f"prepared_L{DATASETS[dataset]['max_length']}"
             manifest = read_json(prepared_dir / "molar_manifest.json")
-            prepared = item_table = None  # every run is finished: run_one only reads its metrics
+            prepared, item_tables = None, {}  # every run is finished: run_one only reads its metrics
         else:
-            prepared, item_table = prepared_dataset(dataset, args.data_root, args.workdir)
+            stage1 = args.stage1_encoder if any(v in VARIANT_TABLES for v in variants) else None
+            prepared, item_tables = prepared_dataset(dataset, args.data_root, args.workdir, stage1)
             manifest = prepared.manifest
         runs = {}
         for seed in seeds:
             for variant in variants:
                 config = TrainConfig(seed=seed, epochs=args.max_epochs, logging_steps=10_000, bf16=args.bf16)
                 run_dir = runs_dir / f"{variant}-seed{seed}"
+                item_table = item_tables.get(VARIANT_TABLES.get(variant, "original"))
                 runs.setdefault(variant, {})[seed] = run_one(prepared, item_table, variant, seed, run_dir, config)
                 r = runs[variant][seed]
                 print(f"{dataset} {variant} seed {seed}: test N@10 {r['test']['ndcg@10']:.4f} "

@@ -78,3 +78,23 @@ def test_bf16_runs_are_paired_with_the_fp32_run_of_the_same_variant_and_seed(qua
     assert paired["molar"]["seeds"] == [0, 1]
     assert paired["molar"]["ratio"]["per_seed"] == pytest.approx({0: 1.1, 1: 0.9})
     assert paired["molar"]["fp32_test_ndcg@10"]["mean"] == pytest.approx(0.15)
+
+
+def test_molar_stage1_reads_the_stage1_table_and_the_same_seeds_sasrec(quality, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(prepared, kind, run_dir, options, config, item_table_path=None, init_id_branch_from=None,
+                   resume=False):
+        calls.append((kind, Path(run_dir).name, item_table_path, init_id_branch_from))
+        (Path(run_dir) / "model").mkdir(parents=True)
+        return result(0.1)
+
+    monkeypatch.setattr(quality, "train", fake_train)
+    tables = {"original": "table", "stage1": "table_stage1"}
+    table = tables[quality.VARIANT_TABLES.get("molar_stage1", "original")]
+    quality.run_one(None, table, "molar_stage1", 1, tmp_path / "molar_stage1-seed1", None)
+    assert calls == [
+        ("sasrec", "sasrec-seed1", None, None),
+        ("molar", "molar_stage1-seed1", "table_stage1", tmp_path / "sasrec-seed1" / "model"),
+    ]
+    assert quality.VARIANTS["molar_stage1"] == quality.VARIANTS["molar"]  # the recipe is the same
