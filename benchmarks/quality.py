@@ -110,8 +110,8 @@ def prepared_dataset(name: str, data_root: Path, workdir: Path, stage1_encoder: 
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         prepared = finished_prepare(root, raw, spec["max_length"]) or prepare(raw, root, max_length=spec["max_length"])
         # embed_item_table encodes the catalogue again on every call (ML-1M: ~20 s); the bytes are the same each
-        # time (checked: every Molar run saved the same table sha256), and the lock keeps a run from reading a
-        # half-written table
+        # time (checked: every Molar run saved the same table sha256), and the new directory is swapped in whole
+        # (atomic_path), so a run of another process never loads a half-written table
         tables = {"original": embed_item_table(prepared, batch_size=64)}
         if stage1_encoder is not None:
             if not (Path(stage1_encoder) / "molar_stage1.json").exists():
