@@ -410,6 +410,16 @@ def _error(command: Optional[str], message: str, code: int = 2) -> int:
     return code
 
 
+def _leave_process_group(finished: bool) -> None:
+    """Under ``torchrun``: :func:`merlin_molar.distributed.leave_process_group` (a process that exits still in
+    its gloo group can abort after finishing its work). A command that never imported torch has no group."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from merlin_molar.distributed import leave_process_group
+
+        leave_process_group(wait_for_peers=finished)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command. A user error prints one line (``merlin-molar <cmd>: error: <file or option>:
     <problem>``) and returns 2; the traceback is printed only with ``--verbose``."""
@@ -441,9 +451,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     import merlin_molar  # noqa: F401  (compat layer)
 
     start = time.perf_counter()
+    finished = False
     try:
         check_command(args)
         args.func(args)
+        finished = True
     except MolarDataError as e:
         if args.verbose:
             traceback.print_exc()
@@ -464,6 +476,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "--verbose prints the traceback)",
             1,
         )
+    finally:
+        _leave_process_group(finished)
     LOG.info("%s finished in %.1f s", args.command, time.perf_counter() - start)
     return 0
 

@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from transformers4rec.torch.utils.data_utils import MerlinDataLoader
 
 from merlin_molar.data import ITEM_SEQUENCE, load_prepared
-from merlin_molar.distributed import data_parallel_config, world
+from merlin_molar.distributed import data_parallel_config, leave_process_group, world
 from merlin_molar.errors import MolarDataError
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.training import TrainConfig, evaluate, make_trainer
@@ -132,8 +132,7 @@ def main(spec_path):
         result = {"train": train, "eval": evaluate_weights, "uneven": refuse_uneven}[job["kind"]](spec, job, data)
         if world().is_main:
             (Path(spec["out"]) / f"{job['name']}.json").write_text(json.dumps(result))
-    if dist.is_initialized():
-        dist.barrier()
+    leave_process_group()
 
 
 if __name__ == "__main__":
