@@ -134,9 +134,9 @@ def leave_process_group(wait_for_peers: bool = True) -> None:
     """Destroy the default process group if this process is in one (under ``torchrun`` the Hugging Face Trainer
     joins it and never leaves it). A process that exits while still in a gloo group can abort at interpreter
     shutdown, after its work is done ("terminate called without an active exception", SIGABRT, exit -6), and so
-    fail a finished launch: pytorch/pytorch#190489, seen here with torch 2.13 in the two-node test about once in
-    four runs. ``wait_for_peers`` first meets the other ranks at a barrier, so that none tears the group down
-    while a peer still uses it; pass False after an error, when the peers may never get there."""
+    fail a finished launch: pytorch/pytorch#190489, seen here with torch 2.13 in the two-node test (once in eight
+    runs of it on 2026-12-02). ``wait_for_peers`` first meets the other ranks at a barrier, so that none tears the
+    group down while a peer still uses it; pass False after an error, when the peers may never get there."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return
