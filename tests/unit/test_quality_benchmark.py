@@ -23,21 +23,27 @@ def result(ndcg):
     return {"valid": metrics, "test": metrics, "train_seconds": 1.0}
 
 
-def test_molar_gru4rec_takes_its_id_branch_from_the_same_seeds_gru4rec(quality, tmp_path, monkeypatch):
+@pytest.fixture
+def train_calls(quality, monkeypatch):
+    """quality.train replaced by a recorder: ``(kind, run dir name, item table, ID branch)`` of each run."""
     calls = []
 
     def fake_train(prepared, kind, run_dir, options, config, item_table_path=None, init_id_branch_from=None,
                    resume=False):
         assert resume  # an interrupted run continues from its checkpoint
-        calls.append((kind, Path(run_dir).name, init_id_branch_from))
+        calls.append((kind, Path(run_dir).name, item_table_path, init_id_branch_from))
         (Path(run_dir) / "model").mkdir(parents=True)
         return result(0.1)
 
     monkeypatch.setattr(quality, "train", fake_train)
+    return calls
+
+
+def test_molar_gru4rec_takes_its_id_branch_from_the_same_seeds_gru4rec(quality, tmp_path, train_calls):
     quality.run_one(None, "table", "molar_gru4rec", 3, tmp_path / "molar_gru4rec-seed3", None)
-    assert calls == [
-        ("gru4rec", "gru4rec-seed3", None),  # trained first, since it was missing
-        ("molar", "molar_gru4rec-seed3", tmp_path / "gru4rec-seed3" / "model"),
+    assert train_calls == [
+        ("gru4rec", "gru4rec-seed3", None, None),  # trained first, since it was missing
+        ("molar", "molar_gru4rec-seed3", "table", tmp_path / "gru4rec-seed3" / "model"),
     ]
     assert quality.VARIANTS["gru4rec"][0] == "gru4rec" and quality.VARIANTS["molar"][2] == "sasrec"
 
@@ -80,20 +86,11 @@ def test_bf16_runs_are_paired_with_the_fp32_run_of_the_same_variant_and_seed(qua
     assert paired["molar"]["fp32_test_ndcg@10"]["mean"] == pytest.approx(0.15)
 
 
-def test_molar_stage1_reads_the_stage1_table_and_the_same_seeds_sasrec(quality, tmp_path, monkeypatch):
-    calls = []
-
-    def fake_train(prepared, kind, run_dir, options, config, item_table_path=None, init_id_branch_from=None,
-                   resume=False):
-        calls.append((kind, Path(run_dir).name, item_table_path, init_id_branch_from))
-        (Path(run_dir) / "model").mkdir(parents=True)
-        return result(0.1)
-
-    monkeypatch.setattr(quality, "train", fake_train)
+def test_molar_stage1_reads_the_stage1_table_and_the_same_seeds_sasrec(quality, tmp_path, train_calls):
     tables = {"original": "table", "stage1": "table_stage1"}
     table = tables[quality.VARIANT_TABLES.get("molar_stage1", "original")]
     quality.run_one(None, table, "molar_stage1", 1, tmp_path / "molar_stage1-seed1", None)
-    assert calls == [
+    assert train_calls == [
         ("sasrec", "sasrec-seed1", None, None),
         ("molar", "molar_stage1-seed1", "table_stage1", tmp_path / "sasrec-seed1" / "model"),
     ]
