@@ -72,7 +72,8 @@ def main(argv=None):
         "benchmark": args.name, "summary": summary, "runs": runs, "command": command_line(),
         "git_commit": git_commit(), "date": now(), "machine": info,
     })
-    rows = [{"run": i + 1, "wall s": r["wall_seconds"], "SASRec train s": r["models"]["SASRec (ID only)"]["train_seconds"],
+    rows = [{"run": i + 1, "wall s": r["wall_seconds"],
+             "SASRec train s": r["models"]["SASRec (ID only)"]["train_seconds"],
              "Molar train s": r["models"]["Molar (content + ID)"]["train_seconds"], "other s": r["other_seconds"],
              "load at start": r["load_average_at_start"][0]} for i, r in enumerate(runs)]
     print(table(rows, list(rows[0])))
