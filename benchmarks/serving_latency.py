@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
 from merlin_molar.data import ITEM_SEQUENCE, load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.models.molar import MolarConfig, molar_model  # noqa: E402
-from merlin_molar.items.table import item_id_fingerprint  # noqa: E402
+from merlin_molar.pipeline import model_provenance  # noqa: E402
 from merlin_molar.persistence import load_model, save_model  # noqa: E402
 from merlin_molar.serving import TritonServer, build_ensemble, export_triton  # noqa: E402
 from merlin_molar.serving.client import connect, history_tensors, recommend  # noqa: E402
@@ -70,7 +70,7 @@ def build_model(args, work: Path):
     if args.train_epochs:
         make_trainer(model, prepared, work / "run", TrainConfig(epochs=args.train_epochs, batch_size=128)).train()
     return save_model(model, work / "model", "molar", config, prepared.schema, table_,
-                      {"id_mapping_fingerprint": item_id_fingerprint(prepared)}), prepared  # as `train` records it
+                      model_provenance(prepared)), prepared
 
 
 def request_batches(prepared, batch: int, count: int):

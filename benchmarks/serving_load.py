@@ -68,7 +68,7 @@ def build(args, work: Path):
     from merlin_molar.data import load_prepared, prepare, read_dataset
     from merlin_molar.data.synthetic import product_code
     from merlin_molar.models.molar import MolarConfig, molar_model
-    from merlin_molar.items.table import item_id_fingerprint
+    from merlin_molar.pipeline import model_provenance
     from merlin_molar.persistence import save_model
     from merlin_molar.quickstart import MAX_LENGTH
     from merlin_molar.serving import export_triton
@@ -89,8 +89,7 @@ def build(args, work: Path):
     model = molar_model(prepared.schema, table, config)
     if args.train_epochs:
         make_trainer(model, prepared, work / "run", TrainConfig(epochs=args.train_epochs, batch_size=128)).train()
-    model_dir = save_model(model, work / "model", "molar", config, prepared.schema, table,
-                           {"id_mapping_fingerprint": item_id_fingerprint(prepared)})  # as `train` records it
+    model_dir = save_model(model, work / "model", "molar", config, prepared.schema, table, model_provenance(prepared))
     repository = export_triton(model_dir, prepared.root, work / "repository", top_k=args.top_k,
                                max_batch_size=args.max_batch_size, overwrite=True, torch_threads=1,
                                instances=args.instances, pin_cores=args.pin_cores)

@@ -135,6 +135,18 @@ def _run_identity(prepared: PreparedData, kind: str, config, train_config: Train
     }
 
 
+def model_provenance(prepared) -> dict:
+    """What a saved model records of the prepared data it was trained on (``save_model``'s ``extra``), so that
+    evaluate / recommend / export can check a model and a prepared directory belong together."""
+    from merlin_molar.items.table import item_id_fingerprint
+
+    return {
+        "id_mapping_fingerprint": item_id_fingerprint(prepared),
+        "prepared": str(Path(prepared.root).resolve()),
+        "prepared_max_length": prepared.max_length,
+    }
+
+
 def train(
     prepared: PreparedData,
     kind: str,
@@ -222,14 +234,8 @@ def _train_claimed(prepared, kind, output_dir, model, config, table, train_confi
         "test": evaluate(trainer, prepared, "test"),
         "log_history": trainer.state.log_history,
     })
-    from merlin_molar.items.table import item_id_fingerprint
-
-    provenance = {
-        "id_mapping_fingerprint": item_id_fingerprint(prepared),  # checked by evaluate / recommend / export
-        "prepared": str(Path(prepared.root).resolve()),
-        "prepared_max_length": prepared.max_length,
-    }
-    model_dir = save_model(trainer.model, output_dir / "model", kind, config, prepared.schema, table, provenance)
+    model_dir = save_model(trainer.model, output_dir / "model", kind, config, prepared.schema, table,
+                           model_provenance(prepared))
     result["model_dir"] = str(model_dir)
     write_json(output_dir / "metrics.json", {k: v for k, v in result.items() if k != "log_history"})
     return result
