@@ -24,6 +24,10 @@ One run, one split:
    id_weight 0) and ``molar_actual_budget`` (the prior read from the added items' own validation warm cost,
    ``estimate_new_item_prior(rule="actual_budget")``) to show what the calibration, the ID branch and the
    prior's rule contribute.
+5. The warm-cost trade-off (``warm_cost_tradeoff``): cold hits@10 against the warm NDCG@10 cost for the
+   model's own new-item scores and for content kNN placed on the model's scale, with an offset on the new
+   items swept on the test split. An oracle frontier: it shows what each way of scoring new items can reach
+   at a given warm cost (and what content kNN's own cold hits cost the warm users), not a setting.
 
 Writes benchmarks/results/<name>.json with a top-level ``summary`` {variant: {cold: {...}, warm: {...}}},
 the targets and whether they were met, the exact command and the machine.
@@ -43,10 +47,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import merlin_molar  # noqa: E402,F401
-from merlin_molar.cold_start import cold_start_evaluation, cold_start_table, summary  # noqa: E402
+from merlin_molar.cold_start import (  # noqa: E402
+    WARM_COST_BUDGET,
+    cold_start_evaluation,
+    cold_start_table,
+    content_knn_scorer,
+    item_arrival_order,
+    model_for_catalogue,
+    model_scorer,
+    new_items_on_model_scale,
+    summary,
+    warm_cost_tradeoff,
+)
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
+from merlin_molar.items import load_item_table  # noqa: E402
 from merlin_molar.items.add_items import add_items  # noqa: E402
 from merlin_molar.models.dueg import small_decoder_config  # noqa: E402
+from merlin_molar.persistence import load_model  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, train  # noqa: E402
 from merlin_molar.training import TrainConfig  # noqa: E402
 
@@ -137,6 +154,53 @@ def reuse_trained(workdir: Path, timings: dict) -> dict:
                        "config_sha": train_manifest.get("config_sha"), "saved_at": model_meta.get("saved_at")}}
 
 
+RECENCY_GATES = (2.0, 4.0, 8.0)
+
+
+def tradeoff_curves(prepared, model_dir, table_dir, known: int, width: int) -> dict:
+    """:func:`merlin_molar.cold_start.warm_cost_tradeoff` of two ways to score the new items next to the same
+    model's known-item scores: the model's own (calibrated content tower) and content kNN of the last item
+    placed on the model's scale by rank, each with an offset swept on the test split (an oracle frontier);
+    and the model's with a per-user offset that grows with how much of the user's recent history arrived
+    late (``molar_recency_gate_<beta>``: ``b + beta * share``), to show what knowing *which* users pick
+    new items would buy."""
+    model, kind, _, _ = load_model(model_dir)
+    model = model_for_catalogue(model, kind, prepared, table_dir, new_item_prior=0.0)
+    molar = model_scorer(model, prepared.item_cardinality)
+    knn = content_knn_scorer(load_item_table(table_dir, prepared))
+    # a per-user gate, for comparison: users who watch recently arrived items are likelier to pick a new one.
+    # The offset grows with the share of the user's last 10 history items among the latest 20% of the known
+    # items to arrive (cold_start.item_arrival_order, data before the test targets only).
+    order = item_arrival_order(prepared)
+    recent = torch.zeros(prepared.item_cardinality)
+    recent[torch.from_numpy(order[-int(0.2 * len(order)):])] = 1.0
+    new_col = (torch.arange(prepared.item_cardinality) >= known).float()
+
+    def recency_gated(scorer, beta):
+        def score(histories):
+            length = (histories != 0).sum(1, keepdim=True)
+            last10 = (torch.arange(histories.size(1)) >= length - 10) & (histories != 0)
+            share = (recent[histories] * last10).sum(1) / last10.sum(1).clamp(min=1)
+            return scorer(histories) + beta * share.view(-1, 1) * new_col
+        return score
+
+    curves = warm_cost_tradeoff(prepared, {
+        "molar": molar, "content_knn_on_molar_scale": new_items_on_model_scale(molar, knn, known),
+        **{f"molar_recency_gate_{beta:g}": recency_gated(molar, beta) for beta in RECENCY_GATES},
+    }, known, items=width)
+    print("\ncold hits@10 against warm NDCG@10 cost (offset on the new items swept on the test split; oracle):")
+    print(f"{'new items scored by':<30}{'best within ' + format(WARM_COST_BUDGET, '.0%') + ' warm cost':>32}"
+          f"{'hits at 5% / 10% cost':>24}{'cold R@10 among new items':>28}")
+    for name, c in curves.items():
+        best = c["best_within_budget"]
+        at = [max([p["cold_hits@10"] for p in c["curve"] if p["warm_cost"] <= x] or [0]) for x in (0.05, 0.10)]
+        cell = f"{best['cold_hits@10']} hits (cost {best['warm_cost']:.2%}, b {best['offset']:+.2f})" if best else "-"
+        print(f"{name:<30}{cell:>32}{at[0]:>12}{at[1]:>12}{c['cold_recall@10_among_new_items']:>28.3f}")
+    return {"note": "offsets swept on the test split: each point is an oracle choice, a frontier, not a setting",
+            "budget": WARM_COST_BUDGET, "recency_gate": "offset b + beta * (share of the user's last 10 history "
+            "items among the latest 20% of the known items to arrive)", "curves": curves}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(data_dir("ml-100k")))
@@ -181,6 +245,10 @@ def main(argv=None):
     print(cold_start_table(results))
     print(f"new-item prior: {details['new_item_prior']:+.2f} (chosen on the validation split)")
 
+    t = time.perf_counter()
+    tradeoff = tradeoff_curves(prepared, model_dir, table_dir, known, width)
+    timings["tradeoff_s"] = time.perf_counter() - t
+
     s = summary(results)
     knn_cold = s["content_knn"]["cold"]["recall@10"]
     old_warm = s["molar_old_catalogue"]["warm"]["ndcg@10"]
@@ -197,6 +265,7 @@ def main(argv=None):
             },
             "note": f"{cold_users} cold users: recall@10 moves by {1 / cold_users:.4f} per hit; the 95% Wilson "
                     "intervals show how little a ratio of two such rates says when they overlap",
+            "content_knn_warm_ndcg@10_cost": 1 - s["content_knn"]["warm"]["ndcg@10"] / old_warm if old_warm else None,
         },
         "warm_ndcg@10_cost_vs_old_catalogue": {
             "target": "<= 2%",
@@ -231,6 +300,7 @@ def main(argv=None):
         "protocol": "leave-one-out test targets; full ranking over the extended catalogue (reserved ids and "
                     "history masked); cold = users whose test target is a held-out item",
         "results": results,
+        "warm_cost_tradeoff": tradeoff,
         "trained_model_metrics_from_train": run["train_metrics"],
         "timings": timings,
         "total_seconds": time.perf_counter() - started,

@@ -554,6 +554,86 @@ def content_knn_scorer(table: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
     return score
 
 
+def new_items_on_model_scale(model_scores: Callable, new_item_scores: Callable, known: int) -> Callable:
+    """A scorer that ranks the known items by ``model_scores`` and the new ones (ids ``>= known``) by
+    ``new_item_scores`` (e.g. :func:`content_knn_scorer`), each new item placed on the model's scale by rank:
+    it gets the model score of the known item that ``new_item_scores`` ranks just below it for that user (the
+    quantile mapping :func:`merlin_molar.models.task.calibrated_new_item_scores` applies to the content tower).
+    The cold-start trade-off uses it to compare ways of scoring new items at the same warm cost."""
+    from merlin_molar.evaluation import FIRST_ITEM_ID
+
+    def score(histories):
+        scores = model_scores(histories).clone()
+        other = new_item_scores(histories).float()
+        by_other = other[:, FIRST_ITEM_ID:known].sort(dim=-1).values.contiguous()
+        by_model = scores[:, FIRST_ITEM_ID:known].sort(dim=-1).values
+        rank = torch.searchsorted(by_other, other[:, known:].contiguous()).clamp(max=by_model.size(1) - 1)
+        scores[:, known:] = by_model.gather(-1, rank)
+        return scores
+
+    return score
+
+
+OFFSET_GRID = tuple(float(b) for b in np.round(np.arange(-6.0, 2.0001, 0.1), 2))
+
+
+def warm_cost_tradeoff(
+    prepared, scorers: Dict[str, Callable], known: int, offsets: Sequence[float] = OFFSET_GRID,
+    budget: float = WARM_COST_BUDGET, items: int = None, batch_size: int = 512, progress: bool = True,
+) -> Dict[str, dict]:
+    """What each way of scoring new items buys in cold hits for what it costs the warm targets, over the test
+    split: for every scorer of the extended catalogue and every offset ``b`` added to the new items' scores,
+    the cold targets' hits@10 and recall@10, and the warm targets' NDCG@10 against the same scorer ranking only
+    the ``known`` items (what the requirement's warm cost compares with). ``best_within_budget`` is the point
+    of the curve with the most cold hits at a warm cost of at most ``budget``. ``cold_recall@10_among_new_items``
+    (and the median rank, 1 = first) ranks each cold target among the new items alone: how well the scorer
+    orders the new items for a user, which no offset changes, apart from where they land among the known ones.
+
+    The offsets are swept on the test split, so every point is an oracle choice: this is a measurement of the
+    frontier each scorer can reach, never a way to set the prior (:func:`estimate_new_item_prior` does that on
+    validation data)."""
+    from tqdm.auto import tqdm
+
+    from merlin_molar.evaluation import mask_seen_items, reference_metrics
+
+    histories, targets, is_cold = cold_test_split(prepared)
+    width = prepared.item_cardinality if items is None else int(items)
+    new_col = torch.arange(width) >= known
+    n_cold, n_warm = int(is_cold.sum()), int((~is_cold).sum())
+    out = {}
+    for name, scorer in scorers.items():
+        cold_hits, warm_ndcg, warm_ndcg_old = np.zeros(len(offsets)), np.zeros(len(offsets)), 0.0
+        rank_among_new = []  # each cold target's rank among the new items alone (no offset moves it)
+        for start in tqdm(range(0, len(targets), batch_size), desc=f"warm-cost trade-off [{name}]",
+                          disable=not progress):
+            h, t = histories[start : start + batch_size], targets[start : start + batch_size]
+            cold = is_cold[start : start + batch_size]
+            scores = mask_seen_items(scorer(h)[:, :width].float(), h, t)
+            old = reference_metrics(scores.masked_fill(new_col, float("-inf")), t, (10,))
+            warm_ndcg_old += float(old["ndcg_at_10"][~cold].sum())
+            if cold.any():
+                new_scores, target = scores[cold][:, known:], t[cold] - known
+                rank_among_new.append((new_scores > new_scores.gather(1, target.view(-1, 1))).sum(1))
+            for j, b in enumerate(offsets):
+                m = reference_metrics(scores + b * new_col, t, (10,))
+                cold_hits[j] += float(m["recall_at_10"][cold].sum())
+                warm_ndcg[j] += float(m["ndcg_at_10"][~cold].sum())
+        warm_ndcg, warm_ndcg_old = warm_ndcg / max(n_warm, 1), warm_ndcg_old / max(n_warm, 1)
+        curve = [{"offset": float(b), "cold_hits@10": int(round(cold_hits[j])),
+                  "cold_recall@10": float(cold_hits[j] / max(n_cold, 1)), "warm_ndcg@10": float(warm_ndcg[j]),
+                  "warm_cost": float(1 - warm_ndcg[j] / warm_ndcg_old) if warm_ndcg_old > 0 else 0.0}
+                 for j, b in enumerate(offsets)]
+        within = [c for c in curve if c["warm_cost"] <= budget + 1e-12]
+        best = max(within, key=lambda c: (c["cold_hits@10"], -c["warm_cost"])) if within else None
+        ranks = torch.cat(rank_among_new) if rank_among_new else torch.zeros(0, dtype=torch.long)
+        out[name] = {"cold_users": n_cold, "warm_users": n_warm, "warm_ndcg@10_known_items_only": warm_ndcg_old,
+                     "new_items": int(width - known),
+                     "cold_recall@10_among_new_items": float((ranks < 10).float().mean()) if len(ranks) else None,
+                     "cold_median_rank_among_new_items": float(ranks.float().median()) + 1 if len(ranks) else None,
+                     "best_within_budget": best, "curve": curve}
+    return out
+
+
 def popularity_scorer(prepared, width: int, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """Interaction counts in the validation split's histories (every interaction training saw, including the
     validation targets); zero for items never seen. Ties are broken at random."""
@@ -740,6 +820,7 @@ __all__ = [
     "extend_catalogue",
     "hold_out_items",
     "model_for_catalogue",
+    "new_items_on_model_scale",
     "model_scorer",
     "popularity_scorer",
     "random_scorer",
@@ -748,5 +829,7 @@ __all__ = [
     "estimate_new_item_prior",
     "item_arrival_order",
     "PRIOR_GRID",
+    "OFFSET_GRID",
+    "warm_cost_tradeoff",
 ]
 

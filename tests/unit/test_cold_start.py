@@ -19,8 +19,10 @@ from merlin_molar.cold_start import (
     hold_out_items,
     model_for_catalogue,
     model_scorer,
+    new_items_on_model_scale,
     popularity_scorer,
     random_scorer,
+    warm_cost_tradeoff,
 )
 from merlin_molar.data import ITEM_SEQUENCE, load_prepared, prepare, read_dataset
 from merlin_molar.errors import MolarDataError
@@ -329,6 +331,55 @@ def test_cold_and_warm_metrics_with_baselines(cold):
     h = torch.zeros(1, 20, dtype=torch.long)
     h[0, :2] = torch.tensor([5, 9])
     torch.testing.assert_close(content_knn_scorer(table)(h)[0], normed @ normed[9])
+
+
+def test_new_items_placed_on_the_model_scale_by_the_other_scorers_rank(cold):
+    old_table = load_item_table(cold.root / "item_table", cold)
+    add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
+    prepared = load_prepared(cold.root)
+    known, width = old_table.size(0), prepared.item_cardinality
+    table = load_item_table(prepared.root / "item_table", prepared)
+    molar = model_scorer(model_for_catalogue(tiny_molar(cold, old_table), "molar", prepared), width)
+    knn = content_knn_scorer(table)
+    h = torch.zeros(3, 20, dtype=torch.long)
+    h[:, :2] = torch.tensor([[3, 4], [5, 9], [7, 8]])
+    mixed, base, other = new_items_on_model_scale(molar, knn, known)(h), molar(h), knn(h)
+    torch.testing.assert_close(mixed[:, :known], base[:, :known])  # known items keep the model's scores
+    for u in range(3):
+        known_scores = set(base[u, 3:known].tolist())
+        assert all(v in known_scores for v in mixed[u, known:].tolist())  # on the model's own scale
+        order = other[u, known:].argsort()
+        assert (mixed[u, known:][order].diff() >= 0).all()  # in the other scorer's order
+        # a new item lands at the model score of the known item the other scorer ranks just below it
+        j = int(other[u, known:].argmax())
+        below = other[u, 3:known] < other[u, known + j]
+        expected = base[u, 3:known].sort().values[min(int(below.sum()), known - 4)]
+        assert float(mixed[u, known + j]) == float(expected)
+
+
+def test_warm_cost_tradeoff_counts_cold_hits_against_the_known_only_ranking(cold):
+    old_table = load_item_table(cold.root / "item_table", cold)
+    add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
+    prepared = load_prepared(cold.root)
+    known = old_table.size(0)
+    knn = content_knn_scorer(load_item_table(prepared.root / "item_table", prepared))
+    out = warm_cost_tradeoff(prepared, {"knn": knn}, known, offsets=(-100.0, 0.0, 100.0), progress=False)["knn"]
+    low, zero, high = out["curve"]
+    # (cosines lie in [-1, 1]: an offset of 100 puts the new items below or above every known item)
+    # new items pushed out of every top-10: nothing gained, nothing lost
+    assert (low["cold_hits@10"], low["warm_cost"]) == (0, 0.0)
+    # offset 0 is the scorer as it is: the same numbers as the cold-start evaluation
+    plain = evaluate_cold_start(prepared, {"knn": knn}, progress=False, known_items=known)["knn"]
+    assert zero["cold_hits@10"] == plain["cold"]["hits@10"]
+    assert zero["warm_ndcg@10"] == pytest.approx(plain["warm"]["ndcg@10"], abs=1e-6)
+    assert out["warm_ndcg@10_known_items_only"] >= zero["warm_ndcg@10"] - 1e-9  # adding items never lifts warm
+    # new items first for everyone: every cold target in the new items' top 10 is a hit, warm users lose
+    assert high["cold_hits@10"] >= zero["cold_hits@10"] and high["warm_cost"] >= zero["warm_cost"]
+    assert out["cold_users"] == prepared.manifest["cold_start"]["cold_target_users"]
+    # with the new items first for everyone, a cold hit is a target in the top 10 of the new items alone
+    assert high["cold_recall@10"] == pytest.approx(out["cold_recall@10_among_new_items"])
+    assert out["best_within_budget"] == max((c for c in out["curve"] if c["warm_cost"] <= 0.02),
+                                            key=lambda c: (c["cold_hits@10"], -c["warm_cost"]))
 
 
 # --- a saved model after add-items: extend-model, recommend ---------------------------------------------------
