@@ -35,7 +35,7 @@ import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is import
 from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
 
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
-from merlin_molar.data.workflow import _fingerprint as data_fingerprint  # noqa: E402
+from merlin_molar.data.workflow import dataset_fingerprint  # noqa: E402
 from merlin_molar.errors import MolarDataError  # noqa: E402
 from merlin_molar.data.readers import RawDataset  # noqa: E402
 from merlin_molar.io import read_json  # noqa: E402
@@ -131,7 +131,7 @@ def finished_prepare(root: Path, raw, max_length: int):
         return None
     m = prepared.manifest
     same = (m.get("fingerprint"), m.get("max_length"), m.get("k_core"), m.get("cold_items"))
-    return prepared if same == (data_fingerprint(raw), max_length, 0, None) else None
+    return prepared if same == (dataset_fingerprint(raw), max_length, 0, None) else None
 
 
 def run_one(prepared, table, variant: str, seed: int, run_dir: Path, config: TrainConfig) -> dict:

@@ -224,7 +224,7 @@ def item_arrival_order(prepared, raw=None) -> np.ndarray:
     import nvtabular as nvt
 
     from merlin_molar.data import read_dataset
-    from merlin_molar.data.workflow import ORDER_COLUMN, _fingerprint, item_id_mapping
+    from merlin_molar.data.workflow import ORDER_COLUMN, dataset_fingerprint, item_id_mapping
 
     manifest = prepared.manifest
     if raw is None:
@@ -234,7 +234,7 @@ def item_arrival_order(prepared, raw=None) -> np.ndarray:
                                                 "the new-item prior cannot be estimated: give it explicitly "
                                                 "(`merlin-molar extend-model --new-item-prior NUMBER`)")
         raw = read_dataset(source, text_columns=manifest.get("text_columns"))
-    if _fingerprint(raw) != manifest.get("fingerprint"):
+    if dataset_fingerprint(raw) != manifest.get("fingerprint"):
         raise MolarDataError(raw.source, "is not the data this directory was prepared from (fingerprint differs)")
     inter = raw.interactions
     if int(manifest.get("k_core") or 0) > 1:

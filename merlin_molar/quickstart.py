@@ -19,6 +19,8 @@ from merlin_molar.pipeline import (
 from merlin_molar.training import TrainConfig
 
 MAX_LENGTH = 50
+# the result rows, by name (benchmarks/quickstart_time.py reads them)
+SASREC_ROW, MOLAR_ROW = "SASRec (ID only)", "Molar (content + ID)"
 SEED = 0  # seed 0 of benchmarks/quality.py's ml-100k rows, so this run can be compared with them
 QUALITY_RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality_ml100k.json"
 
@@ -41,16 +43,16 @@ def run_quickstart(data: Optional[str] = None, workdir="outputs/quickstart", epo
     # `train` would refuse to overwrite) are its own outputs, not a user's work
     shutil.rmtree(workdir / "runs", ignore_errors=True)
     print(f"[3/5] SASRec (Transformers4Rec Trainer, early stopping on validation NDCG@10, seed {SEED})")
-    results = {"SASRec (ID only)": train(prepared, "sasrec", workdir / "runs" / "sasrec", None, config)}
+    results = {SASREC_ROW: train(prepared, "sasrec", workdir / "runs" / "sasrec", None, config)}
     print("[4/5] Molar: DUEG (random-init 2-layer Qwen2) over the item table (MoE adaptor), the trained SASRec "
           "as its frozen ID branch, post-aligned; fusion weight chosen on validation")
-    results["Molar (content + ID)"] = train(
+    results[MOLAR_ROW] = train(
         prepared, "molar", workdir / "runs" / "molar", None, config, item_table_path=table,
-        init_id_branch_from=results["SASRec (ID only)"]["model_dir"],
+        init_id_branch_from=results[SASREC_ROW]["model_dir"],
     )
     print("[5/5] results on the held-out last item (full ranking, history masked)")
     print(metrics_table(results, "test"))
-    gain = results["Molar (content + ID)"]["test"]["ndcg@10"] / results["SASRec (ID only)"]["test"]["ndcg@10"]
+    gain = results[MOLAR_ROW]["test"]["ndcg@10"] / results[SASREC_ROW]["test"]["ndcg@10"]
     print(f"Molar / SASRec test NDCG@10 on seed {SEED}: {gain:.3f}")
     print(seed_spread_note())
 
@@ -59,7 +61,7 @@ def run_quickstart(data: Optional[str] = None, workdir="outputs/quickstart", epo
     raw_of = dict(zip(items["item_id"], items["item_id_raw"]))
     title_of = dict(zip(items["item_id"], items.get("clean_title", items.get("title", items["item_id_raw"]))))
     histories = [[raw_of[int(i)] for i in seq[:-1]] for seq in test["item_id-list"]]
-    recs = recommend(results["Molar (content + ID)"]["model_dir"], prepared, histories, top_k=5)
+    recs = recommend(results[MOLAR_ROW]["model_dir"], prepared, histories, top_k=5)
     print("\nexample recommendations (Molar):")
     for user, seq in enumerate(test["item_id-list"]):
         print(f"  user {test['user_id'].iloc[user]}: recently watched "

@@ -97,7 +97,9 @@ def k_core(interactions: pd.DataFrame, k: int, cat_path: Optional[str] = None) -
         current = out
 
 
-def _fingerprint(raw: RawDataset) -> str:
+def dataset_fingerprint(raw: RawDataset) -> str:
+    """The raw data's identity (interactions and item ids), recorded by ``prepare`` as the manifest's
+    ``fingerprint``: what tells whether a raw dataset is the one a prepared directory was made from."""
     h = hashlib.sha256()
     h.update(pd.util.hash_pandas_object(raw.interactions, index=False).values.tobytes())
     h.update(pd.util.hash_pandas_object(raw.items["item_id"].astype(str), index=False).values.tobytes())
@@ -182,7 +184,7 @@ def prepare(
     targets (out of vocabulary until ``add-items`` adds ``cold_items.csv``)."""
     output_dir = Path(output_dir)
     # The fingerprint identifies the data; where it was read from (relative or absolute path) does not.
-    identity = {"fingerprint": _fingerprint(raw), "max_length": max_length, "k_core": k}
+    identity = {"fingerprint": dataset_fingerprint(raw), "max_length": max_length, "k_core": k}
     if cold_items:
         identity["cold_items"] = cold_items
     if max_length < 2:
