@@ -98,8 +98,12 @@ def cmd_embed_items(args):
         options["kind"] = args.kind
     if args.device:
         options["device"] = args.device
-    out = embed_item_table(data, args.output, encoder=args.encoder, **options)
-    if args.num_shards > 1:
+    details = {}
+    out = embed_item_table(data, args.output, encoder=args.encoder, details=details, **options)
+    if details["result"].reused:
+        print(f"item table {out} is up to date (written by this encoder, with these prompts, for this catalogue): "
+              "nothing to embed")
+    elif args.num_shards > 1:
         print(f"wrote shard {args.shard_index} of {args.num_shards} under {out}.work; when every shard is done run "
               f"`merlin-molar embed-items --prepared {args.prepared} --merge --num-shards {args.num_shards}`")
     else:

@@ -82,14 +82,19 @@ def prepare_dataset(
         return prepare(raw, output_dir, max_length=max_length, k=k_core, cold_items=cold_items)
 
 
-def embed_item_table(prepared: PreparedData, output_path=None, encoder: Optional[str] = None, **kwargs) -> Path:
+def embed_item_table(prepared: PreparedData, output_path=None, encoder: Optional[str] = None, details=None,
+                     **kwargs) -> Path:
+    """Embed ``prepared``'s catalogue into the item table at ``output_path`` (default PREPARED/item_table);
+    ``details`` (a dict), when given, receives what the run did (``result``: the ``CatalogueResult``)."""
     from merlin_molar.items import build_encoder, embed_catalogue
 
     output_path = Path(output_path or prepared.root / "item_table")
     encoder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kind", "device", "image_size", "template")}
     with loading("--encoder", encoder or "the default encoder"):
         built = build_encoder(encoder, **encoder_kwargs)
-    embed_catalogue(prepared, built, output_path, **kwargs)
+    result = embed_catalogue(prepared, built, output_path, **kwargs)
+    if details is not None:
+        details["result"] = result
     return output_path
 
 

@@ -382,7 +382,7 @@ def add_items(
          "id_mapping_fingerprint": metadata["id_mapping_fingerprint"]}
     ]
     write_json(staged / "item_table" / METADATA_FILE, {
-        **metadata,
+        **{k: v for k, v in metadata.items() if k != "plan_sha256"},  # no longer one embedding run's product
         "item_cardinality": len(table),
         "items_embedded": int(has_embedding.sum()),
         "items_with_image": int(used_image.sum()),

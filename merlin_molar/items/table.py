@@ -167,6 +167,7 @@ class CatalogueResult:
     chunks_encoded: int  # by this call
     items_encoded: int  # by this call
     seconds: float
+    reused: bool = False  # the table at output_path was already made by this very plan: nothing was encoded
 
 
 class _WorkDir:
@@ -223,6 +224,20 @@ def _plan(prepared, encoder, items, no_content, prompts, batch_size: int, chunk_
     }
 
 
+def _plan_digest(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def _made_by(output_path: Path, plan: dict) -> bool:
+    """Whether the finished table at ``output_path`` was written from ``plan`` (same encoder, prompts,
+    items and catalogue version), so that embedding it again would give the same table."""
+    try:
+        return read_json(output_path / METADATA_FILE).get("plan_sha256") == _plan_digest(plan) and (
+            output_path / EMBEDDINGS_FILE).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _differences(a: dict, b: dict) -> List[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -245,7 +260,9 @@ def embed_catalogue(
     ``shard_index`` of ``num_shards`` and writes ``<output_path>.work/shard-K-of-N.npz``; once every shard
     is there, :func:`merge_shards` writes the table (a failed shard is re-run alone with the same
     arguments). ``resume=False`` discards this shard's finished chunks. ``max_chunks`` stops after
-    that many newly encoded chunks (the run can be continued later).
+    that many newly encoded chunks (the run can be continued later). A single-process call whose table
+    already exists, written from the same plan (encoder, prompts, items, catalogue version), returns it
+    as it is (``reused``) unless ``resume=False``.
 
         >>> embed_catalogue(prepared, encoder, "/tmp/p1m/item_table", batch_size=64)  # doctest: +SKIP
         >>> for k in range(4):  # e.g. one process per GPU
@@ -266,6 +283,11 @@ def embed_catalogue(
     plan = _plan(prepared, encoder, items, no_content, prompts, batch_size, chunk_batches)
     items = {item.item_id: item for item in items}
     mine = [c for c in range(len(plan["chunks"])) if c % num_shards == shard_index]
+    if num_shards == 1 and resume and not work.root.exists() and _made_by(output_path, plan):
+        LOG.info("%s: already embedded with this encoder, prompts and catalogue; reusing it", output_path)
+        return CatalogueResult(output_path=output_path, complete=True, shard_path=None, chunks_total=len(mine),
+                               chunks_done=len(mine), chunks_encoded=0, items_encoded=0,
+                               seconds=time.perf_counter() - started, reused=True)
     shard_file = work.shard(shard_index, num_shards)
     if not resume:
         for c in mine:
@@ -413,6 +435,7 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
         "id_mapping_fingerprint": plan["id_mapping_fingerprint"],
         "batch_size": plan["batch_size"],
         "num_shards": num_shards,
+        "plan_sha256": _plan_digest(plan),
     }
     if problems:
         message = (

@@ -1,4 +1,6 @@
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -121,6 +123,19 @@ def test_resume_after_a_crash_is_byte_identical(tmp_path, reference, small_prepa
     resumed = run(small_prepared, minilm, out)
     assert resumed.chunks_encoded == 3
     assert table_bytes(out) == table_bytes(reference)
+
+
+def test_a_finished_table_of_the_same_plan_is_reused_not_encoded_again(tmp_path, reference, small_prepared, minilm):
+    out = tmp_path / "item_table"
+    shutil.copytree(reference, out)
+    before = table_bytes(out)
+    again = run(small_prepared, CrashingEncoder(minilm, calls=0), out)  # would raise if it encoded anything
+    assert again.reused and again.complete and again.items_encoded == 0 and table_bytes(out) == before
+    # another plan (here the batch size) or resume=False embeds anew, replacing the table atomically
+    assert not run(small_prepared, minilm, out, batch_size=8).reused
+    assert read_table_metadata(out)["batch_size"] == 8
+    forced = run(small_prepared, minilm, out, resume=False)
+    assert not forced.reused and forced.items_encoded == 40 and table_bytes(out) == before
 
 
 def test_a_crash_before_the_first_chunk_leaves_nothing_that_refuses_another_run(tmp_path, reference, small_prepared,
