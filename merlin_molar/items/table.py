@@ -221,7 +221,43 @@ def _plan(prepared, encoder, items, no_content, prompts, batch_size: int, chunk_
         "chunk_batches": chunk_batches,
         "no_content_ids": no_content,
         "chunks": [ids[i : i + chunk] for i in range(0, len(ids), chunk)],
+        # what the ids and names above do not show: the items' text and images, and the encoder's weights
+        "content_sha256": _content_digest(items, encoder.uses_images),
+        "weights": _files_identity(encoder.describe().get("name_or_path")),
     }
+
+
+def _file_stamp(path: Path) -> list:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _content_digest(items: Sequence[ItemContent], uses_images: bool) -> str:
+    """sha256 of every item's text fields and image path (with the image file's size and modification
+    time when the encoder reads images), by id."""
+    h = hashlib.sha256()
+    for item in sorted(items, key=lambda i: i.item_id):
+        image = None
+        if item.image:
+            path = Path(item.image)
+            image = [item.image, *(_file_stamp(path) if uses_images and path.is_file() else [])]
+        h.update(json.dumps([item.item_id, item.fields, image]).encode())
+    return h.hexdigest()
+
+
+def _files_identity(name_or_path) -> Optional[str]:
+    """sha256 of the relative paths, sizes and modification times of a model's files (a directory or one
+    file), so that a model rewritten in place (e.g. stage 1 run again into the same directory) is told
+    apart; ``None`` for a name that is not a local path."""
+    if not name_or_path or not Path(name_or_path).exists():
+        return None
+    root = Path(name_or_path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(json.dumps([str(path.relative_to(root)) if root.is_dir() else path.name,
+                             *_file_stamp(path)]).encode())
+    return h.hexdigest()
 
 
 def _plan_digest(plan: dict) -> str:

@@ -1,4 +1,5 @@
 
+import os
 import shutil
 
 import numpy as np
@@ -136,6 +137,35 @@ def test_a_finished_table_of_the_same_plan_is_reused_not_encoded_again(tmp_path,
     assert read_table_metadata(out)["batch_size"] == 8
     forced = run(small_prepared, minilm, out, resume=False)
     assert not forced.reused and forced.items_encoded == 40 and table_bytes(out) == before
+
+
+def test_a_finished_table_is_not_reused_after_the_item_text_or_the_encoder_weights_change(
+        tmp_path, reference, small_raw, minilm):
+    from merlin_molar.data import RawDataset, prepare
+
+    prepared = prepare(small_raw, tmp_path / "prepared", max_length=20)
+    out = prepared.root / "item_table"
+    shutil.copytree(reference, out)
+    assert run(prepared, minilm, out).reused
+    # the user edits a title in their item file and prepares again: same ids, same interactions, new text
+    items = small_raw.items.copy()
+    title = next(c for c in small_raw.text_columns if c in items)
+    items.loc[items.index[5], title] = "a title edited after the table was made"
+    edited_raw = RawDataset(small_raw.interactions, items, small_raw.source, small_raw.text_columns)
+    prepared = prepare(edited_raw, tmp_path / "prepared", max_length=20)
+    edited = run(prepared, minilm, out)
+    assert not edited.reused and edited.items_encoded == 40 and table_bytes(out) != table_bytes(reference)
+    assert run(prepared, minilm, out).reused
+    # the same encoder path, its files rewritten (a stage-1 run into the same directory)
+    model = tmp_path / "encoder"
+    shutil.copytree(minilm.name_or_path, model)
+    from merlin_molar.items import build_encoder
+
+    assert not run(prepared, build_encoder(str(model), device="cpu"), out).reused
+    assert run(prepared, build_encoder(str(model), device="cpu"), out).reused
+    weights = next(p for p in sorted(model.rglob("*.safetensors")))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert not run(prepared, build_encoder(str(model), device="cpu"), out).reused
 
 
 def test_a_crash_before_the_first_chunk_leaves_nothing_that_refuses_another_run(tmp_path, reference, small_prepared,
