@@ -561,14 +561,13 @@ def new_items_on_model_scale(model_scores: Callable, new_item_scores: Callable, 
     quantile mapping :func:`merlin_molar.models.task.calibrated_new_item_scores` applies to the content tower).
     The cold-start trade-off uses it to compare ways of scoring new items at the same warm cost."""
     from merlin_molar.evaluation import FIRST_ITEM_ID
+    from merlin_molar.models.task import rank_matched
 
     def score(histories):
         scores = model_scores(histories).clone()
         other = new_item_scores(histories).float()
-        by_other = other[:, FIRST_ITEM_ID:known].sort(dim=-1).values.contiguous()
-        by_model = scores[:, FIRST_ITEM_ID:known].sort(dim=-1).values
-        rank = torch.searchsorted(by_other, other[:, known:].contiguous()).clamp(max=by_model.size(1) - 1)
-        scores[:, known:] = by_model.gather(-1, rank)
+        scores[:, known:] = rank_matched(other[:, FIRST_ITEM_ID:known], scores[:, FIRST_ITEM_ID:known],
+                                         other[:, known:])
         return scores
 
     return score

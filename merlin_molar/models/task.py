@@ -81,11 +81,18 @@ def calibrated_new_item_scores(
     new_c = content_logp[:, known:]
     if method == "content" or id_weight <= 0:
         return new_c
-    c_sorted = content_logp[:, FIRST_ITEM_ID:known].sort(dim=-1).values
-    d_sorted = id_logp[:, FIRST_ITEM_ID:known].sort(dim=-1).values
-    rank = torch.searchsorted(c_sorted.contiguous(), new_c.contiguous())  # known items with a lower content score
-    imputed = d_sorted.gather(-1, rank.clamp(max=d_sorted.size(-1) - 1))
+    imputed = rank_matched(content_logp[:, FIRST_ITEM_ID:known], id_logp[:, FIRST_ITEM_ID:known], new_c)
     return (1 - id_weight) * new_c + id_weight * imputed
+
+
+def rank_matched(known_by: torch.Tensor, known_to: torch.Tensor, new_by: torch.Tensor) -> torch.Tensor:
+    """Per row, each ``new_by`` value mapped to the ``known_to`` scale by rank: the ``known_to`` value found at
+    the rank (among the known items, ascending) that the new value would take among ``known_by`` (quantile
+    mapping; ``known_by`` and ``known_to`` score the same known items)."""
+    by_sorted = known_by.sort(dim=-1).values.contiguous()
+    to_sorted = known_to.sort(dim=-1).values
+    rank = torch.searchsorted(by_sorted, new_by.contiguous())  # known items with a lower score
+    return to_sorted.gather(-1, rank.clamp(max=to_sorted.size(-1) - 1))
 
 
 def scores_with_new_items(
