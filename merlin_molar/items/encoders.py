@@ -31,7 +31,7 @@ import numpy as np
 
 from merlin_molar.errors import MolarDataError
 from merlin_molar.items.images import load_image
-from merlin_molar.items.prompts import CUR_ITEM_TOKEN, SENTENCE_PROMPTS, ItemContent, ItemPromptBuilder
+from merlin_molar.items.prompts import CUR_ITEM_TOKEN, SENTENCE_PROMPTS, TEXT_FIT, ItemContent, ItemPromptBuilder
 
 LOG = logging.getLogger(__name__)
 STAGE1_META = "molar_stage1.json"
@@ -153,11 +153,18 @@ class SentenceEncoder(ItemEncoder):
         self.dim = int(self.model.get_embedding_dimension())
         self.stage1 = read_stage1_meta(self.name_or_path)
         self._torch = torch
+        self._budget = None  # item-text tokens that fit the model's window next to the template and [CLS]/[SEP]
+        if self.model.max_seq_length:
+            tokenizer = self.model.tokenizer
+            around = tokenizer(self.prompts.text_only_template.format(text=""), add_special_tokens=False)
+            self._budget = (self.model.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
+                            - len(around["input_ids"]))
 
     def _texts(self, items: Sequence[ItemContent]) -> List[str]:
         for item in items:
             _require_text(item, self.kind)
-        return [self.prompts.prompt(item, image_placeholder=None) for item in items]
+        return [self.prompts.prompt(item, None, self.prompts.fitted_text(item, self.model.tokenizer, self._budget))
+                for item in items]
 
     def lengths(self, items: Sequence[ItemContent]) -> List[int]:
         ids = self.model.tokenizer(self._texts(items), add_special_tokens=False)["input_ids"]
@@ -179,6 +186,7 @@ class SentenceEncoder(ItemEncoder):
             "dim": self.dim,
             "dtype": _dtype_name(self.dtype),
             "max_seq_length": self.model.max_seq_length,
+            "text_fit": TEXT_FIT,
             "pooling": "sentence-transformers modules (mean pooling + normalize for all-MiniLM-L6-v2)",
             "prompts": self.prompts.describe(),
         }
@@ -316,11 +324,7 @@ class _CurItemEncoder(ItemEncoder):
         self._torch = torch
 
     def _text(self, item: ItemContent) -> str:
-        text = self.prompts.item_text(item)
-        if self.max_text_tokens is None:
-            return text
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= self.max_text_tokens else self.tokenizer.decode(ids[: self.max_text_tokens])
+        return self.prompts.fitted_text(item, self.tokenizer, self.max_text_tokens)
 
     def forward(self, batch: PreparedBatch) -> EncodedBatch:
         return EncodedBatch(self._hidden_at_cur_item(batch.inputs), batch.used_image, batch.image_problems)
@@ -349,6 +353,7 @@ class _CurItemEncoder(ItemEncoder):
             "dtype": _dtype_name(self.dtype),
             "attn_implementation": self.attn_implementation,
             "max_text_tokens": self.max_text_tokens,
+            "text_fit": TEXT_FIT,
             "embedding": f"last-layer hidden state at {CUR_ITEM_TOKEN}",
             "prompts": self.prompts.describe(),
         }

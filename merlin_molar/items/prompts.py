@@ -14,7 +14,7 @@ The default template is the Molar paper's MIRM prompt; the embedding is read at 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
@@ -26,6 +26,9 @@ DEFAULT_TEMPLATE = (
     "Compress the text and image into embedding. Item information: {text}. Item Image: {image}. " + CUR_ITEM_TOKEN
 )
 DEFAULT_TEXT_ONLY_TEMPLATE = "Compress the text into embedding. Item information: {text}. " + CUR_ITEM_TOKEN
+# how an item text longer than the encoder's token budget is shortened (recorded in the encoder's description,
+# so a table embedded under another rule is neither reused nor extended with rows made under this one)
+TEXT_FIT = "fields in order; over the token budget the longest values are cut to one common length"
 
 
 def _present(value) -> bool:
@@ -84,6 +87,36 @@ class ItemPromptBuilder:
     def item_text(self, item: ItemContent) -> str:
         return self.field_separator.join(self.field_template.format(name=n, value=v) for n, v in item.fields)
 
+    def fitted_text(self, item: ItemContent, tokenizer, budget: Optional[int]) -> str:
+        """:meth:`item_text`, at most ``budget`` tokens of ``tokenizer`` long (``None``: no limit).
+
+        A text over the budget keeps every field in its place; the values longer than a common length are cut
+        to it, the longest first, and the shorter ones stay whole. So a long description in the first column
+        of a product catalogue cannot push the title and brand after it out of the encoder's window, as
+        cutting the joined text at the end would. A text within the budget is returned unchanged."""
+        text = self.item_text(item)
+        if budget is None or not item.fields:
+            return text
+
+        def count(s: str) -> int:
+            return len(tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"])
+
+        total = count(text)
+        if total <= budget:
+            return text
+        ids = [tokenizer(value, add_special_tokens=False, verbose=False)["input_ids"] for _, value in item.fields]
+        room = budget - (total - sum(len(x) for x in ids))  # what the names and separators leave for values
+        for _ in range(4):  # token counts of the parts do not add up exactly: shrink by the overshoot
+            cap = _common_length([len(x) for x in ids], room)
+            fields = tuple((name, value if len(x) <= cap else tokenizer.decode(x[:cap]).strip())
+                           for (name, value), x in zip(item.fields, ids))
+            text = self.item_text(replace(item, fields=fields))
+            total = count(text)
+            if total <= budget:
+                break
+            room -= total - budget
+        return text  # a last overshoot of a few tokens is cut at the end by the encoder's own truncation
+
     def prompt(self, item: ItemContent, image_placeholder: Optional[str], text: Optional[str] = None) -> str:
         """The prompt for ``item``; the image template only where ``image_placeholder`` is given."""
         text = self.item_text(item) if text is None else text
@@ -125,6 +158,17 @@ class ItemPromptBuilder:
             "field_template": self.field_template,
             "field_separator": self.field_separator,
         }
+
+
+def _common_length(lengths: Sequence[int], room: int) -> int:
+    """The largest ``c >= 1`` with ``sum(min(length, c)) <= room`` (1 where even that does not fit)."""
+    lengths, used = sorted(lengths), 0
+    for i, length in enumerate(lengths):
+        left = len(lengths) - i
+        if used + length * left > room:
+            return max(1, (room - used) // left)
+        used += length
+    return lengths[-1] if lengths else 1
 
 
 SENTENCE_PROMPTS = ItemPromptBuilder(text_only_template="{text}")

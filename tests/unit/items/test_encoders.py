@@ -154,6 +154,34 @@ def test_long_text_is_truncated_but_keeps_cur_item(backbones):
     assert encoder.encode([long_item]).embeddings.shape == (1, 32)
 
 
+LONG_DESCRIPTION = " ".join(["durable waterproof hiking boot with a padded collar and a grippy sole"] * 40)
+
+
+def _after_a_long_description(title):
+    return ItemContent(3, (("description", LONG_DESCRIPTION), ("title", title), ("brand", "Acme")))
+
+
+def test_minilm_sees_a_title_that_follows_a_long_description(minilm):
+    """Cutting the joined text at the encoder's window would drop everything after the description: two
+    items that differ only in their title would get the same vector."""
+    text = minilm._texts([_after_a_long_description("Trailblazer X9")])[0]
+    assert text.endswith("; title: Trailblazer X9; brand: Acme")
+    assert len(minilm.model.tokenizer(text)["input_ids"]) <= minilm.model.max_seq_length
+    a, b = minilm.encode([_after_a_long_description("Trailblazer X9"),
+                          _after_a_long_description("Summit Runner")]).embeddings
+    assert float(a @ b) < 0.999
+    assert minilm.describe()["text_fit"]
+
+
+def test_llm_encoder_fits_the_fields_into_max_text_tokens(backbones):
+    encoder = build_encoder(backbones["qwen2"], device="cpu", max_text_tokens=120)
+    text = encoder._text(_after_a_long_description("Trailblazer X9"))
+    assert "title: Trailblazer X9; brand: Acme" in text
+    assert len(encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) <= 120
+    short = ItemContent(3, (("title", "Toy Story"),))
+    assert encoder._text(short) == "title: Toy Story"
+
+
 def test_cur_item_row_is_the_mean_embedding(backbones):
     encoder = build_encoder(backbones["qwen2"], device="cpu")
     weight = encoder.model.get_input_embeddings().weight

@@ -61,3 +61,44 @@ def test_templates_are_validated():
 def test_with_columns_fills_only_open_columns():
     assert ItemPromptBuilder().with_columns(["a"]).text_columns == ("a",)
     assert ItemPromptBuilder(text_columns=("b",)).with_columns(["a"]).text_columns == ("b",)
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word: enough to check the arithmetic of fitted_text."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=True):
+        return {"input_ids": text.split()}
+
+    def decode(self, ids):
+        return " ".join(ids)
+
+
+def test_fitted_text_within_budget_is_unchanged():
+    builder = ItemPromptBuilder(text_columns=("title", "year"))
+    item = ItemContent(3, (("title", "Toy Story"), ("year", "1995")))
+    assert builder.fitted_text(item, WordTokenizer(), 100) == builder.item_text(item)
+    assert builder.fitted_text(item, WordTokenizer(), None) == builder.item_text(item)
+
+
+def test_fitted_text_cuts_the_longest_values_and_keeps_every_field():
+    builder = ItemPromptBuilder(text_columns=("description", "title", "brand"))
+    description = " ".join(f"w{i}" for i in range(500))
+    features = " ".join(f"f{i}" for i in range(60))
+    item = ItemContent(3, (("description", description), ("title", "Trailblazer X9 Boot"), ("brand", "Acme"),
+                           ("features", features)))
+    text = builder.fitted_text(item, WordTokenizer(), 50)
+    assert len(text.split()) <= 50
+    # every field in its place; the short ones whole; the two long ones cut to the same length
+    assert text.startswith("description: w0 w1 ")
+    assert "; title: Trailblazer X9 Boot; brand: Acme; features: f0 f1 " in text
+    kept_description = text.split("; title:")[0].split()[1:]
+    kept_features = text.split("features: ")[1].split()
+    assert len(kept_description) == len(kept_features) >= 15
+    assert kept_description == description.split()[: len(kept_description)]
+
+
+def test_fitted_text_with_a_budget_below_the_field_names_still_names_each_field():
+    builder = ItemPromptBuilder(text_columns=("a", "b"))
+    item = ItemContent(3, (("a", "x " * 30), ("b", "y " * 30)))
+    text = builder.fitted_text(item, WordTokenizer(), 3)
+    assert text.startswith("a: x") and "; b: y" in text
