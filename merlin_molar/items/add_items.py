@@ -184,7 +184,10 @@ def _check_encoder(metadata: dict, encoder, table_dir: Path):
     differs = sorted(k for k in keys if described.get(k) != recorded.get(k))
     if differs:
         detail = ", ".join(f"{k}: {described.get(k)!r} vs {recorded.get(k)!r}" for k in differs[:3])
-        raise MolarDataError("encoder", f"differs from the item table's ({detail}); new rows must use the same encoder")
+        raise MolarDataError(
+            "encoder", f"differs from the item table's ({detail}); new rows must use the same encoder (to change "
+            f"encoder or settings, embed the whole catalogue again: merlin-molar embed-items)"
+        )
     return encoder
 
 

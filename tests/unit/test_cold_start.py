@@ -613,3 +613,19 @@ def test_prior_without_the_raw_data_asks_for_an_explicit_value(cold):
     write_json(cold.root / "molar_manifest.json", {**manifest, "source": str(cold.root / "gone")})
     with pytest.raises(MolarDataError, match="extend-model --new-item-prior NUMBER"):
         item_arrival_order(load_prepared(cold.root))
+
+
+def test_add_items_refuses_a_table_embedded_under_another_text_rule(cold, tmp_path):
+    """A table written before long item texts were fitted field by field records no ``text_fit``: its rows
+    and the new ones would not be embedded alike, so it is refused, with the way out."""
+    import json
+    import shutil
+
+    root = tmp_path / "older_table"
+    shutil.copytree(cold.root, root)
+    metadata_path = root / "item_table" / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    del metadata["encoder"]["text_fit"]
+    metadata_path.write_text(json.dumps(metadata))
+    with pytest.raises(MolarDataError, match=r"text_fit.*embed-items"):
+        add_items(load_prepared(root), root / COLD_ITEMS_FILE, progress=False)
