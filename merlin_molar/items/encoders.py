@@ -153,17 +153,20 @@ class SentenceEncoder(ItemEncoder):
         self.dim = int(self.model.get_embedding_dimension())
         self.stage1 = read_stage1_meta(self.name_or_path)
         self._torch = torch
-        self._budget = None  # item-text tokens that fit the model's window next to the template and [CLS]/[SEP]
-        if self.model.max_seq_length:
-            tokenizer = self.model.tokenizer
-            around = tokenizer(self.prompts.text_only_template.format(text=""), add_special_tokens=False)
-            self._budget = (self.model.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
-                            - len(around["input_ids"]))
+
+    def _text_budget(self) -> Optional[int]:
+        """Item-text tokens that fit the model's window next to the template and [CLS]/[SEP]."""
+        if not self.model.max_seq_length:
+            return None
+        tokenizer = self.model.tokenizer
+        around = tokenizer(self.prompts.text_only_template.format(text=""), add_special_tokens=False)
+        return self.model.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False) - len(around["input_ids"])
 
     def _texts(self, items: Sequence[ItemContent]) -> List[str]:
         for item in items:
             _require_text(item, self.kind)
-        return [self.prompts.prompt(item, None, self.prompts.fitted_text(item, self.model.tokenizer, self._budget))
+        budget = self._text_budget()
+        return [self.prompts.prompt(item, None, self.prompts.fitted_text(item, self.model.tokenizer, budget))
                 for item in items]
 
     def lengths(self, items: Sequence[ItemContent]) -> List[int]:
