@@ -7,7 +7,7 @@
 
 Steps: NVTabular prepare -> MIRM item table (text + 224-px poster through the model's real processor;
 the 450 rated movies without a poster are encoded text-only and listed in the table metadata) ->
-SASRec -> Molar (DUEG + frozen SASRec ID branch, post-aligned) -> test metrics.
+SASRec -> Molar (DUEG + frozen SASRec ID branch, scores fused; the CLI defaults) -> test metrics.
 """
 import argparse
 import os

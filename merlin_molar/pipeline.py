@@ -168,8 +168,9 @@ def train(
     directory that belongs to another dataset or configuration is refused.
 
     ``init_id_branch_from`` (a saved SASRec or GRU4Rec model directory) is the recommended Molar recipe, the
-    paper's post-alignment: the trained ID model becomes Molar's ID branch, with its own architecture
-    (``id_model`` and its config) and, unless ``model_options`` say otherwise, frozen (``id_branch="frozen"``)."""
+    paper's post-alignment setting: the trained ID model becomes Molar's ID branch, with its own architecture
+    (``id_model`` and its config) and, unless ``model_options`` say otherwise, frozen (``id_branch="frozen"``).
+    The alignment loss itself is off there (``alpha`` 0) unless ``model_options`` give it (see ``MolarConfig``)."""
     output_dir = Path(output_dir)
     train_config = train_config or TrainConfig()
     check_train_config(train_config)

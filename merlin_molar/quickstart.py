@@ -45,7 +45,7 @@ def run_quickstart(data: Optional[str] = None, workdir="outputs/quickstart", epo
     print(f"[3/5] SASRec (Transformers4Rec Trainer, early stopping on validation NDCG@10, seed {SEED})")
     results = {SASREC_ROW: train(prepared, "sasrec", workdir / "runs" / "sasrec", None, config)}
     print("[4/5] Molar: DUEG (random-init 2-layer Qwen2) over the item table (MoE adaptor), the trained SASRec "
-          "as its frozen ID branch, post-aligned; fusion weight chosen on validation")
+          "as its frozen ID branch; fusion weight chosen on validation")
     results[MOLAR_ROW] = train(
         prepared, "molar", workdir / "runs" / "molar", None, config, item_table_path=table,
         init_id_branch_from=results[SASREC_ROW]["model_dir"],

@@ -29,6 +29,8 @@ from merlin_molar.models.task import MolarTask
 
 ID_BRANCHES = ("joint", "frozen", "none")
 ALIGN_POSITIONS = ("last", "all")
+# the post-alignment weight when none is given, by ID branch (see MolarConfig)
+DEFAULT_ALPHA = {"frozen": 0.0, "joint": 0.1, "none": 0.0}
 
 
 @dataclass
@@ -44,6 +46,12 @@ class MolarConfig:
     from the DUEG's: the alignment projects content user embeddings to it.
     ``id_weight`` fuses the two scores; after training it is chosen on the validation split from
     ``id_weight_grid`` (an empty grid keeps ``id_weight``).
+    ``alpha`` weighs the paper's post-alignment loss (content vs ID user embeddings, symmetric InfoNCE at
+    ``temperature``). Left unset it follows the ID branch, as measured: 0 with a frozen branch (the
+    recommended recipe; alignment at 0.1 was level with none on ML-1M and ML-100K at length 200 and behind
+    it on ML-100K at length 50 and the sparse proxy, the ``molar_align`` rows of
+    ``benchmarks/results/quality_*.json``), 0.1 with a joint one (its only comparison, one ML-100K seed
+    in ``molar_ml100k.json``, had alignment ahead), 0 without one.
     ``content_adaptor`` maps the frozen item table into the DUEG: ``"moe"`` (default, a whitened mixture of
     ``adaptor_experts`` adaptors, ahead of ``"linear"`` on every seed of both quality regimes,
     ``benchmarks/results/quality_*.json``) or ``"linear"``; configs saved without the field load as linear.
@@ -57,7 +65,7 @@ class MolarConfig:
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
     rec_loss: Literal["ce", "infonce", "bce"] = "ce"
-    alpha: float = 0.1
+    alpha: Optional[float] = None  # None: DEFAULT_ALPHA of the id_branch
     temperature: float = 0.1
     id_weight: float = 0.5
     id_weight_grid: Tuple[float, ...] = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
@@ -71,6 +79,8 @@ class MolarConfig:
 
     def __post_init__(self):
         check_choice("id_branch", self.id_branch, ID_BRANCHES)
+        if self.alpha is None:
+            self.alpha = DEFAULT_ALPHA[self.id_branch]
         check_choice("rec_loss", self.rec_loss, REC_LOSSES)
         check_choice("align_positions", self.align_positions, ALIGN_POSITIONS)
         check_choice("id_model", self.id_model, tuple(ID_MODELS))

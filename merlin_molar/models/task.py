@@ -121,8 +121,9 @@ class MolarTask(FullRankingNextItemTask):
       masking, ``"bce"`` one sampled negative) scores the content user embedding against the content item
       tower (the projected MIRM table, via weight tying);
     * if the ID branch is trainable, the same loss trains it against its own item-id embeddings;
-    * the symmetric InfoNCE aligns content and ID user embeddings (in-batch users as negatives), at each
-      user's last position (``align_positions="last"``) or at up to ``max_align_rows`` positions (``"all"``).
+    * with ``alpha`` > 0 (off by default, see ``MolarConfig``), the symmetric InfoNCE aligns content and ID
+      user embeddings (in-batch users as negatives), at each user's last position (``align_positions="last"``)
+      or at up to ``max_align_rows`` positions (``"all"``).
 
     Scores for ranking are ``(1 - id_weight) * log_softmax(content) + id_weight * log_softmax(id)``:
     ``id_weight=0`` is content only, ``1`` is ID only.
@@ -131,7 +132,7 @@ class MolarTask(FullRankingNextItemTask):
     def __init__(
         self,
         rec_loss: str = "ce",
-        alpha: float = 0.1,
+        alpha: float = 0.0,
         temperature: float = 0.1,
         id_weight: float = 0.5,
         id_dim: Optional[int] = None,

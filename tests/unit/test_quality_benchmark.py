@@ -94,4 +94,22 @@ def test_molar_stage1_reads_the_stage1_table_and_the_same_seeds_sasrec(quality, 
         ("sasrec", "sasrec-seed1", None, None),
         ("molar", "molar_stage1-seed1", "table_stage1", tmp_path / "sasrec-seed1" / "model"),
     ]
-    assert quality.VARIANTS["molar_stage1"] == quality.VARIANTS["molar"]  # the recipe is the same
+    assert quality.VARIANTS["molar_stage1"] == quality.VARIANTS["molar_align"]  # the recipe it was measured with
+
+
+def saved_molar_run(run_dir, **config):
+    from merlin_molar.io import write_json
+    from merlin_molar.models.molar import MolarConfig
+
+    write_json(run_dir / "model" / "molar_model.json", {"config": MolarConfig(**config).to_dict()})
+    return run_dir
+
+
+def test_a_finished_run_is_reported_only_under_the_variant_it_is(quality, tmp_path):
+    aligned = saved_molar_run(tmp_path / "a", id_branch="frozen", alpha=0.1)
+    quality.check_finished_run(aligned, "molar_align")
+    with pytest.raises(SystemExit, match="not variant 'molar'.*alpha"):  # a run made before alpha's default was 0
+        quality.check_finished_run(aligned, "molar")
+    quality.check_finished_run(saved_molar_run(tmp_path / "b", id_branch="frozen", alpha=0.0), "molar")
+    # content only has no ID branch to align with: its alpha does not matter
+    quality.check_finished_run(saved_molar_run(tmp_path / "c", id_branch="none", alpha=0.1), "content_only")

@@ -141,6 +141,8 @@ def test_molar_takes_over_a_trained_sasrec_as_its_frozen_id_branch(tiny_prepared
                   init_id_branch_from=sasrec["model_dir"])
     model, _, molar_config, _ = load_model(molar["model_dir"])
     assert molar_config.id_branch == "frozen"
+    assert molar_config.alpha == 0.0  # the recommended recipe trains without the alignment loss
+    assert model.heads[0].prediction_task_dict["next-item"].alpha == 0.0
     assert (molar_config.sasrec.d_model, molar_config.sasrec.n_heads) == (24, 2)
     trained_sasrec = load_model(sasrec["model_dir"])[0].heads[0].body.state_dict()
     id_branch = model.heads[0].body.id_body.state_dict()
@@ -155,3 +157,13 @@ def test_the_moe_adaptor_is_the_default_and_old_configs_keep_the_linear_one():
     saved_before_the_choice = MolarConfig(content_adaptor="linear").to_dict()
     del saved_before_the_choice["content_adaptor"]  # as a model saved by merlin-molar before the field existed
     assert MolarConfig.from_dict(saved_before_the_choice).content_adaptor == "linear"
+
+
+def test_alpha_follows_the_id_branch_unless_given():
+    assert MolarConfig(id_branch="frozen").alpha == 0.0  # measured: alignment did not help a frozen branch
+    assert MolarConfig().alpha == MolarConfig(id_branch="joint").alpha == 0.1  # one seed had it ahead there
+    assert MolarConfig(id_branch="none").alpha == 0.0  # nothing to align with
+    assert MolarConfig(id_branch="frozen", alpha=0.3).alpha == 0.3
+    saved = MolarConfig(id_branch="frozen").to_dict()
+    assert saved["alpha"] == 0.0 and MolarConfig.from_dict(saved).alpha == 0.0  # saved resolved, not as None
+    assert MolarConfig.from_dict(MolarConfig(id_branch="joint").to_dict()).alpha == 0.1
