@@ -121,7 +121,7 @@ class MolarTask(FullRankingNextItemTask):
       masking, ``"bce"`` one sampled negative) scores the content user embedding against the content item
       tower (the projected MIRM table, via weight tying);
     * if the ID branch is trainable, the same loss trains it against its own item-id embeddings;
-    * with ``alpha`` > 0 (off by default, see ``MolarConfig``), the symmetric InfoNCE aligns content and ID
+    * with ``alpha`` > 0 (``MolarConfig`` sets it by ID branch), the symmetric InfoNCE aligns content and ID
       user embeddings (in-batch users as negatives), at each user's last position (``align_positions="last"``)
       or at up to ``max_align_rows`` positions (``"all"``).
 
