@@ -16,8 +16,10 @@ One run, one split:
 3. ``add_items(prepared, prepared/cold_items.csv)``: vocabulary and table extended (catalogue version 2).
 4. Full-ranking test evaluation over the extended catalogue, history masked, reported separately for
    users whose test target is a cold item and users whose target is warm:
-   ``molar`` (the trained model, extended, new items scored with the calibrated content score plus the
-   new-item prior chosen on the validation split, ``cold_start.estimate_new_item_prior``),
+   ``molar`` (the trained model, extended, new items scored with their content log-probability and the ID
+   branch's log-probability of an ID embedding imputed from content, plus the new-item prior chosen on the
+   validation split, ``cold_start.estimate_new_item_prior``), ``molar_quantile`` (the earlier calibration:
+   the ID score taken at the new item's content rank, with its own prior chosen the same way),
    ``molar_no_prior`` (the same without the prior),
    ``molar_old_catalogue`` (the same model, new items not added: it cannot rank them),
    ``content_knn`` (cosine of the MIRM vectors to the last history item), ``popularity`` (training
@@ -27,9 +29,10 @@ One run, one split:
    ``estimate_new_item_prior(rule="actual_budget")``) to show what the calibration, the ID branch and the
    prior's rule contribute.
 5. The warm-cost trade-off (``warm_cost_tradeoff``): cold hits@10 against the warm NDCG@10 cost for the
-   model's own new-item scores and for content kNN placed on the model's scale, with an offset on the new
-   items swept on the test split. An oracle frontier: it shows what each way of scoring new items can reach
-   at a given warm cost (and what content kNN's own cold hits cost the warm users), not a setting.
+   model's own new-item scores (imputed and quantile) and for content kNN placed on the model's scale, with
+   an offset on the new items swept on the test split. An oracle frontier: it shows what each way of scoring
+   new items can reach at a given warm cost (and what content kNN's own cold hits cost the warm users), not
+   a setting.
 
 Writes benchmarks/results/<name>.json with a top-level ``summary`` {variant: {cold: {...}, warm: {...}}},
 the targets and whether they were met, the exact command and the machine.
@@ -183,6 +186,7 @@ def tradeoff_curves(prepared, model_dir, table_dir, known: int, width: int) -> d
     model, kind, _, _ = load_model(model_dir)
     model = model_for_catalogue(model, kind, prepared, table_dir, new_item_prior=0.0)
     molar = model_scorer(model, prepared.item_cardinality)
+    quantile = model_scorer(model, prepared.item_cardinality, new_item_scoring="quantile")
     knn = content_knn_scorer(load_item_table(table_dir, prepared))
     # a per-user gate, for comparison: users who watch recently arrived items are likelier to pick a new one.
     # The offset grows with the share of the user's last 10 history items among the latest 20% of the known
@@ -201,7 +205,8 @@ def tradeoff_curves(prepared, model_dir, table_dir, known: int, width: int) -> d
         return score
 
     curves = warm_cost_tradeoff(prepared, {
-        "molar": molar, "content_knn_on_molar_scale": new_items_on_model_scale(molar, knn, known),
+        "molar": molar, "molar_quantile": quantile,
+        "content_knn_on_molar_scale": new_items_on_model_scale(molar, knn, known),
         **{f"molar_recency_gate_{beta:g}": recency_gated(molar, beta) for beta in RECENCY_GATES},
     }, known, items=width)
     print("\ncold hits@10 against warm NDCG@10 cost (offset on the new items swept on the test split; oracle):")
@@ -273,16 +278,15 @@ def main(argv=None):
     knn_cold = s["content_knn"]["cold"]["recall@10"]
     old_warm = s["molar_old_catalogue"]["warm"]["ndcg@10"]
     cold_users = results["molar"]["cold"]["users"]
+    compared = [v for v in ("molar", "molar_no_prior", "molar_quantile", "content_knn") if v in results]
     targets = {
         "cold_recall@10_vs_content_knn": {
             "target": ">= 2x",
             "ratio": s["molar"]["cold"]["recall@10"] / knn_cold if knn_cold else None,
             "met": s["molar"]["cold"]["recall@10"] >= 2 * knn_cold,
             "cold_users": cold_users,
-            "hits@10": {v: results[v]["cold"]["hits@10"] for v in ("molar", "molar_no_prior", "content_knn")},
-            "wilson95_recall@10": {
-                v: wilson(results[v]["cold"]["hits@10"], cold_users) for v in ("molar", "molar_no_prior", "content_knn")
-            },
+            "hits@10": {v: results[v]["cold"]["hits@10"] for v in compared},
+            "wilson95_recall@10": {v: wilson(results[v]["cold"]["hits@10"], cold_users) for v in compared},
             "note": f"{cold_users} cold users: recall@10 moves by {1 / cold_users:.4f} per hit; the 95% Wilson "
                     "intervals show how little a ratio of two such rates says when they overlap",
             "content_knn_warm_ndcg@10_cost": 1 - s["content_knn"]["warm"]["ndcg@10"] / old_warm if old_warm else None,
@@ -303,13 +307,23 @@ def main(argv=None):
             "hits@10": results["molar_actual_budget"]["cold"]["hits@10"],
             "warm_ndcg@10_cost": 1 - actual["warm"]["ndcg@10"] / old_warm if old_warm else None,
         }
+    if "molar_quantile" in s:  # the earlier calibration, its own prior chosen the same way, in the same run
+        quantile = s["molar_quantile"]
+        targets["with_quantile_scoring"] = {
+            "prior": details["quantile_prior_estimate"]["prior"],
+            "cold_recall@10_ratio_vs_content_knn": quantile["cold"]["recall@10"] / knn_cold if knn_cold else None,
+            "hits@10": results["molar_quantile"]["cold"]["hits@10"],
+            "warm_ndcg@10_cost": 1 - quantile["warm"]["ndcg@10"] / old_warm if old_warm else None,
+        }
     for name, v in targets.items():
         print(f"{name}: {v}")
     out = {
         "benchmark": args.name,
         "summary": s,
         "targets": targets,
-        "new_item_prior": {"value": details["new_item_prior"], "estimate": details["new_item_prior_estimate"]},
+        "new_item_prior": {"value": details["new_item_prior"], "estimate": details["new_item_prior_estimate"],
+                           **({"quantile_estimate": details["quantile_prior_estimate"]}
+                              if "quantile_prior_estimate" in details else {})},
         "command": command_line(),
         "git_commit": git_commit(),
         "date": now(),

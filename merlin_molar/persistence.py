@@ -117,7 +117,8 @@ def load_model(path) -> tuple:
     if kind == "molar" and meta.get("catalogue_extension"):
         from merlin_molar.cold_start import extend_catalogue
 
-        extension = meta["catalogue_extension"]  # saved before the prior existed: 0, as it was scored then
+        # saved before the prior or the imputed scoring existed: scored as it was then (0, "quantile")
+        extension = meta["catalogue_extension"]
         extend_catalogue(model, kind, table, extension.get("new_item_scoring", "quantile"),
                          float(extension.get("new_item_prior", 0.0)))
     return model.eval(), kind, config, schema
@@ -136,7 +137,7 @@ def with_item_cardinality(schema: Schema, cardinality: int) -> Schema:
 
 
 def extend_saved_model(
-    model_dir, prepared, output_dir, item_table=None, new_item_scoring: str = "quantile", new_item_prior="auto"
+    model_dir, prepared, output_dir, item_table=None, new_item_scoring: str = "imputed", new_item_prior="auto"
 ) -> Path:
     """Write ``output_dir``: the saved Molar model of ``model_dir`` made to score ``prepared``'s current catalogue
     (items added with ``add-items`` since training), with no retraining. The weights are copied unchanged;

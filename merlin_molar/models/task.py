@@ -56,21 +56,30 @@ class FullRankingNextItemTask(NextItemPredictionTask):
         return torch.topk(scores, k=top_k, dim=-1)
 
 
-NEW_ITEM_SCORING = ("quantile", "content")
+NEW_ITEM_SCORING = ("imputed", "quantile", "content")
 
 
 def calibrated_new_item_scores(
-    content_logp: torch.Tensor, id_logp: torch.Tensor, id_weight: float, method: str = "quantile"
+    content_logp: torch.Tensor,
+    id_logp: torch.Tensor,
+    id_weight: float,
+    method: str = "imputed",
+    imputed_logits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused-scale scores for the items the ID branch has no embedding for (ids ``>= id_logp.size(-1)``).
 
     A known item ``i`` scores ``(1 - w) c_i + w d_i`` (``c``, ``d``: content and ID log-softmax). A new item
     ``j`` has only ``c_j``; its missing ``d_j`` is imputed per user so that the score lands on the same scale:
 
-    * ``"quantile"`` (default): ``d_j`` = the ID log-probability found at the same rank among the user's known
-      items as ``c_j`` holds among their content log-probabilities (quantile mapping, content -> ID). A new
-      item that content ranks like the user's 5th known item gets the 5th best ID score, so it competes
-      as such an item would: it neither never ranks nor always ranks first.
+    * ``"imputed"`` (default): ``d_j`` = the ID branch's log-probability of an ID embedding imputed from the
+      item's content (:func:`merlin_molar.cold_start.impute_id_embeddings`, a ridge map fitted on the known
+      items). ``imputed_logits`` are the user's logits against the imputed embeddings of *every* item; the
+      log-softmax is taken over the known items' imputed logits, so ``d_j`` says how likely ``j`` is among
+      the known items as the imputed ID branch sees them all. Unlike the rank mappings, this lets the ID
+      user embedding (the stronger user model) decide which users a new item suits.
+    * ``"quantile"``: ``d_j`` = the ID log-probability found at the same rank among the user's known items as
+      ``c_j`` holds among their content log-probabilities (quantile mapping, content -> ID). A new item that
+      content ranks like the user's 5th known item gets the 5th best ID score.
     * ``"content"``: ``d_j = c_j`` (the content log-softmax alone; the two scales are assumed equal).
 
     The reserved ids (0..2) are left out of the calibration.
@@ -81,7 +90,14 @@ def calibrated_new_item_scores(
     new_c = content_logp[:, known:]
     if method == "content" or id_weight <= 0:
         return new_c
-    imputed = rank_matched(content_logp[:, FIRST_ITEM_ID:known], id_logp[:, FIRST_ITEM_ID:known], new_c)
+    if method == "imputed":
+        if imputed_logits is None or imputed_logits.size(-1) != content_logp.size(-1):
+            raise ValueError("new_item_scoring='imputed' needs the users' logits against every item's imputed "
+                             "ID embedding (cold_start.extend_catalogue computes the embeddings)")
+        normaliser = torch.logsumexp(imputed_logits[:, FIRST_ITEM_ID:known], dim=-1, keepdim=True)
+        imputed = imputed_logits[:, known:] - normaliser
+    else:
+        imputed = rank_matched(content_logp[:, FIRST_ITEM_ID:known], id_logp[:, FIRST_ITEM_ID:known], new_c)
     return (1 - id_weight) * new_c + id_weight * imputed
 
 
@@ -96,16 +112,21 @@ def rank_matched(known_by: torch.Tensor, known_to: torch.Tensor, new_by: torch.T
 
 
 def scores_with_new_items(
-    content_logp: torch.Tensor, id_logp: torch.Tensor, id_weight: float, method: str = "quantile", prior: float = 0.0
+    content_logp: torch.Tensor,
+    id_logp: torch.Tensor,
+    id_weight: float,
+    method: str = "imputed",
+    prior: float = 0.0,
+    imputed_logits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused scores of a catalogue whose last items are unknown to the ID branch (``id_logp`` covers the
     first ``known`` items): known items ``(1 - w) c + w d``, new items :func:`calibrated_new_item_scores`
-    plus ``prior``, a log-prior offset for items added after training (estimated on validation data by
-    :func:`merlin_molar.cold_start.estimate_new_item_prior`). :class:`MolarTask` and the lean serving path
-    both score through this function."""
+    (``imputed_logits``: see there) plus ``prior``, a log-prior offset for items added after training
+    (estimated on validation data by :func:`merlin_molar.cold_start.estimate_new_item_prior`).
+    :class:`MolarTask` and the lean serving path both score through this function."""
     known = id_logp.size(-1)
     fused = (1 - id_weight) * content_logp[:, :known] + id_weight * id_logp
-    new = calibrated_new_item_scores(content_logp, id_logp, id_weight, method)
+    new = calibrated_new_item_scores(content_logp, id_logp, id_weight, method, imputed_logits)
     if prior:
         new = new + prior
     return torch.cat([fused, new], dim=-1)
@@ -157,9 +178,11 @@ class MolarTask(FullRankingNextItemTask):
         self.id_dim = id_dim
         self.id_item_table = None
         self.align_head = None
-        self.new_item_scoring = "quantile"  # how items added after training are scored (see calibrated_new_item_scores)
+        self.new_item_scoring = "imputed"  # how items added after training are scored (see calibrated_new_item_scores)
         self.new_item_prior = 0.0  # their log-prior offset (see scores_with_new_items)
-        self.log_prob_sink = None  # a list: inference appends (content_logp, id_logp) (cold_start's prior estimate)
+        self.imputed_id_table = None  # every item's ID embedding imputed from content (cold_start.extend_catalogue)
+        # a list: inference appends (content_logp, id_logp, id user embeddings) (cold_start's prior estimate)
+        self.log_prob_sink = None
 
     def attach_id_branch(self, id_inputs, content_dim: int) -> None:
         """Called by the model builder: the ID branch's item table and the content -> ID-width projection."""
@@ -179,12 +202,20 @@ class MolarTask(FullRankingNextItemTask):
         id_scores = self.id_loss.logits(ident, self.id_item_table.weight)
         known = id_scores.size(-1)
         if self.log_prob_sink is not None:
-            self.log_prob_sink.append((torch.log_softmax(content_scores, -1), torch.log_softmax(id_scores, -1)))
+            self.log_prob_sink.append(
+                (torch.log_softmax(content_scores, -1), torch.log_softmax(id_scores, -1), ident.detach())
+            )
         if known < content_scores.size(-1):  # items added after training (cold_start.extend_catalogue)
             content_logp = torch.log_softmax(content_scores, -1)
             id_logp = torch.log_softmax(id_scores, -1)
+            imputed = None
+            if self.new_item_scoring == "imputed" and self.id_weight > 0:
+                if self.imputed_id_table is None:
+                    raise MolarDataError("model", "new_item_scoring 'imputed' without imputed ID embeddings: extend "
+                                                  "the model with cold_start.extend_catalogue")
+                imputed = self.id_loss.logits(ident, self.imputed_id_table.to(ident.device))
             return scores_with_new_items(
-                content_logp, id_logp, self.id_weight, self.new_item_scoring, float(self.new_item_prior)
+                content_logp, id_logp, self.id_weight, self.new_item_scoring, float(self.new_item_prior), imputed
             )
         if self.id_weight >= 1:
             return id_scores

@@ -205,6 +205,8 @@ def export_lean(model_dir, output_dir) -> Path:
                     oov = parts["id_table"][OOV_ID].expand(new, -1)
                     tables["id_inputs"] = torch.cat([parts["id_table"], oov])
                     side = torch.cat([side, side.new_zeros(new, side.size(1))])
+                    if task.new_item_scoring == "imputed":  # every item's content-imputed ID embedding
+                        tables["imputed_id"] = _scoring_side(task.id_loss, task.imputed_id_table)[1]
                 sides.append(side)
             tables["scoring"] = torch.cat(sides, dim=1)
         meta["towers"] = {}
@@ -255,6 +257,7 @@ class LeanModel:
         self.content_inputs = tables.get("content_inputs")
         self.id_inputs = tables.get("id_inputs")
         self.scoring = tables[meta.get("scoring_table", "scoring")]
+        self.imputed_id = tables.get("imputed_id")
         self.towers = towers
         self.n_items = self.scoring.size(0)
         self.kinds = {name: meta.get("towers", {}).get(name, "traced") for name in towers}
@@ -333,13 +336,15 @@ class LeanModel:
         if self.mode == "fused":
             meta = self.meta
             content = self._users("content", window, lengths, longest, ragged) @ self._sides["content"].t()
-            ident = self._users("id", window, lengths, longest, ragged) @ self._sides["id"].t()
+            id_users = self._users("id", window, lengths, longest, ragged)
+            ident = id_users @ self._sides["id"].t()
             known = meta.get("known_items")
             if known:  # items added after training: scored by the same function as MolarTask
                 content_logp = torch.log_softmax(content, -1)
                 id_logp = torch.log_softmax(ident[:, :known], -1)
+                imputed = None if self.imputed_id is None else id_users @ self.imputed_id.t()
                 return scores_with_new_items(content_logp, id_logp, self.id_weight, meta["new_item_scoring"],
-                                             float(meta.get("new_item_prior", 0.0)))
+                                             float(meta.get("new_item_prior", 0.0)), imputed)
             return (1 - self.id_weight) * torch.log_softmax(content, -1) + self.id_weight * torch.log_softmax(
                 ident, -1
             )

@@ -17,6 +17,7 @@ from merlin_molar.cold_start import (
     evaluate_cold_start,
     extend_catalogue,
     hold_out_items,
+    impute_id_embeddings,
     model_for_catalogue,
     model_scorer,
     new_items_on_model_scale,
@@ -218,7 +219,7 @@ def test_add_items_resumes_after_interruption(cold, cold_base, tmp_path, monkeyp
 
 
 # --- scoring new items ----------------------------------------------------------------------------------------
-def test_calibrated_scores_put_new_items_at_the_id_score_of_their_content_rank():
+def test_quantile_scores_put_new_items_at_the_id_score_of_their_content_rank():
     torch.manual_seed(0)
     known, new = 13, 3
     content = torch.log_softmax(torch.randn(2, known + new), -1)
@@ -229,7 +230,7 @@ def test_calibrated_scores_put_new_items_at_the_id_score_of_their_content_rank()
     content[:, known] = best
     content[:, known + 1] = best + 1
     content[:, known + 2] = content[:, 3:known].min(-1).values - 1
-    got = calibrated_new_item_scores(content, ident, 0.5)
+    got = calibrated_new_item_scores(content, ident, 0.5, "quantile")
     top_id = ident[:, 3:known].max(-1).values
     # a tie with the best known item gets that item's rank, hence the best ID score
     torch.testing.assert_close(got[:, 0], 0.5 * content[:, known] + 0.5 * top_id)
@@ -237,11 +238,48 @@ def test_calibrated_scores_put_new_items_at_the_id_score_of_their_content_rank()
     torch.testing.assert_close(got[:, 2], 0.5 * content[:, known + 2] + 0.5 * ident[:, 3:known].min(-1).values)
     c, d = content[:, 3:known], ident[:, 3:known]
     middle = torch.cat([content, c.sort(-1).values[:, 4:5] + 1e-6], dim=1)  # just above the 5th lowest
-    got = calibrated_new_item_scores(middle, ident, 0.5)
+    got = calibrated_new_item_scores(middle, ident, 0.5, "quantile")
     torch.testing.assert_close(got[:, -1], 0.5 * middle[:, -1] + 0.5 * d.sort(-1).values[:, 5])
     torch.testing.assert_close(calibrated_new_item_scores(content, ident, 0.5, "content"), content[:, known:])
     with pytest.raises(ValueError):
         calibrated_new_item_scores(content, ident, 0.5, "nope")
+
+
+def test_imputed_scores_are_the_id_log_probability_of_the_imputed_embedding_among_the_known_items():
+    torch.manual_seed(0)
+    known, new = 13, 3
+    content = torch.log_softmax(torch.randn(2, known + new), -1)
+    ident = torch.log_softmax(torch.randn(2, known), -1)
+    imputed_logits = 2 * torch.randn(2, known + new)
+    got = calibrated_new_item_scores(content, ident, 0.25, "imputed", imputed_logits)
+    # log-softmax over the known items' imputed logits (reserved ids 0..2 left out), read at the new items
+    normaliser = torch.logsumexp(imputed_logits[:, 3:known], -1, keepdim=True)
+    torch.testing.assert_close(got, 0.75 * content[:, known:] + 0.25 * (imputed_logits[:, known:] - normaliser))
+    # a user's logits shifted by a constant change nothing: the scale is the known items' own
+    torch.testing.assert_close(calibrated_new_item_scores(content, ident, 0.25, "imputed", imputed_logits + 5.0), got)
+    with pytest.raises(ValueError, match="imputed ID embedding"):
+        calibrated_new_item_scores(content, ident, 0.25, "imputed")
+    with pytest.raises(ValueError, match="imputed ID embedding"):
+        calibrated_new_item_scores(content, ident, 0.25, "imputed", imputed_logits[:, :known])
+
+
+def test_imputed_id_embeddings_recover_a_linear_content_to_id_map():
+    """The ridge map from content rows to ID rows, fitted on the known items only (reserved rows left out)."""
+    generator = torch.Generator().manual_seed(0)
+    known, new, width, dim = 200, 20, 12, 5
+    content = torch.randn(known + new, width, generator=generator)
+    truth = torch.randn(width, dim, generator=generator)
+    ids = content @ truth + 0.5
+    ids[:3] = 100.0  # reserved rows (padding, OOV, ...): must not pull the fit
+    imputed = impute_id_embeddings(content, ids[:known], known, shrinkage=1e-6)
+    assert imputed.shape == (known + new, dim)
+    torch.testing.assert_close(imputed[3:], (content @ truth + 0.5)[3:], atol=1e-3, rtol=0)
+    # shrinkage pulls every imputed embedding towards the known items' mean
+    shrunk = impute_id_embeddings(content, ids[:known], known, shrinkage=10.0)
+    centre = ids[3:known].mean(0)
+    assert (shrunk[known:] - centre).norm(dim=1).mean() < (imputed[known:] - centre).norm(dim=1).mean()
+    with pytest.raises(MolarDataError, match="impute ID embeddings"):
+        impute_id_embeddings(content[:50], ids[:known], known)
 
 
 def tiny_molar(prepared, table, adaptor="moe"):

@@ -153,7 +153,7 @@ def test_lean_falls_back_to_traced_towers(tiny_prepared, tmp_path, monkeypatch):
     _assert_lean_equals_the_model(lean, model)
 
 
-@pytest.mark.parametrize("scoring", ["quantile", "content"])
+@pytest.mark.parametrize("scoring", ["imputed", "quantile", "content"])
 def test_lean_scores_new_items_as_the_extended_model(tiny_prepared, tmp_path, scoring):
     """Items added after training (extend-model): the lean path scores them as MolarTask does."""
     from merlin_molar.persistence import load_model, with_item_cardinality
