@@ -124,6 +124,9 @@ def cmd_add_items(args):
         print(f"nothing to add: all {len(result.skipped)} item(s) are already in catalogue version {result.version}")
 
 
+NEW_ITEM_SCORING_CHOICES = ("imputed", "quantile", "content")  # models.task.NEW_ITEM_SCORING (kept light for --help)
+
+
 def _prior_value(text: str):
     if text == "auto":
         return text
@@ -138,7 +141,7 @@ def cmd_extend_model(args):
     from merlin_molar.persistence import extend_saved_model
 
     out = extend_saved_model(args.model_dir, load_prepared(args.prepared), args.output, item_table=args.item_table,
-                             new_item_prior=args.new_item_prior)
+                             new_item_scoring=args.new_item_scoring, new_item_prior=args.new_item_prior)
     from merlin_molar.io import read_json
 
     extension = read_json(Path(out) / "molar_model.json")["catalogue_extension"]
@@ -320,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-item-prior", default="auto", type=_prior_value,
                    help="log-prior offset for the new items' scores: 'auto' (default) picks it on the validation "
                         "split by simulating cold start with the latest training items; or a number (0 = none)")
+    p.add_argument("--new-item-scoring", default="imputed", choices=NEW_ITEM_SCORING_CHOICES,
+                   help="how a new item's missing ID score is filled in: 'imputed' (default) from an ID embedding "
+                        "regressed on its content, 'quantile' the ID score at its content rank, 'content' none")
 
     p = add("evaluate-cold-start", cmd_evaluate_cold_start,
             "cold vs warm test targets: a saved model and the random/popularity/content-kNN baselines")

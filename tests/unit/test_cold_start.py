@@ -271,15 +271,32 @@ def test_imputed_id_embeddings_recover_a_linear_content_to_id_map():
     truth = torch.randn(width, dim, generator=generator)
     ids = content @ truth + 0.5
     ids[:3] = 100.0  # reserved rows (padding, OOV, ...): must not pull the fit
-    imputed = impute_id_embeddings(content, ids[:known], known, shrinkage=1e-6)
+    imputed = impute_id_embeddings(content, ids[:known], known, shrinkage=1e-6, neighbour_weight=0.0)
     assert imputed.shape == (known + new, dim)
     torch.testing.assert_close(imputed[3:], (content @ truth + 0.5)[3:], atol=1e-3, rtol=0)
     # shrinkage pulls every imputed embedding towards the known items' mean
-    shrunk = impute_id_embeddings(content, ids[:known], known, shrinkage=10.0)
+    shrunk = impute_id_embeddings(content, ids[:known], known, shrinkage=10.0, neighbour_weight=0.0)
     centre = ids[3:known].mean(0)
     assert (shrunk[known:] - centre).norm(dim=1).mean() < (imputed[known:] - centre).norm(dim=1).mean()
     with pytest.raises(MolarDataError, match="impute ID embeddings"):
         impute_id_embeddings(content[:50], ids[:known], known)
+
+
+def test_imputed_id_embeddings_mix_in_the_content_neighbours_id_embeddings():
+    """A new item whose content repeats a known item's takes (nearly) that item's ID embedding from the
+    neighbour mean, however far it is from the linear trend; the default mixes the two halves."""
+    generator = torch.Generator().manual_seed(1)
+    known, width, dim = 100, 16, 4
+    content = torch.randn(known, width, generator=generator)
+    ids = torch.randn(known, dim, generator=generator)  # no linear relation at all
+    twin = torch.cat([content, 2.0 * content[10:11]])  # same direction as item 10: cosine 1
+    only_neighbours = impute_id_embeddings(twin, ids, known, neighbour_weight=1.0)
+    torch.testing.assert_close(only_neighbours[known], ids[10], atol=1e-3, rtol=0)
+    ridge = impute_id_embeddings(twin, ids, known, neighbour_weight=0.0)
+    mixed = impute_id_embeddings(twin, ids, known)
+    torch.testing.assert_close(mixed, 0.5 * ridge + 0.5 * only_neighbours)
+    # the cosines are computed in blocks: the block size changes nothing
+    torch.testing.assert_close(impute_id_embeddings(twin, ids, known, batch_size=7), mixed)
 
 
 def tiny_molar(prepared, table, adaptor="moe"):
@@ -422,6 +439,7 @@ def test_warm_cost_tradeoff_counts_cold_hits_against_the_known_only_ranking(cold
 
 # --- a saved model after add-items: extend-model, recommend ---------------------------------------------------
 def test_extended_saved_model_reloads_scores_new_items_and_recommends_them(cold, tmp_path):
+    from merlin_molar.io import read_json
     from merlin_molar.persistence import extend_saved_model, load_model, save_model
     from merlin_molar.pipeline import recommend
 
@@ -443,6 +461,18 @@ def test_extended_saved_model_reloads_scores_new_items_and_recommends_them(cold,
     histories[:, :2] = torch.tensor([[3, 4], [7, 9], [20, 30]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded({"item_id-list": histories}), in_memory({"item_id-list": histories}))
+    task = reloaded.heads[0].prediction_task_dict["next-item"]
+    assert task.new_item_scoring == "imputed" and task.imputed_id_table.shape == (prepared.item_cardinality, 16)
+    # the scoring method is saved with the extension and comes back on load (the CLI offers the same choices)
+    from merlin_molar.cli import NEW_ITEM_SCORING_CHOICES
+    from merlin_molar.models.task import NEW_ITEM_SCORING
+
+    assert NEW_ITEM_SCORING_CHOICES == NEW_ITEM_SCORING
+    quantile = extend_saved_model(saved, prepared, tmp_path / "quantile", new_item_scoring="quantile",
+                                  new_item_prior=0.0)
+    assert read_json(quantile / "molar_model.json")["catalogue_extension"]["new_item_scoring"] == "quantile"
+    task = load_model(quantile)[0].heads[0].prediction_task_dict["next-item"]
+    assert task.new_item_scoring == "quantile" and task.imputed_id_table is None
 
     mapping = vocabulary(prepared)
     new_raw = set(pd.read_csv(cold.root / COLD_ITEMS_FILE)["item_id"])
