@@ -204,9 +204,8 @@ def main(argv=None):
 
 
 def item_id_mapping_from(prepared) -> pd.Series:
-    from nvtabular import Workflow
 
-    return item_id_mapping(Workflow.load(str(prepared.workflow_path)))
+    return item_id_mapping(prepared.load_workflow())
 
 
 if __name__ == "__main__":

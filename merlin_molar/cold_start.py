@@ -284,7 +284,6 @@ def item_arrival_order(prepared, raw=None) -> np.ndarray:
     The prepared splits keep no timestamps, so this reads the raw data ``prepare`` read (``raw``, or the
     manifest's ``source``) and refuses data whose fingerprint is not the prepared one. The test targets
     only decide which interactions are dropped, never the order."""
-    import nvtabular as nvt
 
     from merlin_molar.data import read_dataset
     from merlin_molar.data.workflow import ORDER_COLUMN, dataset_fingerprint, item_id_mapping
@@ -314,7 +313,7 @@ def item_arrival_order(prepared, raw=None) -> np.ndarray:
     from_end = ordered.groupby("user_id", sort=False).cumcount(ascending=False)
     before_test = ordered[from_end >= 1]
     history = prepared.manifest["catalogue"]["history"] if "catalogue" in manifest else None
-    mapping = item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path)))
+    mapping = item_id_mapping(prepared.load_workflow())
     known = int(history[0]["item_cardinality"]) if history else prepared.item_cardinality
     codes = mapping[mapping < known]
     seen = [int(codes[i]) for i in before_test.drop_duplicates("item_id")["item_id"] if i in codes.index]
@@ -557,7 +556,6 @@ def _actual_new_items_curve(model, prepared, item_table, grid, new_item_scoring,
 def cold_test_split(prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(histories [users, max_length] left-aligned, targets [users], is_cold [users])`` of the test split,
     with each cold target re-encoded through the prepared (extended) vocabulary."""
-    import nvtabular as nvt
 
     from merlin_molar.data.workflow import ITEM_SEQUENCE, item_id_mapping
 
@@ -567,7 +565,7 @@ def cold_test_split(prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     test = prepared.split_frame("test").sort_values("user_id").reset_index(drop=True)
     sequences = [np.asarray(s, dtype=np.int64) for s in test[ITEM_SEQUENCE]]
     cold = pd.read_parquet(prepared.root / COLD_TARGETS_FILE)
-    mapping = item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path)))
+    mapping = item_id_mapping(prepared.load_workflow())
     missing = sorted(set(cold["item_id_raw"]) - set(mapping.index))
     if missing:
         raise MolarDataError(

@@ -106,6 +106,20 @@ def dataset_fingerprint(raw: RawDataset) -> str:
     return h.hexdigest()[:16]
 
 
+VOCABULARY_DIRS = (".categories", "catalogue")  # where prepare and add-items write the Categorify vocabulary
+
+
+def categorify_op(workflow):
+    """The fitted Categorify of a workflow (exactly one)."""
+    from merlin.dag import iter_nodes
+    from nvtabular.ops import Categorify
+
+    ops = [node.op for node in iter_nodes([workflow.output_node]) if isinstance(node.op, Categorify)]
+    if len(ops) != 1:
+        raise MolarDataError("workflow", f"expected one Categorify op, found {len(ops)}")
+    return ops[0]
+
+
 @dataclass
 class PreparedData:
     """Paths and schema of a prepared output directory."""
@@ -118,6 +132,26 @@ class PreparedData:
     @property
     def workflow_path(self) -> Path:
         return self.root / "workflow"
+
+    def load_workflow(self) -> nvt.Workflow:
+        """The fitted workflow, reading its Categorify vocabulary from this directory. The saved workflow
+        records the vocabulary's path as ``prepare`` / ``add-items`` were given it: relative to their working
+        directory, or absolute. Either breaks once the directory is used from elsewhere or moved, so the
+        vocabulary is looked up under ``root`` by its place in the directory (``.categories/...`` or
+        ``catalogue/v<N>/...``)."""
+        workflow = nvt.Workflow.load(str(self.workflow_path))
+        op = categorify_op(workflow)
+        (column,) = list(op.categories)
+        recorded = Path(str(op.categories[column]))
+        anchors = [i for i, part in enumerate(recorded.parts) if part in VOCABULARY_DIRS]
+        local = self.root.joinpath(*recorded.parts[anchors[-1]:]) if anchors else recorded
+        if not local.is_file():
+            raise MolarDataError(self.workflow_path, f"its item vocabulary {local} is missing (an incomplete copy of "
+                                                     "the prepared directory?)")
+        if local != recorded:
+            op.categories[column] = str(local)
+            workflow.fit_schema(workflow.input_schema)  # the output schema's cat_path follows
+        return workflow
 
     @property
     def items_path(self) -> Path:
@@ -252,8 +286,6 @@ def prepare(
 def item_id_mapping(workflow: nvt.Workflow) -> pd.Series:
     """Raw item id -> Categorify id, read from the fitted workflow's own vocabulary file."""
     path = Path(workflow.output_schema[ITEM_SEQUENCE].properties["cat_path"])
-    if not path.is_absolute() and not path.exists():
-        path = Path(str(path).lstrip("./"))
     vocab = pd.read_parquet(path)
     vocab = vocab[vocab.index >= FIRST_ITEM_ID]
     return pd.Series(vocab.index.astype("int64"), index=vocab["item_id"].values, name="item_id")

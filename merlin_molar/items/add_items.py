@@ -120,20 +120,11 @@ def _norm(value) -> str:
     return str(value).strip() if _present(value) else ""
 
 
-def categorify_op(workflow):
-    """The fitted Categorify of a workflow (exactly one)."""
-    from merlin.dag import iter_nodes
-    from nvtabular.ops import Categorify
-
-    ops = [node.op for node in iter_nodes([workflow.output_node]) if isinstance(node.op, Categorify)]
-    if len(ops) != 1:
-        raise MolarDataError("workflow", f"expected one Categorify op, found {len(ops)}")
-    return ops[0]
-
-
 def extend_vocabulary(workflow, new_raw_ids: List, vocab_path: Path):
     """Append ``new_raw_ids`` to the workflow's fitted Categorify vocabulary, written to ``vocab_path`` (a new
     file), and point the workflow (and its output schema) at it. Returns the new codes."""
+    from merlin_molar.data.workflow import categorify_op
+
     op = categorify_op(workflow)
     (column,) = list(op.categories)
     vocab = pd.read_parquet(op.categories[column])
@@ -225,7 +216,6 @@ def add_items(
     ``PREPARED/item_table``); see the module docstring. ``encoder``: ``None`` (rebuild the table's), a path
     that must equal the table's, or an :class:`ItemEncoder` whose description must match it.
     ``max_chunks`` stops after that many newly embedded chunks (a later call resumes)."""
-    import nvtabular as nvt
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
@@ -267,7 +257,7 @@ def add_items(
     ) != item_id_fingerprint(prepared):
         raise MolarDataError(table_dir, f"was not made for the current catalogue of {root}: re-run embed-items")
     text_columns = metadata["encoder"]["prompts"].get("text_columns") or manifest.get("text_columns") or []
-    workflow = nvt.Workflow.load(str(prepared.workflow_path))
+    workflow = prepared.load_workflow()
     mapping = item_id_mapping(workflow)
     frame = read_new_items(items_path, text_columns, images_dir, mapping.index.dtype)
 

@@ -57,11 +57,10 @@ REPORT_FIRST = 20  # how many example ids the logs and the metadata name
 
 def item_id_fingerprint(prepared) -> str:
     """sha256 of the (encoded id, raw id) pairs of the prepared data's fitted Categorify mapping."""
-    import nvtabular as nvt
 
     from merlin_molar.data.workflow import item_id_mapping
 
-    mapping = item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path))).sort_values()
+    mapping = item_id_mapping(prepared.load_workflow()).sort_values()
     lines = "".join(f"{enc}\t{raw}\n" for raw, enc in mapping.items())
     return hashlib.sha256(lines.encode()).hexdigest()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-import nvtabular as nvt
 from merlin.schema import ColumnSchema, Schema, Tags
 from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 
@@ -143,7 +142,7 @@ def build_ensemble(
     if int(max_batch_size) < 1:
         raise MolarDataError("max_batch_size", f"must be at least 1, got {max_batch_size}")
 
-    vocabulary = item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path)))
+    vocabulary = item_id_mapping(prepared.load_workflow())
     op = MolarRecommend(
         model_dir, vocabulary, top_k=top_k, max_batch_size=max_batch_size, torch_threads=torch_threads
     )

@@ -1,6 +1,7 @@
 """Cold start on the synthetic catalogue: the prepare hold-out, add-items (vocabulary + table versions,
 refusals, resume), a trained-once Molar model scoring new items, and the cold/warm evaluator."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -60,11 +61,10 @@ def cold(cold_base, tmp_path):
 
 
 def vocabulary(prepared) -> pd.Series:
-    import nvtabular as nvt
 
     from merlin_molar.data.workflow import item_id_mapping
 
-    return item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path)))
+    return item_id_mapping(prepared.load_workflow())
 
 
 def table_arrays(path):
@@ -116,7 +116,7 @@ def test_add_items_extends_vocabulary_and_table_keeping_existing_rows(cold, mini
     after_vocab = vocabulary(prepared)
     assert after_vocab[before_vocab.index].equals(before_vocab)
     assert after_vocab[new_raw].tolist() == list(range(old_cardinality, old_cardinality + len(new_raw)))
-    wf = nvt.Workflow.load(str(prepared.workflow_path))
+    wf = prepared.load_workflow()
     assert wf.output_schema[ITEM_SEQUENCE].int_domain.max == prepared.item_cardinality - 1
     frame = pd.DataFrame({"user_id": [1, 1, 1], "item_id": [new_raw[0], before_vocab.index[0], new_raw[-1]],
                           "timestamp": [1, 2, 3], "interaction_order": [0, 1, 2]})
@@ -216,6 +216,25 @@ def test_add_items_resumes_after_interruption(cold, cold_base, tmp_path, monkeyp
     torch.testing.assert_close(load_item_table(resumed.root / "item_table", resumed),
                                load_item_table(other / "item_table", oneshot), atol=1e-5, rtol=0)
     assert not (cold.root / add_items_module.WORK_DIR).exists()
+
+
+def test_a_prepared_directory_reads_its_own_vocabulary_from_anywhere(cold_base, tmp_path, monkeypatch):
+    """The saved workflow records the vocabulary path prepare/add-items were given (here relative to their
+    working directory): the prepared directory still works from another one, and after a move."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(cold_base.root, "here/prepared")
+    relative = load_prepared(Path("here/prepared"))
+    add_items(relative, relative.root / COLD_ITEMS_FILE, progress=False)  # records catalogue/v2 relatively
+    want = vocabulary(load_prepared(Path("here/prepared")))
+    assert len(want) > len(vocabulary(cold_base))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    moved = tmp_path / "moved"
+    shutil.move(str(tmp_path / "here" / "prepared"), str(moved))
+    pd.testing.assert_series_equal(vocabulary(load_prepared(moved)), want)
+    (moved / "catalogue" / "v2" / "unique.item_id.parquet").unlink()
+    with pytest.raises(MolarDataError, match="item vocabulary .* is missing"):
+        load_prepared(moved).load_workflow()
 
 
 # --- scoring new items ----------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ request checks, and the exported graph run in-process."""
 import json
 
 import numpy as np
-import nvtabular as nvt
 import pandas as pd
 import pytest
 import torch
@@ -21,7 +20,7 @@ MAX_BATCH = 16
 
 
 def codec_of(prepared):
-    return ItemCodec.from_vocabulary(item_id_mapping(nvt.Workflow.load(str(prepared.workflow_path))))
+    return ItemCodec.from_vocabulary(item_id_mapping(prepared.load_workflow()))
 
 
 @pytest.mark.parametrize("catalogue", ["int", "str"])

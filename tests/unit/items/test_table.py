@@ -67,7 +67,6 @@ def reference(tmp_path_factory, small_prepared, minilm):
 
 
 def test_table_rows_are_categorify_ids_with_the_right_items(reference, small_prepared, small_raw, minilm):
-    import nvtabular as nvt
 
     from merlin_molar.data.workflow import item_id_mapping
 
@@ -75,7 +74,7 @@ def test_table_rows_are_categorify_ids_with_the_right_items(reference, small_pre
     assert table.dtype == torch.float32 and table.shape == (small_prepared.item_cardinality, 384) == (43, 384)
     assert torch.all(table[:3] == 0)
     # Independently: raw item -> Categorify id from the fitted workflow; raw row -> MiniLM vector.
-    mapping = item_id_mapping(nvt.Workflow.load(str(small_prepared.workflow_path)))
+    mapping = item_id_mapping(small_prepared.load_workflow())
     prompts = ItemPromptBuilder(text_columns=tuple(small_raw.text_columns))
     raw_items = small_raw.items.set_index("item_id")
     raw_ids = list(mapping.index)
