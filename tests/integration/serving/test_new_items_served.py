@@ -55,10 +55,11 @@ def catalogue(ml100k_prepared, tmp_path_factory):
 
     NEW_ITEMS.to_csv(root / "new_items.csv", index=False)
     assert main(["add-items", "--prepared", str(prepared.root), "--items", str(root / "new_items.csv")]) == 0
-    # prior 0: this checks that new items reach the server at all; the default prior (chosen on validation
-    # data to bound the warm cost) may keep them out of these top-10s, and is checked in tests/unit
+    # a fixed prior of +3: this checks that new items reach the server and are served exactly as scored in
+    # process; this one-epoch model's own validation-chosen prior (checked in tests/unit) may keep them out of
+    # these top-10s
     assert main(["extend-model", "--model-dir", str(model_dir), "--prepared", str(prepared.root),
-                 "--output", str(root / "model_v2"), "--new-item-prior", "0"]) == 0
+                 "--output", str(root / "model_v2"), "--new-item-prior", "3"]) == 0
     assert main(["export", "--model-dir", str(root / "model_v2"), "--prepared", str(prepared.root),
                  "--repository", str(root / "repo_v2")]) == 0
     return {"prepared": load_prepared(prepared.root), "model_v2": root / "model_v2",
