@@ -566,6 +566,10 @@ def test_new_item_prior_is_chosen_on_validation_data_only(cold, monkeypatch):
     assert all(a >= b - 1e-9 for a, b in zip(warm, warm[1:]))
     within = [c["prior"] for c in curve if c["warm_cost"] <= 0.02 + 1e-12]
     assert first["prior"] == (max(within) if within else min(PRIOR_GRID))
+    assert first["at_grid_edge"] == (first["prior"] == max(PRIOR_GRID))
+    # a grid whose top is within the budget: the grid set the prior, and the estimate says so
+    capped = estimate_new_item_prior(model, cold, grid=(-4.0, -3.95))
+    assert capped["prior"] == -3.95 and capped["at_grid_edge"]
     # ndcg rule: the best NDCG@10 over all users, ties to the offset closest to 0
     best = max(c["ndcg@10"] for c in curve)
     by_ndcg = first["by_rule"]["ndcg"]
