@@ -204,7 +204,6 @@ def main(argv=None):
 
 
 def item_id_mapping_from(prepared) -> pd.Series:
-
     return item_id_mapping(prepared.load_workflow())
 
 

@@ -189,9 +189,7 @@ def extend_catalogue(
         )
     if kind != "molar":
         raise MolarDataError("model", f"unknown model kind {kind!r}")
-    content = model.heads[0].body.content[0].categorical_module
-    col = next(iter(content.embedding_tables))
-    emb = content.embedding_tables[col]
+    emb = _content_embedding(model)
     known = int(getattr(emb, "known_items", emb.table.size(0)))
     old = emb.table[:known]
     table = table.to(dtype=torch.float32, device=old.device)
@@ -247,12 +245,15 @@ def model_for_catalogue(
     return extend_catalogue(model, kind, load_item_table(path, prepared), new_item_scoring, prior)
 
 
+def _content_embedding(model):
+    """A Molar model's content item embedding (the MIRM table it reads, ``.table``)."""
+    return next(iter(model.heads[0].body.content[0].categorical_module.embedding_tables.values()))
+
+
 def _trained_cardinality(model, kind: str) -> int:
-    body = model.heads[0].body
     if kind == "molar":
-        emb = next(iter(body.content[0].categorical_module.embedding_tables.values()))
-        return int(emb.num_embeddings)
-    return int(body.inputs.categorical_module.item_embedding_table.weight.size(0))
+        return int(_content_embedding(model).num_embeddings)
+    return int(model.heads[0].body.inputs.categorical_module.item_embedding_table.weight.size(0))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -423,8 +424,7 @@ def estimate_new_item_prior(
     target_is_new = new_col[targets]
     imputed_table = None  # in simulation order: fitted on the other known items, applied to all of them
     if new_item_scoring == "imputed":
-        content_emb = next(iter(model.heads[0].body.content[0].categorical_module.embedding_tables.values()))
-        imputed_table = impute_id_embeddings(content_emb.table[:known][perm].float(),
+        imputed_table = impute_id_embeddings(_content_embedding(model).table[:known][perm].float(),
                                              task.id_item_table.weight.float()[perm[:n_old]], n_old)
     task.log_prob_sink, saved, was_training = [], task.mask_history, model.training
     task.mask_history = False
