@@ -17,19 +17,22 @@ One run, one split:
 4. Full-ranking test evaluation over the extended catalogue, history masked, reported separately for
    users whose test target is a cold item and users whose target is warm:
    ``molar`` (the trained model, extended, new items scored with their content log-probability and the ID
-   branch's log-probability of an ID embedding imputed from content, plus the new-item prior chosen on the
-   validation split, ``cold_start.estimate_new_item_prior``), ``molar_quantile`` (the earlier calibration:
-   the ID score taken at the new item's content rank, with its own prior chosen the same way),
-   ``molar_no_prior`` (the same without the prior),
+   branch's log-probability of an ID embedding imputed from content, tempered around their total, plus the
+   new-item prior chosen on the validation split, ``cold_start.estimate_new_item_prior``),
+   ``molar_untempered`` (the same at temperature 1, with its own prior chosen the same way),
+   ``molar_quantile`` (the earlier calibration: the ID score taken at the new item's content rank,
+   untempered, its own prior chosen the same way), ``molar_no_prior`` (``molar`` without the prior),
    ``molar_old_catalogue`` (the same model, new items not added: it cannot rank them),
    ``content_knn`` (cosine of the MIRM vectors to the last history item), ``popularity`` (training
    interaction counts, 0 for new items), ``random``; plus ``molar_content_scale`` (new items scored by the
    content log-softmax alone, no calibration), ``molar_content_tower`` (content scores only,
-   id_weight 0) and ``molar_actual_budget`` (the prior read from the added items' own validation warm cost,
-   ``estimate_new_item_prior(rule="actual_budget")``) to show what the calibration, the ID branch and the
-   prior's rule contribute.
+   id_weight 0), ``molar_simulation_budget`` and ``molar_actual_budget`` (the prior read from the simulation
+   alone, ``rule="budget"``, and from the added items' own validation warm cost alone,
+   ``rule="actual_budget"``; the default rule takes the smaller) to show what the calibration, the ID branch
+   and the prior's rule contribute.
 5. The warm-cost trade-off (``warm_cost_tradeoff``): cold hits@10 against the warm NDCG@10 cost for the
-   model's own new-item scores (imputed and quantile) and for content kNN placed on the model's scale, with
+   model's own new-item scores (imputed tempered and at temperature 1, and quantile) and for content kNN
+   placed on the model's scale, with
    an offset on the new items swept on the test split. An oracle frontier: it shows what each way of scoring
    new items can reach at a given warm cost (and what content kNN's own cold hits cost the warm users), not
    a setting.
@@ -186,7 +189,8 @@ def tradeoff_curves(prepared, model_dir, table_dir, known: int, width: int) -> d
     model, kind, _, _ = load_model(model_dir)
     model = model_for_catalogue(model, kind, prepared, table_dir, new_item_prior=0.0)
     molar = model_scorer(model, prepared.item_cardinality)
-    quantile = model_scorer(model, prepared.item_cardinality, new_item_scoring="quantile")
+    untempered = model_scorer(model, prepared.item_cardinality, new_item_temperature=1.0)
+    quantile = model_scorer(model, prepared.item_cardinality, new_item_scoring="quantile", new_item_temperature=1.0)
     knn = content_knn_scorer(load_item_table(table_dir, prepared))
     # a per-user gate, for comparison: users who watch recently arrived items are likelier to pick a new one.
     # The offset grows with the share of the user's last 10 history items among the latest 20% of the known
@@ -205,7 +209,7 @@ def tradeoff_curves(prepared, model_dir, table_dir, known: int, width: int) -> d
         return score
 
     curves = warm_cost_tradeoff(prepared, {
-        "molar": molar, "molar_quantile": quantile,
+        "molar": molar, "molar_untempered": untempered, "molar_quantile": quantile,
         "content_knn_on_molar_scale": new_items_on_model_scale(molar, knn, known),
         **{f"molar_recency_gate_{beta:g}": recency_gated(molar, beta) for beta in RECENCY_GATES},
     }, known, items=width)
@@ -278,7 +282,8 @@ def main(argv=None):
     knn_cold = s["content_knn"]["cold"]["recall@10"]
     old_warm = s["molar_old_catalogue"]["warm"]["ndcg@10"]
     cold_users = results["molar"]["cold"]["users"]
-    compared = [v for v in ("molar", "molar_no_prior", "molar_quantile", "content_knn") if v in results]
+    compared = [v for v in ("molar", "molar_no_prior", "molar_untempered", "molar_quantile", "content_knn")
+                if v in results]
     targets = {
         "cold_recall@10_vs_content_knn": {
             "target": ">= 2x",
@@ -299,22 +304,22 @@ def main(argv=None):
             "warm_users": results["molar"]["warm"]["users"],
         },
     }
-    if "molar_actual_budget" in s:  # the same targets at the offset the added items' own warm cost gives
-        actual = s["molar_actual_budget"]
-        targets["with_rule_actual_budget"] = {
-            "prior": details["new_item_prior_estimate"]["by_rule"]["actual_budget"],
-            "cold_recall@10_ratio_vs_content_knn": actual["cold"]["recall@10"] / knn_cold if knn_cold else None,
-            "hits@10": results["molar_actual_budget"]["cold"]["hits@10"],
-            "warm_ndcg@10_cost": 1 - actual["warm"]["ndcg@10"] / old_warm if old_warm else None,
-        }
-    if "molar_quantile" in s:  # the earlier calibration, its own prior chosen the same way, in the same run
-        quantile = s["molar_quantile"]
-        targets["with_quantile_scoring"] = {
-            "prior": details["quantile_prior_estimate"]["prior"],
-            "cold_recall@10_ratio_vs_content_knn": quantile["cold"]["recall@10"] / knn_cold if knn_cold else None,
-            "hits@10": results["molar_quantile"]["cold"]["hits@10"],
-            "warm_ndcg@10_cost": 1 - quantile["warm"]["ndcg@10"] / old_warm if old_warm else None,
-        }
+    estimate = details["new_item_prior_estimate"]
+    other_priors = {  # the same targets for the other rules and scorings, each at its own prior, same run
+        "with_rule_budget": ("molar_simulation_budget", lambda: estimate["by_rule"]["budget"]),
+        "with_rule_actual_budget": ("molar_actual_budget", lambda: estimate["by_rule"]["actual_budget"]),
+        "with_untempered_scoring": ("molar_untempered", lambda: details["untempered_prior_estimate"]["prior"]),
+        "with_quantile_scoring": ("molar_quantile", lambda: details["quantile_prior_estimate"]["prior"]),
+    }
+    for key, (variant, prior) in other_priors.items():
+        if variant in s:
+            other = s[variant]
+            targets[key] = {
+                "prior": prior(),
+                "cold_recall@10_ratio_vs_content_knn": other["cold"]["recall@10"] / knn_cold if knn_cold else None,
+                "hits@10": results[variant]["cold"]["hits@10"],
+                "warm_ndcg@10_cost": 1 - other["warm"]["ndcg@10"] / old_warm if old_warm else None,
+            }
     for name, v in targets.items():
         print(f"{name}: {v}")
     out = {
@@ -322,8 +327,8 @@ def main(argv=None):
         "summary": s,
         "targets": targets,
         "new_item_prior": {"value": details["new_item_prior"], "estimate": details["new_item_prior_estimate"],
-                           **({"quantile_estimate": details["quantile_prior_estimate"]}
-                              if "quantile_prior_estimate" in details else {})},
+                           **{f"{name}_estimate": details[f"{name}_prior_estimate"]
+                              for name in ("untempered", "quantile") if f"{name}_prior_estimate" in details}},
         "command": command_line(),
         "git_commit": git_commit(),
         "date": now(),

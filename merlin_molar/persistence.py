@@ -117,10 +117,12 @@ def load_model(path) -> tuple:
     if kind == "molar" and meta.get("catalogue_extension"):
         from merlin_molar.cold_start import extend_catalogue
 
-        # saved before the prior or the imputed scoring existed: scored as it was then (0, "quantile")
+        # saved before the prior, the imputed scoring or the tempering existed: scored as it was then
+        # (prior 0, "quantile", temperature 1)
         extension = meta["catalogue_extension"]
         extend_catalogue(model, kind, table, extension.get("new_item_scoring", "quantile"),
-                         float(extension.get("new_item_prior", 0.0)))
+                         float(extension.get("new_item_prior", 0.0)),
+                         float(extension.get("new_item_temperature", 1.0)))
     return model.eval(), kind, config, schema
 
 
@@ -137,19 +139,26 @@ def with_item_cardinality(schema: Schema, cardinality: int) -> Schema:
 
 
 def extend_saved_model(
-    model_dir, prepared, output_dir, item_table=None, new_item_scoring: str = "imputed", new_item_prior="auto"
+    model_dir, prepared, output_dir, item_table=None, new_item_scoring: str = "imputed", new_item_prior="auto",
+    new_item_temperature: float = None,
 ) -> Path:
     """Write ``output_dir``: the saved Molar model of ``model_dir`` made to score ``prepared``'s current catalogue
     (items added with ``add-items`` since training), with no retraining. The weights are copied unchanged;
     the item table is the extended one, checked to start with the model's own table byte for byte; the
     saved schema has the new item cardinality, so ``export`` and ``load_model`` see the extended catalogue.
     ``new_item_prior`` (``"auto"``: :func:`merlin_molar.cold_start.estimate_new_item_prior` on the
-    validation split, or a number) is saved with it, so every later load, ``recommend`` and the exported
-    server score the new items with the same offset. ID-only models (SASRec, GRU4Rec) are refused."""
+    validation split, or a number) is saved with it, and so are ``new_item_scoring`` and
+    ``new_item_temperature`` (default :data:`merlin_molar.models.task.NEW_ITEM_TEMPERATURE`), so every later
+    load, ``recommend`` and the exported server score the new items alike. ID-only models (SASRec, GRU4Rec)
+    are refused."""
     import shutil
 
     from merlin_molar.cold_start import extend_catalogue
     from merlin_molar.items import item_id_fingerprint, load_item_table
+    from merlin_molar.models.task import NEW_ITEM_TEMPERATURE
+
+    if new_item_temperature is None:
+        new_item_temperature = NEW_ITEM_TEMPERATURE
 
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     model, kind, config, schema = load_model(model_dir)
@@ -160,12 +169,13 @@ def extend_saved_model(
     table = load_item_table(Path(item_table) if item_table else Path(prepared.root) / "item_table", prepared)
     if kind == "molar" and trained is None:
         trained = int(load_file(str(model_dir / "item_table.safetensors"))["table"].size(0))
-    extend_catalogue(model, kind, table, new_item_scoring)  # checks the table; refuses ID-only models
+    extend_catalogue(model, kind, table, new_item_scoring, 0.0, new_item_temperature)  # checks the table
     estimate = None
     if new_item_prior == "auto":
         from merlin_molar.cold_start import estimate_new_item_prior
 
-        estimate = estimate_new_item_prior(model, prepared, new_item_scoring=new_item_scoring, item_table=table)
+        estimate = estimate_new_item_prior(model, prepared, new_item_scoring=new_item_scoring, item_table=table,
+                                           new_item_temperature=new_item_temperature)
         new_item_prior = estimate["prior"]
     new_item_prior = float(new_item_prior or 0.0)
     catalogue = prepared.manifest.get("catalogue", {})
@@ -187,6 +197,7 @@ def extend_saved_model(
                 "items": int(table.size(0)),
                 "new_item_scoring": new_item_scoring,
                 "new_item_prior": new_item_prior,
+                "new_item_temperature": float(new_item_temperature),
                 **({"new_item_prior_estimate": estimate} if estimate else {}),
                 "catalogue_version": catalogue.get("version", 1),
                 "id_mapping_fingerprint": fingerprint,

@@ -190,7 +190,8 @@ def export_lean(model_dir, output_dir) -> Path:
             meta.update(mode=mode, id_weight=float(task.id_weight), temperature=0.0)
             if extended:
                 meta.update(known_items=int(known), new_item_scoring=task.new_item_scoring,
-                            new_item_prior=float(task.new_item_prior))
+                            new_item_prior=float(task.new_item_prior),
+                            new_item_temperature=float(task.new_item_temperature))
             sides = []
             if mode in ("content", "fused"):
                 tables["content_inputs"] = parts["content_table"]
@@ -344,7 +345,8 @@ class LeanModel:
                 id_logp = torch.log_softmax(ident[:, :known], -1)
                 imputed = None if self.imputed_id is None else id_users @ self.imputed_id.t()
                 return scores_with_new_items(content_logp, id_logp, self.id_weight, meta["new_item_scoring"],
-                                             float(meta.get("new_item_prior", 0.0)), imputed)
+                                             float(meta.get("new_item_prior", 0.0)), imputed,
+                                             float(meta.get("new_item_temperature", 1.0)))  # 1: exported before it
             return (1 - self.id_weight) * torch.log_softmax(content, -1) + self.id_weight * torch.log_softmax(
                 ident, -1
             )

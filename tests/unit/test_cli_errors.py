@@ -365,6 +365,11 @@ CASES = [
     Case("export-repository-is-a-file", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository", a_file),
          "--repository"),
     Case("quickstart-epochs-0", P("quickstart", "--data", DATA, "--workdir", OUT, "--epochs", "0"), "--epochs"),
+    Case("extend-model-temperature-0", P("extend-model", "--model-dir", MODEL, "--prepared", PREP, "--output", OUT,
+                                         "--new-item-temperature", "0"), "--new-item-temperature"),
+    Case("extend-model-temperature-not-a-number", P("extend-model", "--model-dir", MODEL, "--prepared", PREP,
+                                                    "--output", OUT, "--new-item-temperature", "warm"),
+         "--new-item-temperature"),
 ]
 
 

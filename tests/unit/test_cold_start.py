@@ -282,6 +282,37 @@ def test_imputed_scores_are_the_id_log_probability_of_the_imputed_embedding_amon
         calibrated_new_item_scores(content, ident, 0.25, "imputed", imputed_logits[:, :known])
 
 
+def test_new_item_scores_are_tempered_around_each_users_new_item_log_mass():
+    from merlin_molar.models.task import scores_with_new_items
+
+    torch.manual_seed(0)
+    known, new = 13, 4
+    content = torch.log_softmax(torch.randn(3, known + new), -1)
+    ident = torch.log_softmax(torch.randn(3, known), -1)
+    imputed_logits = 2 * torch.randn(3, known + new)
+    plain = calibrated_new_item_scores(content, ident, 0.5, "imputed", imputed_logits)
+    torch.testing.assert_close(calibrated_new_item_scores(content, ident, 0.5, "imputed", imputed_logits, 1.0), plain)
+    got = calibrated_new_item_scores(content, ident, 0.5, "imputed", imputed_logits, 2.0)
+    mass = torch.logsumexp(plain, -1, keepdim=True)
+    torch.testing.assert_close(got, mass + (plain - mass) / 2)
+    assert torch.equal(got.argsort(-1), plain.argsort(-1))  # the order among the new items stays
+    torch.testing.assert_close(got.std(-1), plain.std(-1) / 2)  # their spread halves, per user
+    # the known items' fused scores are untouched; the prior is added after the tempering
+    fused = scores_with_new_items(content, ident, 0.5, "imputed", 0.3, imputed_logits, 2.0)
+    torch.testing.assert_close(fused[:, :known], 0.5 * content[:, :known] + 0.5 * ident)
+    torch.testing.assert_close(fused[:, known:], got + 0.3)
+    # the quantile rule is tempered the same way; a model without an ID branch is not tempered at all
+    quantile = calibrated_new_item_scores(content, ident, 0.5, "quantile")
+    q_mass = torch.logsumexp(quantile, -1, keepdim=True)
+    torch.testing.assert_close(calibrated_new_item_scores(content, ident, 0.5, "quantile", temperature=2.0),
+                               q_mass + (quantile - q_mass) / 2)
+    torch.testing.assert_close(calibrated_new_item_scores(content, ident, 0.0, "imputed", imputed_logits, 2.0),
+                               content[:, known:])
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="new_item_temperature"):
+            calibrated_new_item_scores(content, ident, 0.5, "imputed", imputed_logits, bad)
+
+
 def test_imputed_id_embeddings_recover_a_linear_content_to_id_map():
     """The ridge map from content rows to ID rows, fitted on the known items only (reserved rows left out)."""
     generator = torch.Generator().manual_seed(0)
@@ -492,15 +523,28 @@ def test_extended_saved_model_reloads_scores_new_items_and_recommends_them(cold,
     assert read_json(quantile / "molar_model.json")["catalogue_extension"]["new_item_scoring"] == "quantile"
     task = load_model(quantile)[0].heads[0].prediction_task_dict["next-item"]
     assert task.new_item_scoring == "quantile" and task.imputed_id_table is None
+    # an extension saved before the tempering existed is scored as it was then: temperature 1
+    from merlin_molar.cli import NEW_ITEM_TEMPERATURE as CLI_TEMPERATURE
+    from merlin_molar.io import write_json
+    from merlin_molar.models.task import NEW_ITEM_TEMPERATURE
+
+    assert CLI_TEMPERATURE == NEW_ITEM_TEMPERATURE
+    assert load_model(out)[0].heads[0].prediction_task_dict["next-item"].new_item_temperature == NEW_ITEM_TEMPERATURE
+    meta = read_json(quantile / "molar_model.json")
+    del meta["catalogue_extension"]["new_item_temperature"]
+    write_json(quantile / "molar_model.json", meta)
+    assert load_model(quantile)[0].heads[0].prediction_task_dict["next-item"].new_item_temperature == 1.0
 
     mapping = vocabulary(prepared)
     new_raw = set(pd.read_csv(cold.root / COLD_ITEMS_FILE)["item_id"])
     old_raw = [r for r in mapping.index if r not in new_raw]
     histories = [old_raw[i : i + 3] for i in range(0, 60, 3)]
     recs = recommend(saved, prepared, histories, top_k=10)  # the original model, extended on the fly
-    assert set(recs["item_id"]) & new_raw
     recs_ext = recommend(out, prepared, histories, top_k=10)
     pd.testing.assert_frame_equal(recs, recs_ext)
+    # this random tiny model's validation-chosen prior may keep new items out of these top-10s; a high one must not
+    boosted = extend_saved_model(saved, prepared, tmp_path / "boosted", new_item_prior=3.0)
+    assert set(recommend(boosted, prepared, histories, top_k=10)["item_id"]) & new_raw
     with pytest.raises(MolarDataError, match="SASRec model has no embedding"):
         recommend(sasrec_dir, prepared, histories[:1])
     with pytest.raises(MolarDataError, match="SASRec model has no embedding"):
@@ -545,6 +589,7 @@ def test_item_arrival_order_is_first_training_interaction_of_known_items(cold_ba
 
 def test_new_item_prior_is_chosen_on_validation_data_only(cold, monkeypatch):
     from merlin_molar.cold_start import PRIOR_GRID, estimate_new_item_prior
+    from merlin_molar.models.task import NEW_ITEM_TEMPERATURE
 
     table = load_item_table(cold.root / "item_table", cold)
     model = tiny_molar(cold, table)
@@ -558,7 +603,10 @@ def test_new_item_prior_is_chosen_on_validation_data_only(cold, monkeypatch):
     monkeypatch.setattr(type(cold), "split_frame", no_test)
     again = estimate_new_item_prior(model, cold)
     assert again == first  # deterministic
-    assert first["prior"] in PRIOR_GRID and first["rule"] == "budget"
+    assert first["prior"] in PRIOR_GRID and first["rule"] == "both"
+    # no items added yet: the default rule is the simulation's budget alone
+    assert first["by_rule"]["both"] == first["by_rule"]["budget"] == first["prior"]
+    assert first["new_item_temperature"] == NEW_ITEM_TEMPERATURE
     curve = first["curve"]
     assert [c["prior"] for c in curve] == sorted(PRIOR_GRID)
     # budget rule: the largest offset whose warm cost is within 2%; warm NDCG only falls as the offset grows
@@ -619,7 +667,11 @@ def test_actual_budget_rule_reads_the_added_items_own_warm_cost(cold):
     estimate = estimate_new_item_prior(model, prepared)
     task = model.heads[0].prediction_task_dict["next-item"]
     assert not hasattr(task, "known_items")  # estimated on a copy
-    assert estimate["prior"] == before["prior"]  # the default rule still reads the simulation, unchanged
+    assert estimate["by_rule"]["budget"] == before["prior"]  # the simulation is unchanged by the added items
+    assert estimate["curve"] == before["curve"]
+    # the default rule: within the budget on both estimates
+    assert estimate["rule"] == "both"
+    assert estimate["prior"] == min(estimate["by_rule"]["budget"], estimate["by_rule"]["actual_budget"])
     actual = estimate["actual_new_items"]
     assert actual["new_items"] == prepared.item_cardinality - table.size(0) > 0
     curve = actual["curve"]
@@ -647,6 +699,7 @@ def test_actual_budget_rule_reads_the_added_items_own_warm_cost(cold):
 def test_prior_is_saved_with_the_extended_model_and_scored_alike_by_task_lean_and_recommend(cold, tmp_path):
     from merlin_molar.cold_start import cold_start_evaluation
     from merlin_molar.io import read_json
+    from merlin_molar.models.task import NEW_ITEM_TEMPERATURE
     from merlin_molar.persistence import extend_saved_model, load_model, save_model
     from merlin_molar.serving.lean import LeanModel, export_lean
 
@@ -663,8 +716,9 @@ def test_prior_is_saved_with_the_extended_model_and_scored_alike_by_task_lean_an
     assert load_model(auto)[0].heads[0].prediction_task_dict["next-item"].new_item_prior == extension[
         "new_item_prior"]
 
-    out = extend_saved_model(saved, prepared, tmp_path / "fixed", new_item_prior=-0.75)
-    zero = extend_saved_model(saved, prepared, tmp_path / "zero", new_item_prior=0)
+    assert extension["new_item_temperature"] == NEW_ITEM_TEMPERATURE
+    out = extend_saved_model(saved, prepared, tmp_path / "fixed", new_item_prior=-0.75, new_item_temperature=1.5)
+    zero = extend_saved_model(saved, prepared, tmp_path / "zero", new_item_prior=0, new_item_temperature=1.5)
     model = load_model(out)[0]
     histories = torch.zeros(4, 20, dtype=torch.long)
     histories[:, :3] = torch.tensor([[3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14]])
@@ -677,8 +731,10 @@ def test_prior_is_saved_with_the_extended_model_and_scored_alike_by_task_lean_an
     shift = (with_prior - without)[:, n_old:][finite[:, n_old:]]
     torch.testing.assert_close(shift, torch.full_like(shift, -0.75))
 
+    assert model.heads[0].prediction_task_dict["next-item"].new_item_temperature == 1.5
     lean = LeanModel.load(export_lean(out, tmp_path / "lean"))
     assert lean.meta["new_item_prior"] == -0.75 and lean.meta["known_items"] == n_old
+    assert lean.meta["new_item_temperature"] == 1.5
     with torch.no_grad():
         got = lean.scores(histories)
     got[:, :3] = float("-inf")
