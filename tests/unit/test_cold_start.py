@@ -264,12 +264,18 @@ def test_quantile_scores_put_new_items_at_the_id_score_of_their_content_rank():
         calibrated_new_item_scores(content, ident, 0.5, "nope")
 
 
-def test_imputed_scores_are_the_id_log_probability_of_the_imputed_embedding_among_the_known_items():
+def random_user_scores(users: int, known: int, new: int):
+    """Content log-probabilities over ``known + new`` items, ID log-probabilities over the known ones, and
+    logits against every item's imputed ID embedding, for ``users`` users."""
     torch.manual_seed(0)
-    known, new = 13, 3
-    content = torch.log_softmax(torch.randn(2, known + new), -1)
-    ident = torch.log_softmax(torch.randn(2, known), -1)
-    imputed_logits = 2 * torch.randn(2, known + new)
+    content = torch.log_softmax(torch.randn(users, known + new), -1)
+    ident = torch.log_softmax(torch.randn(users, known), -1)
+    return content, ident, 2 * torch.randn(users, known + new)
+
+
+def test_imputed_scores_are_the_id_log_probability_of_the_imputed_embedding_among_the_known_items():
+    known = 13
+    content, ident, imputed_logits = random_user_scores(2, known, 3)
     got = calibrated_new_item_scores(content, ident, 0.25, "imputed", imputed_logits)
     # log-softmax over the known items' imputed logits (reserved ids 0..2 left out), read at the new items
     normaliser = torch.logsumexp(imputed_logits[:, 3:known], -1, keepdim=True)
@@ -285,11 +291,8 @@ def test_imputed_scores_are_the_id_log_probability_of_the_imputed_embedding_amon
 def test_new_item_scores_are_tempered_around_each_users_new_item_log_mass():
     from merlin_molar.models.task import scores_with_new_items
 
-    torch.manual_seed(0)
-    known, new = 13, 4
-    content = torch.log_softmax(torch.randn(3, known + new), -1)
-    ident = torch.log_softmax(torch.randn(3, known), -1)
-    imputed_logits = 2 * torch.randn(3, known + new)
+    known = 13
+    content, ident, imputed_logits = random_user_scores(3, known, 4)
     plain = calibrated_new_item_scores(content, ident, 0.5, "imputed", imputed_logits)
     torch.testing.assert_close(calibrated_new_item_scores(content, ident, 0.5, "imputed", imputed_logits, 1.0), plain)
     got = calibrated_new_item_scores(content, ident, 0.5, "imputed", imputed_logits, 2.0)
