@@ -392,7 +392,7 @@ def estimate_new_item_prior(
     cost at the simulation's ``b`` was 1.8-2.3% on the four MovieLens-1M models and 0.3-0.6% on the two
     MovieLens-100K ones; at the added items' own ``b`` it was 1.1-1.7% and 1.9-2.7%. Each estimate is
     optimistic on one dataset; the smaller ``b`` stayed within 2% on all six. At the default temperature (2)
-    the rule gives 1.3-1.7% on MovieLens-1M and 0.2-0.4% on MovieLens-100K, while the simulation alone
+    the rule gives 1.3-1.8% on MovieLens-1M and 0.2-0.4% on MovieLens-100K, while the simulation alone
     would give 2.8-3.8% on MovieLens-1M.
 
     Adding new items is a trade: every top-10 slot they take is taken from a warm item, and the requirement
