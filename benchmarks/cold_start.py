@@ -304,18 +304,18 @@ def main(argv=None):
             "warm_users": results["molar"]["warm"]["users"],
         },
     }
-    estimate = details["new_item_prior_estimate"]
+    by_rule = (details["new_item_prior_estimate"] or {}).get("by_rule", {})
     other_priors = {  # the same targets for the other rules and scorings, each at its own prior, same run
-        "with_rule_budget": ("molar_simulation_budget", lambda: estimate["by_rule"]["budget"]),
-        "with_rule_actual_budget": ("molar_actual_budget", lambda: estimate["by_rule"]["actual_budget"]),
-        "with_untempered_scoring": ("molar_untempered", lambda: details["untempered_prior_estimate"]["prior"]),
-        "with_quantile_scoring": ("molar_quantile", lambda: details["quantile_prior_estimate"]["prior"]),
+        "with_rule_budget": ("molar_simulation_budget", by_rule.get("budget")),
+        "with_rule_actual_budget": ("molar_actual_budget", by_rule.get("actual_budget")),
+        "with_untempered_scoring": ("molar_untempered", details.get("untempered_prior_estimate", {}).get("prior")),
+        "with_quantile_scoring": ("molar_quantile", details.get("quantile_prior_estimate", {}).get("prior")),
     }
     for key, (variant, prior) in other_priors.items():
         if variant in s:
             other = s[variant]
             targets[key] = {
-                "prior": prior(),
+                "prior": prior,
                 "cold_recall@10_ratio_vs_content_knn": other["cold"]["recall@10"] / knn_cold if knn_cold else None,
                 "hits@10": results[variant]["cold"]["hits@10"],
                 "warm_ndcg@10_cost": 1 - other["warm"]["ndcg@10"] / old_warm if old_warm else None,

@@ -137,16 +137,6 @@ def _prior_value(text: str):
         raise argparse.ArgumentTypeError(f"'auto' or a number, got {text!r}") from None
 
 
-def _positive_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"a positive number, got {text!r}")
-    return value
-
-
 def cmd_extend_model(args):
     from merlin_molar.data import load_prepared
     from merlin_molar.persistence import extend_saved_model
@@ -340,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-item-scoring", default="imputed", choices=NEW_ITEM_SCORING_CHOICES,
                    help="how a new item's missing ID score is filled in: 'imputed' (default) from an ID embedding "
                         "regressed on its content, 'quantile' the ID score at its content rank, 'content' none")
-    p.add_argument("--new-item-temperature", default=NEW_ITEM_TEMPERATURE, type=_positive_number,
+    p.add_argument("--new-item-temperature", default=NEW_ITEM_TEMPERATURE, type=float,
                    help="tempers each user's new-item scores around their total (1 = as calibrated; default "
                         f"{NEW_ITEM_TEMPERATURE:g}, chosen on MovieLens-1M validation data)")
 

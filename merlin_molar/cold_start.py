@@ -865,10 +865,9 @@ def cold_start_evaluation(
             "molar_content_tower": model_scorer(model, width, id_weight=0.0),
         })
         if estimate is not None:
-            for rule in ("budget", "actual_budget"):
+            for rule, name in (("budget", "molar_simulation_budget"), ("actual_budget", "molar_actual_budget")):
                 if rule in estimate["by_rule"]:
-                    scorers[f"molar_{'simulation_budget' if rule == 'budget' else rule}"] = model_scorer(
-                        model, width, new_item_prior=estimate["by_rule"][rule])
+                    scorers[name] = model_scorer(model, width, new_item_prior=estimate["by_rule"][rule])
         if estimate is not None and task.new_item_scoring != "quantile":
             for name, scoring in (("untempered", task.new_item_scoring), ("quantile", "quantile")):
                 other = estimate_new_item_prior(model, prepared, new_item_scoring=scoring, item_table=item_table,

@@ -47,8 +47,9 @@ RULES = {
     "max_steps": ("--max-steps", lambda v: v >= 1, "must be at least 1"),
     "history_length": ("--history-length", lambda v: v >= 1, "must be at least 1"),
     "temperature": ("--temperature", lambda v: _finite(v) and v > 0, "must be greater than 0"),
+    "new_item_temperature": ("--new-item-temperature", lambda v: _finite(v) and v > 0, "must be greater than 0"),
 }
-INTEGER_OPTIONS = set(RULES) - {"epochs", "lr", "temperature"}
+INTEGER_OPTIONS = set(RULES) - {"epochs", "lr", "temperature", "new_item_temperature"}
 # dest -> option, for the options that name a directory the command writes
 OUTPUTS = {"output": "--output", "repository": "--repository", "workdir": "--workdir"}
 MODEL_PATHS = {"encoder": "--encoder", "base_model": "--base-model"}
