@@ -37,7 +37,8 @@ from merlin.io import Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import RESULTS_DIR, data_dir, command_line, git_commit, machine, now, table, write_result  # noqa: E402
-from merlin_molar.data import ITEM_SEQUENCE, SPLITS, prepare, read_dataset  # noqa: E402
+from merlin_molar.ids import ITEM_SEQUENCE  # noqa: E402
+from merlin_molar.data import SPLITS, prepare, read_dataset  # noqa: E402
 from merlin_molar.data.workflow import (  # noqa: E402
     FIRST_ITEM_ID,
     MIN_HISTORY,

@@ -35,13 +35,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
-from merlin_molar.data import ITEM_SEQUENCE, load_prepared, prepare, read_dataset  # noqa: E402
+from merlin_molar.ids import ITEM_SEQUENCE  # noqa: E402
+from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.models.molar import MolarConfig, molar_model  # noqa: E402
 from merlin_molar.pipeline import model_provenance  # noqa: E402
 from merlin_molar.persistence import load_model, save_model  # noqa: E402
 from merlin_molar.serving import TritonServer, build_ensemble, export_triton  # noqa: E402
 from merlin_molar.serving.client import connect, history_tensors, recommend  # noqa: E402
-from merlin_molar.serving.ops import right_padded_window  # noqa: E402
+from merlin_molar.serving.lean import right_padded_window  # noqa: E402
 from merlin_molar.training import TrainConfig, make_trainer  # noqa: E402
 from merlin_molar.models.dueg import small_decoder_config  # noqa: E402
 

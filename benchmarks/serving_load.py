@@ -100,7 +100,7 @@ def real_histories(prepared, rng):
     """Every test-split history in raw ids, each cut to a random length 1..its own (at most the window)."""
     import pandas as pd
 
-    from merlin_molar.data import ITEM_SEQUENCE
+    from merlin_molar.ids import ITEM_SEQUENCE
 
     test = pd.read_parquet(prepared.split_path("test") / "part_0.parquet", columns=[ITEM_SEQUENCE])
     items = pd.read_parquet(prepared.items_path, columns=["item_id", "item_id_raw"])
@@ -302,11 +302,11 @@ def main(argv=None):
     from common import command_line, git_commit, machine, now, table, write_result
     from merlin.systems.dag import Ensemble
 
-    from merlin_molar.data import ITEM_SEQUENCE
+    from merlin_molar.ids import ITEM_SEQUENCE
     from merlin_molar.persistence import load_model
     from merlin_molar.serving import TritonServer
     from merlin_molar.serving.client import connect, history_tensors
-    from merlin_molar.serving.ops import right_padded_window
+    from merlin_molar.serving.lean import right_padded_window
 
     torch.set_num_threads(1)
     started, info = now(), machine()

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from common import REPO, RESULTS_DIR, command_line, data_dir, git_commit, machine, now, table, write_result  # noqa: E402
 
 from merlin_molar.cold_start import content_knn_scorer  # noqa: E402
-from merlin_molar.data import ITEM_SEQUENCE, prepare, read_dataset  # noqa: E402
+from merlin_molar.ids import ITEM_SEQUENCE  # noqa: E402
+from merlin_molar.data import prepare, read_dataset  # noqa: E402
 from merlin_molar.evaluation import mask_seen_items, reference_metrics  # noqa: E402
 from merlin_molar.items import load_item_table, read_table_metadata  # noqa: E402
 from merlin_molar.items.stage1 import finetune_sentence_encoder, sentence_behaviour_examples  # noqa: E402

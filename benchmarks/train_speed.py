@@ -24,7 +24,8 @@ import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is import
 import torch  # noqa: E402
 from common import REPO, RESULTS_DIR, command_line, data_dir, git_commit, machine, now, table, write_result  # noqa: E402
 
-from merlin_molar.data import ITEM_SEQUENCE, prepare, read_dataset  # noqa: E402
+from merlin_molar.ids import ITEM_SEQUENCE  # noqa: E402
+from merlin_molar.data import prepare, read_dataset  # noqa: E402
 from merlin_molar.models import MolarConfig, SASRecConfig, molar_model, sasrec_model  # noqa: E402
 from merlin_molar.pipeline import embed_item_table  # noqa: E402
 

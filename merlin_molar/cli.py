@@ -138,8 +138,8 @@ def _prior_value(text: str):
 
 
 def cmd_extend_model(args):
+    from merlin_molar.cold_start import extend_saved_model
     from merlin_molar.data import load_prepared
-    from merlin_molar.persistence import extend_saved_model
 
     out = extend_saved_model(args.model_dir, load_prepared(args.prepared), args.output, item_table=args.item_table,
                              new_item_scoring=args.new_item_scoring, new_item_prior=args.new_item_prior,

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 from transformers4rec.torch.ranking_metric import NDCGAt, RecallAt
 
-from merlin_molar.data.workflow import FIRST_ITEM_ID
+from merlin_molar.ids import FIRST_ITEM_ID
 
 TOP_KS = (10, 20, 50)
 

@@ -25,11 +25,12 @@ from merlin.schema import Schema
 from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from safetensors.torch import load_file, save_file
 
-import merlin_molar
 from merlin_molar.errors import MolarDataError
 from merlin_molar.io import atomic_path, file_checksums, read_json, verify_checksums, write_json
+from merlin_molar.models.catalogue import extend_catalogue
 from merlin_molar.models.id_models import ID_MODELS
 from merlin_molar.models.molar import MolarConfig, molar_model
+from merlin_molar.version import __version__
 
 
 def _is_pretrained_llm(config: MolarConfig) -> bool:
@@ -59,7 +60,7 @@ def save_model(
                 **(extra or {}),
                 "kind": kind,
                 "config": config.to_dict(),
-                "merlin_molar": merlin_molar.__version__,
+                "merlin_molar": __version__,
                 "saved_at": datetime.now(timezone.utc).isoformat(),
                 "sha256": file_checksums(tmp),
             },
@@ -115,8 +116,6 @@ def load_model(path) -> tuple:
     if unexpected or (not strict and any(".llm." not in k for k in missing)):
         raise MolarDataError(path / "weights.pt", f"weights do not match the model (unexpected {unexpected[:3]})")
     if kind == "molar" and meta.get("catalogue_extension"):
-        from merlin_molar.cold_start import extend_catalogue
-
         # saved before the prior, the imputed scoring or the tempering existed: scored as it was then
         # (prior 0, "quantile", temperature 1)
         extension = meta["catalogue_extension"]
@@ -136,73 +135,3 @@ def with_item_cardinality(schema: Schema, cardinality: int) -> Schema:
     if "embedding_sizes" in properties:
         properties["embedding_sizes"] = {**properties["embedding_sizes"], "cardinality": int(cardinality)}
     return Schema([col.with_properties(properties) if c.name == col.name else c for c in schema])
-
-
-def extend_saved_model(
-    model_dir, prepared, output_dir, item_table=None, new_item_scoring: str = "imputed", new_item_prior="auto",
-    new_item_temperature: float = None,
-) -> Path:
-    """Write ``output_dir``: the saved Molar model of ``model_dir`` made to score ``prepared``'s current catalogue
-    (items added with ``add-items`` since training), with no retraining. The weights are copied unchanged;
-    the item table is the extended one, checked to start with the model's own table byte for byte; the
-    saved schema has the new item cardinality, so ``export`` and ``load_model`` see the extended catalogue.
-    ``new_item_prior`` (``"auto"``: :func:`merlin_molar.cold_start.estimate_new_item_prior` on the
-    validation split, or a number) is saved with it, and so are ``new_item_scoring`` and
-    ``new_item_temperature`` (default :data:`merlin_molar.models.task.NEW_ITEM_TEMPERATURE`), so every later
-    load, ``recommend`` and the exported server score the new items alike. ID-only models (SASRec, GRU4Rec)
-    are refused."""
-    import shutil
-
-    from merlin_molar.cold_start import extend_catalogue
-    from merlin_molar.items import item_id_fingerprint, load_item_table
-    from merlin_molar.models.task import NEW_ITEM_TEMPERATURE
-
-    if new_item_temperature is None:
-        new_item_temperature = NEW_ITEM_TEMPERATURE
-
-    model_dir, output_dir = Path(model_dir), Path(output_dir)
-    model, kind, config, schema = load_model(model_dir)
-    meta = read_json(model_dir / "molar_model.json")
-    trained = int((meta.get("catalogue_extension") or {}).get("trained_items", 0)) or None
-    if kind != "molar":
-        extend_catalogue(model, kind, None)  # raises: only Molar's content tower can score new items
-    table = load_item_table(Path(item_table) if item_table else Path(prepared.root) / "item_table", prepared)
-    if kind == "molar" and trained is None:
-        trained = int(load_file(str(model_dir / "item_table.safetensors"))["table"].size(0))
-    extend_catalogue(model, kind, table, new_item_scoring, 0.0, new_item_temperature)  # checks the table
-    estimate = None
-    if new_item_prior == "auto":
-        from merlin_molar.cold_start import estimate_new_item_prior
-
-        estimate = estimate_new_item_prior(model, prepared, new_item_scoring=new_item_scoring, item_table=table,
-                                           new_item_temperature=new_item_temperature)
-        new_item_prior = estimate["prior"]
-    new_item_prior = float(new_item_prior or 0.0)
-    catalogue = prepared.manifest.get("catalogue", {})
-    with atomic_path(output_dir, is_dir=True) as tmp:
-        shutil.copy2(model_dir / "weights.pt", tmp / "weights.pt")
-        if (model_dir / "adapter").exists():
-            shutil.copytree(model_dir / "adapter", tmp / "adapter")
-        save_file({"table": table.detach().float().contiguous().cpu()}, str(tmp / "item_table.safetensors"))
-        (tmp / "schema.json").write_text(
-            TensorflowMetadata.from_merlin_schema(with_item_cardinality(schema, table.size(0))).to_json()
-        )
-        fingerprint = item_id_fingerprint(prepared)
-        write_json(tmp / "molar_model.json", {
-            **meta,
-            "sha256": file_checksums(tmp),  # the extended table and schema, not the source model's
-            "id_mapping_fingerprint": fingerprint,
-            "catalogue_extension": {
-                "trained_items": trained,
-                "items": int(table.size(0)),
-                "new_item_scoring": new_item_scoring,
-                "new_item_prior": new_item_prior,
-                "new_item_temperature": float(new_item_temperature),
-                **({"new_item_prior_estimate": estimate} if estimate else {}),
-                "catalogue_version": catalogue.get("version", 1),
-                "id_mapping_fingerprint": fingerprint,
-                "source_model": str(model_dir.resolve()),
-                "extended_at": datetime.now(timezone.utc).isoformat(),
-            },
-        })
-    return output_dir

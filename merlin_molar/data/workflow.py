@@ -31,16 +31,15 @@ import pandas as pd
 from merlin.io import Dataset
 from merlin.schema import Schema, Tags
 
+from merlin_molar.data.holdout import hold_out_items, write_cold_files
 from merlin_molar.data.readers import RawDataset
 from merlin_molar.errors import MolarDataError
+from merlin_molar.ids import FIRST_ITEM_ID, ITEM_SEQUENCE
 from merlin_molar.io import atomic_path, claim_output_dir, file_checksums, read_json, verify_checksums, write_json
 
 LOG = logging.getLogger(__name__)
 
-ITEM_SEQUENCE = "item_id-list"
 SPLITS = ("train", "valid", "test")
-# Categorify reserves 0 (padding), 1 (null) and 2 (out-of-vocabulary); real items start here.
-FIRST_ITEM_ID = 3
 MIN_HISTORY = 3  # one train item + one validation target + one test target
 # Position of each interaction in the raw table: interactions with equal timestamps keep that order, whatever
 # the partitioning (a plain sort by time leaves ties in an order that depends on each partition's contents).
@@ -214,7 +213,7 @@ def prepare(
     NVTabular's Groupby requires) so that the workers of an active Dask cluster share the work.
 
     ``cold_items`` > 0 holds out that fraction of items, the latest to appear, as new items for cold-start
-    evaluation (:mod:`merlin_molar.cold_start`): Categorify is fitted without them, they stay only as test
+    evaluation (:mod:`merlin_molar.data.holdout`): Categorify is fitted without them, they stay only as test
     targets (out of vocabulary until ``add-items`` adds ``cold_items.csv``)."""
     output_dir = Path(output_dir)
     # The fingerprint identifies the data; where it was read from (relative or absolute path) does not.
@@ -233,8 +232,6 @@ def prepare(
     interactions = interactions.assign(**{ORDER_COLUMN: np.arange(len(interactions))})
     fit_on, cold = interactions, None
     if cold_items:
-        from merlin_molar.cold_start import hold_out_items
-
         interactions, cold = hold_out_items(interactions, cold_items, ORDER_COLUMN)
         fit_on = interactions[~interactions["item_id"].isin(set(cold))]
 
@@ -275,8 +272,6 @@ def prepare(
         "sha256": file_checksums(output_dir, ["workflow", *SPLITS, "items.parquet"]),
     }
     if cold is not None:
-        from merlin_molar.cold_start import write_cold_files
-
         manifest["cold_start"] = {"fraction": cold_items, **write_cold_files(output_dir, raw.items, cold, grouped,
                                                                                 interactions)}
     write_json(output_dir / "molar_manifest.json", manifest)

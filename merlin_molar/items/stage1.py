@@ -187,7 +187,7 @@ def build_stage1_mixture(
 
     A task that cannot be built (e.g. ``image_description`` on a dataset without readable images) is
     logged and skipped."""
-    from merlin_molar.data.workflow import ITEM_SEQUENCE
+    from merlin_molar.ids import ITEM_SEQUENCE
 
     unknown = set(tasks) - set(STAGE1_TASKS)
     if unknown:
@@ -459,7 +459,7 @@ def sentence_behaviour_examples(
     with ``separator``, newest last; the positive is the next item's text, written exactly as the sentence
     encoder embeds it in the item table (``prompts``, default the sentence encoder's: the plain item text).
     Windows are sampled as for the LLM's ``user_behaviour`` task (:func:`behaviour_windows`)."""
-    from merlin_molar.data.workflow import ITEM_SEQUENCE
+    from merlin_molar.ids import ITEM_SEQUENCE
     from merlin_molar.items.prompts import SENTENCE_PROMPTS
 
     if n < 1 or history_length < 1:

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from merlin_molar.data.workflow import FIRST_ITEM_ID
+from merlin_molar.ids import FIRST_ITEM_ID
 
 
 class FullSoftmaxLoss(torch.nn.Module):

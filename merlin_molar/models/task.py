@@ -12,7 +12,8 @@ import torch
 from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
 
 from merlin_molar.errors import MolarDataError, check_choice
-from merlin_molar.evaluation import FIRST_ITEM_ID, TOP_KS, history_without_last, mask_seen_items, ranking_metrics
+from merlin_molar.evaluation import TOP_KS, history_without_last, mask_seen_items, ranking_metrics
+from merlin_molar.ids import FIRST_ITEM_ID
 from merlin_molar.models.losses import REC_LOSSES, SampledInfoNCELoss, symmetric_infonce
 
 
@@ -76,7 +77,7 @@ def calibrated_new_item_scores(
     ``j`` has only ``c_j``; its missing ``d_j`` is imputed per user so that the score lands on the same scale:
 
     * ``"imputed"`` (default): ``d_j`` = the ID branch's log-probability of an ID embedding imputed from the
-      item's content (:func:`merlin_molar.cold_start.impute_id_embeddings`, a ridge map fitted on the known
+      item's content (:func:`merlin_molar.models.catalogue.impute_id_embeddings`, a ridge map fitted on the known
       items). ``imputed_logits`` are the user's logits against the imputed embeddings of *every* item; the
       log-softmax is taken over the known items' imputed logits, so ``d_j`` says how likely ``j`` is among
       the known items as the imputed ID branch sees them all. Unlike the rank mappings, this lets the ID

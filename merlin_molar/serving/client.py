@@ -16,7 +16,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from merlin_molar.data.workflow import ITEM_SEQUENCE
+from merlin_molar.ids import ITEM_SEQUENCE
 from merlin_molar.serving.ops import ITEM_IDS, SCORES
 
 PROTOCOLS = ("http", "grpc")

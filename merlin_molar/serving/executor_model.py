@@ -35,7 +35,7 @@ from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
 from merlin.systems.triton.conversions import triton_request_to_tensor_table
 from merlin.systems.triton.models.executor_model import TritonPythonModel as MerlinExecutorModel
 
-from merlin_molar.data.workflow import ITEM_SEQUENCE
+from merlin_molar.ids import ITEM_SEQUENCE
 from merlin_molar.serving.ops import ITEM_IDS, PIN_CORES, SCORES, MolarRecommend, MolarRequestError, pinned_core
 
 VALUES, OFFSETS = f"{ITEM_SEQUENCE}__values", f"{ITEM_SEQUENCE}__offsets"

@@ -8,11 +8,12 @@ from pathlib import Path
 from merlin.schema import ColumnSchema, Schema, Tags
 from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 
-import merlin_molar
-from merlin_molar.data.workflow import FIRST_ITEM_ID, ITEM_SEQUENCE, item_id_mapping, load_prepared
+from merlin_molar.data.workflow import item_id_mapping, load_prepared
 from merlin_molar.errors import MolarDataError
+from merlin_molar.ids import FIRST_ITEM_ID, ITEM_SEQUENCE
 from merlin_molar.io import atomic_path, read_json, write_json
 from merlin_molar.serving.ops import ITEM_IDS, LEAN_DIR, PIN_CORES, SCORES, MolarRecommend, is_string_dtype
+from merlin_molar.version import __version__
 
 SERVING_MANIFEST = "molar_serving.json"
 # merlin-systems' executor model, answering bad requests with INVALID_ARG (see executor_model.py)
@@ -96,7 +97,7 @@ def export_triton(
                 "instances": int(instances),
                 "torch_threads": int(torch_threads),
                 "pin_cores": bool(pin_cores),
-                "merlin_molar": merlin_molar.__version__,
+                "merlin_molar": __version__,
                 "exported_at": datetime.now(timezone.utc).isoformat(),
             },
         )

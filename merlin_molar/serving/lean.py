@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from merlin_molar.cold_start import OOV_ID
+from merlin_molar.ids import FIRST_ITEM_ID, OOV_ID
 from merlin_molar.models.task import scores_with_new_items
 from merlin_molar.serving.slim import slim_tower
 
@@ -49,7 +49,6 @@ LEAN_FILE = "lean.json"
 TABLES_FILE = "tables.safetensors"
 TOWER_FILES = {"content": "content_tower.pt", "id": "id_tower.pt"}
 FIRST_BUCKET = 8
-FIRST_ITEM_ID = 3  # as merlin_molar.data.workflow (Categorify's reserved ids 0-2)
 
 
 def length_buckets(max_length: int) -> List[int]:
@@ -357,8 +356,6 @@ class LeanModel:
     def top_k(self, values: np.ndarray, offsets: np.ndarray, k: int):
         """Top-k ``(scores, encoded ids)`` for encoded ragged histories; each row keeps its last ``max_length``
         items, and every item of its history (also older ones) and the reserved ids 0-2 are excluded."""
-        from merlin_molar.serving.ops import right_padded_window
-
         history = torch.from_numpy(values.astype(np.int64, copy=False))
         with torch.no_grad():  # not inference_mode: TorchScript modules refuse inference tensors
             if len(offsets) == 2:  # one history: its last max_length items, no padding
@@ -384,3 +381,14 @@ def _optimised(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
         return torch.jit.optimize_for_inference(module)
     except Exception:  # noqa: BLE001  (an optimisation, never a reason not to serve)
         return module
+
+
+def right_padded_window(values: np.ndarray, offsets: np.ndarray, max_length: int) -> np.ndarray:
+    """``[rows, max_length]`` int64: each row's last ``max_length`` items, right-padded with 0."""
+    lengths = np.diff(offsets)
+    keep = np.minimum(lengths, max_length)
+    pos = np.arange(max_length)
+    src = (offsets[1:] - keep)[:, None] + pos[None, :]
+    inside = pos[None, :] < keep[:, None]
+    gathered = values[np.where(inside, src, 0).clip(max=max(len(values) - 1, 0))] if len(values) else src * 0
+    return np.where(inside, gathered, 0).astype(np.int64)

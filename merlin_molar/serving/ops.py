@@ -28,7 +28,7 @@ import pandas as pd
 from merlin.dag import BaseOperator, ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema, Tags
 
-from merlin_molar.data.workflow import ITEM_SEQUENCE
+from merlin_molar.ids import ITEM_SEQUENCE
 
 VOCABULARY_FILE = "item_vocabulary.parquet"
 LEAN_DIR = "lean"
@@ -298,14 +298,3 @@ class MolarRecommend(BaseOperator):
         encoded = self._codec.encode(values, offsets)
         top_scores, top_ids = self._lean.top_k(encoded, offsets, self.top_k)
         return self._codec.decode(top_ids), top_scores.astype(np.float32, copy=False)
-
-
-def right_padded_window(values: np.ndarray, offsets: np.ndarray, max_length: int) -> np.ndarray:
-    """``[rows, max_length]`` int64: each row's last ``max_length`` items, right-padded with 0."""
-    lengths = np.diff(offsets)
-    keep = np.minimum(lengths, max_length)
-    pos = np.arange(max_length)
-    src = (offsets[1:] - keep)[:, None] + pos[None, :]
-    inside = pos[None, :] < keep[:, None]
-    gathered = values[np.where(inside, src, 0).clip(max=max(len(values) - 1, 0))] if len(values) else src * 0
-    return np.where(inside, gathered, 0).astype(np.int64)

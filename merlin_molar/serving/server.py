@@ -37,8 +37,6 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-import merlin_molar
-
 STUB_ENV_VAR = "MOLAR_TRITON_STUB_ENV"
 INSTALL_HINT = "run `bash scripts/install_serving.sh` (installs requirements/serving.txt and the stub environment)"
 
@@ -142,7 +140,7 @@ class TritonServer:
         # merlin_molar package this process runs makes the models run the same source, also from a checkout
         # that is not the installed one (an editable install's finder comes after sys.path; an ordinary
         # install in site-packages is found first, and is then what this process runs too).
-        os.symlink(Path(merlin_molar.__file__).resolve().parent, python / "merlin_molar")
+        os.symlink(Path(__file__).resolve().parents[1], python / "merlin_molar")
         return python.parent
 
     def _env(self, dist: Path) -> dict:

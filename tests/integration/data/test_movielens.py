@@ -1,5 +1,6 @@
 """The readers and the NVTabular workflow on the real MovieLens data in ../shared/data."""
-from merlin_molar.data import ITEM_SEQUENCE, prepare, read_dataset
+from merlin_molar.data import prepare, read_dataset
+from merlin_molar.ids import ITEM_SEQUENCE
 
 
 def test_shared_ml1m_layout(ml1m_dir):

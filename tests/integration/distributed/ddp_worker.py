@@ -24,7 +24,8 @@ import merlin_molar  # noqa: F401  (compat layer before T4Rec)
 from transformers import TrainerCallback
 from transformers4rec.torch.utils.data_utils import MerlinDataLoader
 
-from merlin_molar.data import ITEM_SEQUENCE, load_prepared
+from merlin_molar.ids import ITEM_SEQUENCE
+from merlin_molar.data import load_prepared
 from merlin_molar.distributed import data_parallel_config, leave_process_group, world
 from merlin_molar.errors import MolarDataError
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model

@@ -26,7 +26,7 @@ import pytest
 import torch
 from distributed import get_task_stream
 
-from merlin_molar.data import ITEM_SEQUENCE, SPLITS, load_prepared, prepare, read_dataset
+from merlin_molar.data import SPLITS, load_prepared, prepare, read_dataset
 from merlin_molar.distributed import (
     configure_workers,
     dask_cluster,
@@ -34,6 +34,7 @@ from merlin_molar.distributed import (
     gathered_evaluation_loop,
     per_device_batch_size,
 )
+from merlin_molar.ids import ITEM_SEQUENCE
 from merlin_molar.io import file_checksums, read_json, write_json
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
 from merlin_molar.training import TrainConfig, make_trainer

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from merlin_molar.data.workflow import ITEM_SEQUENCE
+from merlin_molar.ids import ITEM_SEQUENCE
 from merlin_molar.models.dueg import small_decoder_config
 from merlin_molar.models.molar import MolarConfig, molar_model
 from merlin_molar.persistence import load_model, save_model

@@ -9,11 +9,12 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from merlin_molar.data.workflow import ITEM_SEQUENCE, item_id_mapping
+from merlin_molar.data.workflow import item_id_mapping
 from merlin_molar.errors import MolarDataError
+from merlin_molar.ids import ITEM_SEQUENCE
 from merlin_molar.serving import ItemCodec, LeanModel, MolarRequestError, export_lean, export_triton
-from merlin_molar.serving.lean import length_buckets
-from merlin_molar.serving.ops import check_histories, right_padded_window
+from merlin_molar.serving.lean import length_buckets, right_padded_window
+from merlin_molar.serving.ops import check_histories
 
 TOP_K = 10  # as exported by the `repository` fixture (conftest.py)
 MAX_BATCH = 16

@@ -3,10 +3,11 @@ import pandas as pd
 import pytest
 from merlin.schema import Tags
 
-from merlin_molar.data import FIRST_ITEM_ID, ITEM_SEQUENCE, load_prepared, prepare
+from merlin_molar.data import load_prepared, prepare
 from merlin_molar.data.readers import RawDataset
 from merlin_molar.data.workflow import k_core
 from merlin_molar.errors import MolarDataError
+from merlin_molar.ids import FIRST_ITEM_ID, ITEM_SEQUENCE
 
 
 def toy_raw(n_users=6, seed=0):

@@ -50,7 +50,7 @@ def test_describe_item_prefers_a_real_description():
 
 
 def test_user_behaviour_follows_real_histories(mixture, small_prepared):
-    from merlin_molar.data import ITEM_SEQUENCE
+    from merlin_molar.ids import ITEM_SEQUENCE
 
     titles = dict(zip(small_prepared.items()["item_id"], small_prepared.items()["title"]))
     histories = [[titles[i] for i in h] for h in small_prepared.split_frame("train")[ITEM_SEQUENCE]]

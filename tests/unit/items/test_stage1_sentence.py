@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from merlin_molar.cli import main
-from merlin_molar.data import ITEM_SEQUENCE, RawDataset, prepare
+from merlin_molar.data import RawDataset, prepare
 from merlin_molar.errors import MolarDataError
+from merlin_molar.ids import ITEM_SEQUENCE
 from merlin_molar.items import ItemContent, SentenceEncoder, Stage1Example, build_encoder
 from merlin_molar.items.stage1 import (
     QUERY_SEPARATOR,

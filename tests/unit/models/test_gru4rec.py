@@ -84,7 +84,7 @@ def test_gru4rec_body_is_causal_and_per_position(tiny_prepared):
 
 
 def test_gru4rec_refuses_items_added_after_training(tiny_prepared):
-    from merlin_molar.cold_start import extend_catalogue
+    from merlin_molar.models.catalogue import extend_catalogue
 
     model = gru4rec_model(tiny_prepared.schema, GRU4RecConfig(d_model=16, max_length=20))
     with pytest.raises(MolarDataError, match="GRU4Rec model has no embedding for items added after training"):
