@@ -1,4 +1,9 @@
-"""merlin-molar: Molar (multimodal LLM + collaborative-filtering post-alignment) for Transformers4Rec."""
+"""merlin-molar: Molar (multimodal LLM + collaborative-filtering post-alignment) for Transformers4Rec.
+
+Importing the package is cheap: the public names below load their module on first use, and the
+compatibility overrides (:mod:`merlin_molar.compat`) are applied when ``transformers4rec.torch`` is first
+imported, by this package or by the caller (``import merlin_molar, transformers4rec.torch as tr``).
+"""
 import os as _os
 import warnings as _warnings
 
@@ -11,55 +16,40 @@ _warnings.filterwarnings("ignore", message="Initializing an NVTabular Dataset in
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from merlin_molar import compat as _compat  # noqa: E402
+from merlin_molar._lazy import lazy_public_names as _lazy_public_names  # noqa: E402
+from merlin_molar.version import __version__ as __version__  # noqa: E402
 
-_compat.apply()
+_compat.install()
 
-__version__ = "0.1.0"
+# public name -> the module that defines it
+_PUBLIC = {
+    **dict.fromkeys(["load_prepared", "prepare", "read_dataset"], "merlin_molar.data"),
+    **dict.fromkeys(
+        [
+            "ContentItemEmbedding",
+            "FullRankingNextItemTask",
+            "GRU4RecConfig",
+            "MolarBlock",
+            "MolarBody",
+            "MolarConfig",
+            "MolarTask",
+            "SASRecConfig",
+            "build_llm",
+            "content_item_inputs",
+            "gru4rec_body",
+            "gru4rec_model",
+            "load_id_branch",
+            "molar_model",
+            "sasrec_body",
+            "sasrec_model",
+            "small_decoder_config",
+        ],
+        "merlin_molar.models",
+    ),
+    **dict.fromkeys(["load_model", "save_model"], "merlin_molar.persistence"),
+}
 
-from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
-from merlin_molar.models import (  # noqa: E402
-    ContentItemEmbedding,
-    FullRankingNextItemTask,
-    GRU4RecConfig,
-    MolarBlock,
-    MolarBody,
-    MolarConfig,
-    MolarTask,
-    SASRecConfig,
-    build_llm,
-    content_item_inputs,
-    gru4rec_body,
-    gru4rec_model,
-    load_id_branch,
-    molar_model,
-    sasrec_body,
-    sasrec_model,
-    small_decoder_config,
-)
-from merlin_molar.persistence import load_model, save_model  # noqa: E402
+__all__ = sorted([*_PUBLIC, "__version__"])
 
-__all__ = [
-    "ContentItemEmbedding",
-    "FullRankingNextItemTask",
-    "GRU4RecConfig",
-    "MolarBlock",
-    "MolarBody",
-    "MolarConfig",
-    "MolarTask",
-    "SASRecConfig",
-    "__version__",
-    "build_llm",
-    "content_item_inputs",
-    "gru4rec_body",
-    "gru4rec_model",
-    "load_id_branch",
-    "load_model",
-    "load_prepared",
-    "molar_model",
-    "prepare",
-    "read_dataset",
-    "sasrec_body",
-    "sasrec_model",
-    "save_model",
-    "small_decoder_config",
-]
+
+__getattr__, __dir__ = _lazy_public_names(__name__, _PUBLIC)

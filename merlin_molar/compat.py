@@ -5,14 +5,19 @@ transformers 4.57, torch 2.13, numpy 2, pandas 2.3 and dask 2024.12 (see ``requi
 below is guarded by a feature check (it does nothing where upstream still works), names the upstream
 version where the break appeared, and has a test in ``tests/unit/test_compat.py`` that fails without it.
 
-:func:`apply` is idempotent and runs when :mod:`merlin_molar` is imported, before anything imports
-``transformers4rec.torch``.
+:func:`apply` is idempotent. Importing :mod:`merlin_molar` calls :func:`install`, which imports nothing heavy: it
+applies the overrides at the first import of ``transformers4rec.torch`` (and the dask one at the first import of
+``dask``), whoever imports it, so ``import merlin_molar, transformers4rec.torch`` works and
+``import merlin_molar.serving.client`` loads neither torch nor Transformers4Rec.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import random
+import sys
 
 _APPLIED = False
 LOG = logging.getLogger(__name__)
@@ -150,6 +155,54 @@ def _patch_trainer() -> None:
 
         load_model_trainer_states_from_checkpoint._merlin_molar_compat = True
         T4RecTrainer.load_model_trainer_states_from_checkpoint = load_model_trainer_states_from_checkpoint
+
+
+class _AlreadyImported(importlib.abc.Loader):
+    """Loads a module that is already imported: the import statement gets it as it is, its own spec restored."""
+
+    def __init__(self, module):
+        self.module, self.spec = module, module.__spec__
+
+    def create_module(self, spec):
+        return self.module
+
+    def exec_module(self, module):
+        module.__spec__ = self.spec
+
+
+class _ApplyOnFirstImport(importlib.abc.MetaPathFinder):
+    """A ``sys.meta_path`` finder that, at the first import of a module in ``patches``, imports it the normal way,
+    applies its overrides, and hands the patched module to the import statement that asked for it."""
+
+    def __init__(self, patches):
+        self.patches = dict(patches)
+
+    def find_spec(self, fullname, path, target=None):
+        patch = self.patches.pop(fullname, None)
+        if patch is None:
+            return None
+        if not self.patches and self in sys.meta_path:
+            sys.meta_path.remove(self)
+        patch()  # imports ``fullname`` the normal way (this finder no longer answers for it), then patches it
+        module = sys.modules[fullname]
+        # the import system reads the spec back from the module it now finds in sys.modules
+        module.__spec__ = importlib.machinery.ModuleSpec(fullname, _AlreadyImported(module))
+        return module.__spec__
+
+
+def install() -> None:
+    """Apply the overrides when the packages they patch are first imported (now, for those already imported)."""
+    patches = {}
+    if "dask" in sys.modules:
+        _patch_dask_string_conversion()
+    else:
+        patches["dask"] = _patch_dask_string_conversion
+    if "transformers4rec.torch" in sys.modules:
+        apply()
+    else:
+        patches["transformers4rec.torch"] = apply
+    if patches and not any(isinstance(f, _ApplyOnFirstImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ApplyOnFirstImport(patches))
 
 
 def apply() -> None:

@@ -8,7 +8,18 @@
 
 Install the serving extras first: ``bash scripts/install_serving.sh`` (see ``requirements/serving.txt``).
 """
-from merlin_molar.serving.export import build_ensemble, export_triton  # noqa: F401
-from merlin_molar.serving.lean import LeanModel, export_lean  # noqa: F401
-from merlin_molar.serving.ops import ItemCodec, MolarRecommend, MolarRequestError  # noqa: F401
-from merlin_molar.serving.server import TritonServer  # noqa: F401
+from merlin_molar._lazy import lazy_public_names as _lazy_public_names
+
+# public name -> the module that defines it; nothing loads until used, so the client needs no torch
+_PUBLIC = {
+    "build_ensemble": "merlin_molar.serving.export",
+    "export_triton": "merlin_molar.serving.export",
+    "LeanModel": "merlin_molar.serving.lean",
+    "export_lean": "merlin_molar.serving.lean",
+    "ItemCodec": "merlin_molar.serving.ops",
+    "MolarRecommend": "merlin_molar.serving.ops",
+    "MolarRequestError": "merlin_molar.serving.ops",
+    "TritonServer": "merlin_molar.serving.server",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = _lazy_public_names(__name__, _PUBLIC)

@@ -17,7 +17,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from merlin_molar.ids import ITEM_SEQUENCE
-from merlin_molar.serving.ops import ITEM_IDS, SCORES
+from merlin_molar.serving.columns import ITEM_IDS, SCORES
 
 PROTOCOLS = ("http", "grpc")
 

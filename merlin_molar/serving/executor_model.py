@@ -36,7 +36,8 @@ from merlin.systems.triton.conversions import triton_request_to_tensor_table
 from merlin.systems.triton.models.executor_model import TritonPythonModel as MerlinExecutorModel
 
 from merlin_molar.ids import ITEM_SEQUENCE
-from merlin_molar.serving.ops import ITEM_IDS, PIN_CORES, SCORES, MolarRecommend, MolarRequestError, pinned_core
+from merlin_molar.serving.columns import ITEM_IDS, SCORES
+from merlin_molar.serving.ops import PIN_CORES, MolarRecommend, MolarRequestError, pinned_core
 
 VALUES, OFFSETS = f"{ITEM_SEQUENCE}__values", f"{ITEM_SEQUENCE}__offsets"
 

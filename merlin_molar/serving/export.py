@@ -12,7 +12,8 @@ from merlin_molar.data.workflow import item_id_mapping, load_prepared
 from merlin_molar.errors import MolarDataError
 from merlin_molar.ids import FIRST_ITEM_ID, ITEM_SEQUENCE
 from merlin_molar.io import atomic_path, read_json, write_json
-from merlin_molar.serving.ops import ITEM_IDS, LEAN_DIR, PIN_CORES, SCORES, MolarRecommend, is_string_dtype
+from merlin_molar.serving.columns import ITEM_IDS, SCORES
+from merlin_molar.serving.ops import LEAN_DIR, PIN_CORES, MolarRecommend, is_string_dtype
 from merlin_molar.version import __version__
 
 SERVING_MANIFEST = "molar_serving.json"

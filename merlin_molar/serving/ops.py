@@ -29,11 +29,10 @@ from merlin.dag import BaseOperator, ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema, Tags
 
 from merlin_molar.ids import ITEM_SEQUENCE
+from merlin_molar.serving.columns import ITEM_IDS, SCORES
 
 VOCABULARY_FILE = "item_vocabulary.parquet"
 LEAN_DIR = "lean"
-ITEM_IDS = "item_ids"
-SCORES = "scores"
 
 
 class MolarRequestError(ValueError):

@@ -77,3 +77,33 @@ def test_a_run_resumes_from_a_checkpoint_written_with_other_stateful_callbacks(t
     (latest,) = [c for c in tmp_path.glob("checkpoint-*") if c != checkpoint] or [checkpoint]
     saved = json.loads((latest / "trainer_state.json").read_text())["stateful_callbacks"]
     assert "EarlyStoppingAfter" in saved
+
+
+def run_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_overrides_apply_at_the_first_import_of_transformers4rec_whoever_imports_it():
+    # the documented plugin pattern: merlin_molar first, then Transformers4Rec directly
+    out = run_python(
+        "import merlin_molar, sys\n"
+        "assert 'transformers4rec.torch' not in sys.modules and 'torch' not in sys.modules\n"
+        "import transformers4rec.torch as tr\n"
+        "from importlib.machinery import SourceFileLoader\n"
+        "assert merlin_molar.compat._APPLIED\n"
+        "assert getattr(tr.Trainer.compute_loss, '_merlin_molar_compat', False)\n"
+        "assert isinstance(tr.__spec__.loader, SourceFileLoader), tr.__spec__\n"
+        "import dask\n"
+        "print(dask.config.get('dataframe.convert-string'))\n"
+    )
+    assert out.strip() == "False"
+
+
+def test_a_dask_imported_before_merlin_molar_is_patched_at_once():
+    out = run_python("import dask, merlin_molar\nprint(dask.config.get('dataframe.convert-string'))")
+    assert out.strip() == "False"

@@ -3,6 +3,7 @@ bad choices early, and a repository without machine-specific paths."""
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,23 @@ def test_every_public_name_is_exported_and_importable():
                  "sasrec_model", "gru4rec_model",
                  "prepare", "read_dataset", "save_model", "load_model", "content_item_inputs"):
         assert name in merlin_molar.__all__
+
+
+def test_the_package_and_the_triton_client_import_without_torch():
+    """``import merlin_molar`` and the client load no deep-learning stack: public names load on first use."""
+    code = ("import sys, merlin_molar, merlin_molar.serving.client\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'transformers4rec', 'nvtabular', 'merlin.core')"
+            " if m in sys.modules)\n"
+            "print(heavy)\n"
+            "print(merlin_molar.MolarConfig.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["[]", "merlin_molar.models.molar"]
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'MolarBlok'"):
+        merlin_molar.__getattr__("MolarBlok")
 
 
 @pytest.mark.parametrize("config", [
