@@ -22,6 +22,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 quickstart: install
 	$(VENV)/bin/merlin-molar quickstart $(if $(DATA),--data $(DATA),)
