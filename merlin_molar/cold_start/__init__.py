@@ -29,6 +29,7 @@ from merlin_molar.cold_start.prior import (
     PRIOR_GRID,
     PSEUDO_NEW_FRACTION,
     WARM_COST_BUDGET,
+    PriorSearch,
     estimate_new_item_prior,
     item_arrival_order,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "OFFSET_GRID",
     "PRIOR_GRID",
     "PSEUDO_NEW_FRACTION",
+    "PriorSearch",
     "WARM_COST_BUDGET",
     "cold_start_evaluation",
     "cold_start_table",

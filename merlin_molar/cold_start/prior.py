@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Tuple
 
@@ -11,7 +12,7 @@ import torch
 
 from merlin_molar.cold_start.scorers import model_scorer
 from merlin_molar.data.holdout import hold_out_items
-from merlin_molar.errors import MolarDataError
+from merlin_molar.errors import MolarDataError, check_choice
 from merlin_molar.ids import FIRST_ITEM_ID, ITEM_SEQUENCE
 from merlin_molar.models.catalogue import content_embedding, extend_catalogue, impute_id_embeddings
 
@@ -21,6 +22,29 @@ LOG = logging.getLogger(__name__)
 PRIOR_GRID = tuple(float(b) for b in np.round(np.arange(-4.0, 1.0001, 0.05), 2))  # log units, 0 included
 PSEUDO_NEW_FRACTION = 0.1
 WARM_COST_BUDGET = 0.02  # the warm NDCG@10 the cold-start requirement allows new items to cost
+
+
+PRIOR_RULES = ("actual_budget", "both", "budget", "ndcg")
+
+
+@dataclass(frozen=True)
+class PriorSearch:
+    """How :func:`estimate_new_item_prior` searches the offset: the ``rule`` that picks it (see there), the warm
+    NDCG@10 cost it may reach, the ``grid`` of offsets tried (log units), the share of known items that play the
+    new ones in the simulation, and the users scored per batch."""
+
+    rule: str = "both"
+    warm_cost_budget: float = WARM_COST_BUDGET
+    grid: Tuple[float, ...] = PRIOR_GRID
+    pseudo_new_fraction: float = PSEUDO_NEW_FRACTION
+    batch_size: int = 256
+
+    def __post_init__(self):
+        check_choice("rule", self.rule, PRIOR_RULES)
+        if not 0 < self.pseudo_new_fraction < 1:
+            raise ValueError(f"pseudo_new_fraction must be in (0, 1), got {self.pseudo_new_fraction}")
+        if not len(self.grid):
+            raise ValueError("grid must hold at least one offset")
 
 
 def histories_and_targets(sequences, length: int, drop: np.ndarray = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -87,16 +111,13 @@ def item_arrival_order(prepared, raw=None) -> np.ndarray:
 def estimate_new_item_prior(
     model,
     prepared,
+    search: PriorSearch = None,
+    *,
     new_item_scoring: str = "imputed",
-    fraction: float = PSEUDO_NEW_FRACTION,
-    grid: Sequence[float] = PRIOR_GRID,
+    new_item_temperature: float = None,
+    item_table=None,
     pseudo_new: Sequence[int] = None,
     raw=None,
-    batch_size: int = 256,
-    rule: str = "both",
-    warm_cost_budget: float = WARM_COST_BUDGET,
-    item_table=None,
-    new_item_temperature: float = None,
 ) -> dict:
     """The log-prior offset ``b`` for items added after training, chosen on the validation split by
     simulating cold start with the items the model *was* trained on. Returns ``{"prior": b, ...}`` with
@@ -110,7 +131,7 @@ def estimate_new_item_prior(
     log P(calibrated guess)``, i.e. a scalar offset ``b`` added to every new item's score. It is learned
     where the truth is known without touching the test split:
 
-    1. *pseudo-new items*: the ``fraction`` of known items that appeared last before the test
+    1. *pseudo-new items*: the ``search.pseudo_new_fraction`` of known items that appeared last before the test
        (:func:`item_arrival_order`: the rule ``prepare --cold-items`` picks the real cold items by, applied
        to the data up to the validation targets), or ``pseudo_new``;
     2. one inference pass over the validation split (history -> the validation target, the targets the
@@ -125,7 +146,8 @@ def estimate_new_item_prior(
        whose target is not pseudo-new ("warm"), against the same users with the pseudo-new items not ranked
        at all (the model before the extension), and of all users.
 
-    ``rule="budget"``: ``b`` = the largest grid value whose simulated warm cost is at most ``warm_cost_budget``
+    ``search`` (:class:`PriorSearch`) says how the offset is chosen. ``rule="budget"``: ``b`` = the largest grid
+    value whose simulated warm cost is at most ``warm_cost_budget``
     (2%, the tolerance the cold-start requirement sets). It is an estimate, not a bound: the model was trained
     on the pseudo-new items, so its content scores are sharper for them than for items it never saw.
 
@@ -160,6 +182,9 @@ def estimate_new_item_prior(
     from merlin_molar.evaluation import mask_seen_items, reference_metrics
     from merlin_molar.models.task import NEW_ITEM_TEMPERATURE, scores_with_new_items
 
+    search = search or PriorSearch()
+    rule, grid, batch_size = search.rule, search.grid, search.batch_size
+    fraction, warm_cost_budget = search.pseudo_new_fraction, search.warm_cost_budget
     if new_item_temperature is None:
         new_item_temperature = NEW_ITEM_TEMPERATURE
     task = model.heads[0].prediction_task_dict["next-item"]

@@ -40,7 +40,7 @@ def test_item_arrival_order_is_first_training_interaction_of_known_items(cold_ba
 
 
 def test_new_item_prior_is_chosen_on_validation_data_only(cold, monkeypatch, tiny_molar):
-    from merlin_molar.cold_start import PRIOR_GRID, estimate_new_item_prior
+    from merlin_molar.cold_start import PRIOR_GRID, PriorSearch, estimate_new_item_prior
     from merlin_molar.models.task import NEW_ITEM_TEMPERATURE
 
     table = load_item_table(cold.root / "item_table", cold)
@@ -68,14 +68,14 @@ def test_new_item_prior_is_chosen_on_validation_data_only(cold, monkeypatch, tin
     assert first["prior"] == (max(within) if within else min(PRIOR_GRID))
     assert first["at_grid_edge"] == (first["prior"] == max(PRIOR_GRID))
     # a grid whose top is within the budget: the grid set the prior, and the estimate says so
-    capped = estimate_new_item_prior(model, cold, grid=(-4.0, -3.95))
+    capped = estimate_new_item_prior(model, cold, PriorSearch(grid=(-4.0, -3.95)))
     assert capped["prior"] == -3.95 and capped["at_grid_edge"]
     # ndcg rule: the best NDCG@10 over all users, ties to the offset closest to 0
     best = max(c["ndcg@10"] for c in curve)
     by_ndcg = first["by_rule"]["ndcg"]
     assert next(c["ndcg@10"] for c in curve if c["prior"] == by_ndcg) == best
     assert all(abs(c["prior"]) >= abs(by_ndcg) for c in curve if c["ndcg@10"] == best)
-    assert estimate_new_item_prior(model, cold, rule="ndcg")["prior"] == by_ndcg
+    assert estimate_new_item_prior(model, cold, PriorSearch(rule="ndcg"))["prior"] == by_ndcg
     assert first["validation_users"] == cold.manifest["users"]
     shares = [c["new_item_share@10"] for c in curve]
     assert shares == sorted(shares)  # a larger offset puts more pseudo-new items in the top 10
@@ -84,7 +84,7 @@ def test_new_item_prior_is_chosen_on_validation_data_only(cold, monkeypatch, tin
 def test_new_item_prior_follows_how_often_the_pseudo_new_items_are_targets(cold, tiny_molar):
     """Pseudo-new items that are never validation targets are pushed down (a negative prior); items that are
     the validation targets get a higher one: the estimate reads the validation targets, nothing else."""
-    from merlin_molar.cold_start import estimate_new_item_prior
+    from merlin_molar.cold_start import PriorSearch, estimate_new_item_prior
 
     table = load_item_table(cold.root / "item_table", cold)
     model = tiny_molar(cold, table)
@@ -92,8 +92,8 @@ def test_new_item_prior_follows_how_often_the_pseudo_new_items_are_targets(cold,
     known = list(range(3, table.size(0)))
     never = [i for i in known if i not in targets]
     assert never and targets
-    low = estimate_new_item_prior(model, cold, pseudo_new=never, rule="ndcg")
-    high = estimate_new_item_prior(model, cold, pseudo_new=sorted(targets), rule="ndcg")
+    low = estimate_new_item_prior(model, cold, PriorSearch(rule="ndcg"), pseudo_new=never)
+    high = estimate_new_item_prior(model, cold, PriorSearch(rule="ndcg"), pseudo_new=sorted(targets))
     assert low["prior"] < 0
     assert high["prior"] > low["prior"]
     assert low["validation_targets_pseudo_new"] == 0
@@ -105,7 +105,7 @@ def test_actual_budget_rule_reads_the_added_items_own_warm_cost(cold, tiny_molar
     """With the added items in the catalogue, ``rule="actual_budget"`` reads their own warm cost on the
     validation split (all of whose targets are known items), not the pseudo-new simulation's; the model passed
     in is untouched."""
-    from merlin_molar.cold_start import PRIOR_GRID, estimate_new_item_prior
+    from merlin_molar.cold_start import PRIOR_GRID, PriorSearch, estimate_new_item_prior
     from merlin_molar.evaluation import mask_seen_items, reference_metrics
 
     table = load_item_table(cold.root / "item_table", cold)
@@ -113,7 +113,7 @@ def test_actual_budget_rule_reads_the_added_items_own_warm_cost(cold, tiny_molar
     before = estimate_new_item_prior(model, cold)
     assert "actual_new_items" not in before and "actual_budget" not in before["by_rule"]
     with pytest.raises(ValueError, match="rule"):
-        estimate_new_item_prior(model, cold, rule="actual_budget")
+        estimate_new_item_prior(model, cold, PriorSearch(rule="actual_budget"))
     add_items(cold, cold.root / COLD_ITEMS_FILE, progress=False)
     prepared = load_prepared(cold.root)
     estimate = estimate_new_item_prior(model, prepared)
@@ -130,7 +130,7 @@ def test_actual_budget_rule_reads_the_added_items_own_warm_cost(cold, tiny_molar
     assert [c["prior"] for c in curve] == sorted(PRIOR_GRID)
     within = [c["prior"] for c in curve if c["warm_cost"] <= 0.02 + 1e-12]
     assert estimate["by_rule"]["actual_budget"] == (max(within) if within else min(PRIOR_GRID))
-    assert estimate_new_item_prior(model, prepared, rule="actual_budget")["prior"] == estimate["by_rule"][
+    assert estimate_new_item_prior(model, prepared, PriorSearch(rule="actual_budget"))["prior"] == estimate["by_rule"][
         "actual_budget"]
     warm = [c["warm_ndcg@10"] for c in curve]
     assert all(a >= b - 1e-9 for a, b in zip(warm, warm[1:]))
@@ -156,3 +156,14 @@ def test_prior_without_the_raw_data_asks_for_an_explicit_value(cold):
     write_json(cold.root / "molar_manifest.json", {**manifest, "source": str(cold.root / "gone")})
     with pytest.raises(MolarDataError, match="extend-model --new-item-prior NUMBER"):
         item_arrival_order(load_prepared(cold.root))
+
+
+def test_prior_search_refuses_an_unknown_rule_and_an_empty_grid():
+    from merlin_molar.cold_start import PriorSearch
+
+    with pytest.raises(ValueError, match=r"rule must be one of \['actual_budget', 'both', 'budget', 'ndcg'\]"):
+        PriorSearch(rule="best")
+    with pytest.raises(ValueError, match="grid"):
+        PriorSearch(grid=())
+    with pytest.raises(ValueError, match="pseudo_new_fraction"):
+        PriorSearch(pseudo_new_fraction=1.0)
