@@ -16,7 +16,8 @@ from merlin_molar.items import (
     finetune,
     user_behaviour_examples,
 )
-from merlin_molar.items.stage1 import _Collator, describe_item
+from merlin_molar.items.stage1 import describe_item
+from merlin_molar.items.stage1.generative import _Collator
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_user_behaviour_history_length():
 
 
 def test_image_task_skipped_without_images(small_prepared_no_images, caplog):
-    with caplog.at_level(logging.WARNING, logger="merlin_molar.items.stage1"):
+    with caplog.at_level(logging.WARNING, logger="merlin_molar.items.stage1.tasks"):
         examples = build_stage1_mixture(small_prepared_no_images, examples_per_task=5)
     assert {e.task for e in examples} == {"attribute_description", "user_behaviour"}
     assert "image_description skipped" in caplog.text
@@ -140,7 +141,7 @@ def test_full_finetune_of_a_text_llm(tmp_path, backbones, mixture, caplog):
     examples = [e for e in mixture if e.task == "image_description"][:2] + [
         e for e in mixture if e.task == "attribute_description"
     ][:4]
-    with caplog.at_level(logging.WARNING, logger="merlin_molar.items.stage1"):
+    with caplog.at_level(logging.WARNING, logger="merlin_molar.items.stage1.generative"):
         out = finetune(backbones["qwen2"], examples, tmp_path / "full", method="full", max_steps=2, batch_size=2,
                        progress=False)
     assert "image_description examples skipped" in caplog.text
