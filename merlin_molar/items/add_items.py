@@ -39,6 +39,18 @@ import pandas as pd
 
 from merlin_molar.errors import MolarDataError
 from merlin_molar.io import atomic_path, file_checksums, read_json, write_json
+from merlin_molar.items.table import (
+    EMBEDDINGS_FILE,
+    METADATA_FILE,
+    TableRows,
+    encode_items,
+    item_id_fingerprint,
+    load_embedded_chunk,
+    read_table_metadata,
+    read_table_rows,
+    save_embedded_chunk,
+    write_table_rows,
+)
 
 LOG = logging.getLogger(__name__)
 WORK_DIR = ".add_items.work"
@@ -202,6 +214,25 @@ def _commit(work: Path, targets: dict) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+@dataclass
+class _Addition:
+    """What one add-items run adds: the plan (saved in the work directory, so a re-run resumes only the same
+    addition) and what the later steps need."""
+
+    root: Path
+    table_dir: Path
+    work: Path
+    metadata: dict  # the item table's
+    text_columns: List[str]
+    workflow: object  # the fitted NVTabular workflow, extended in the stage step
+    encoder: object  # the table's encoder (ItemEncoder), which embeds the new rows
+    new: pd.DataFrame  # the new items' rows, in file order
+    codes: List[int]  # their encoded ids
+    version: int  # the catalogue version they make
+    vocab_path: Path
+    plan: dict
+
+
 def add_items(
     prepared,
     items_path,
@@ -215,22 +246,10 @@ def add_items(
     """Add the items of ``items_path`` to ``prepared``'s vocabulary and item table (default
     ``PREPARED/item_table``); see the module docstring. ``encoder``: ``None`` (rebuild the table's), a path
     that must equal the table's, or an :class:`ItemEncoder` whose description must match it.
-    ``max_chunks`` stops after that many newly embedded chunks (a later call resumes)."""
-    import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
+    ``max_chunks`` stops after that many newly embedded chunks (a later call resumes).
 
-    from merlin_molar.data.workflow import item_id_mapping
-    from merlin_molar.items.table import (
-        EMBEDDINGS_FILE,
-        METADATA_FILE,
-        _load_npz,
-        _save_npz,
-        _write_table,
-        encode_items,
-        item_id_fingerprint,
-        read_table_metadata,
-    )
-
+    Four steps: plan (what is new, refusals), embed (chunk by chunk, resumable), stage (every file that
+    changes, written beside the originals), commit (moved into place, the manifest last)."""
     root = Path(prepared.root)
     table_dir = Path(item_table) if item_table else root / "item_table"
     work = root / WORK_DIR
@@ -241,13 +260,36 @@ def add_items(
         "molar_manifest.json": root / "molar_manifest.json",
     }
     if (work / "staged" / "ready").exists():  # an interrupted move: finish it first
-        plan = read_json(work / "plan.json")
-        LOG.info("finishing the interrupted add-items of version %s", plan["version"])
+        LOG.info("finishing the interrupted add-items of version %s", read_json(work / "plan.json")["version"])
         _commit(work, targets)
         from merlin_molar.data import load_prepared
 
         prepared = load_prepared(root)
 
+    addition, skipped = _plan(prepared, items_path, table_dir, work, images_dir, batch_size, encoder)
+    unchanged = AddItemsResult(int(prepared.manifest.get("catalogue", {}).get("version", 1)), [], None, skipped,
+                               prepared.item_cardinality, item_id_fingerprint(prepared), table_dir)
+    if addition is None:
+        return unchanged
+    rows, problems = _embed(addition, addition.encoder, items_path, batch_size, progress, max_chunks)
+    if rows is None:  # stopped after max_chunks
+        return unchanged
+    fingerprint, cardinality = _stage(prepared, addition, items_path, rows, problems)
+    _commit(work, targets)
+    codes = addition.codes
+    LOG.info("added %d item(s) as ids %d..%d (catalogue version %d)", len(codes), codes[0], codes[-1],
+             addition.version)
+    return AddItemsResult(addition.version, addition.new["item_id"].tolist(), codes[0], skipped, cardinality,
+                          fingerprint, table_dir)
+
+
+def _plan(prepared, items_path, table_dir: Path, work: Path, images_dir, batch_size: int, encoder):
+    """``(addition or None when nothing is new, raw ids skipped as already present with the same content)``;
+    refuses, before anything is written, a table not made for this catalogue, an id present with other content,
+    an encoder other than the table's (:func:`_check_encoder`), or another unfinished run."""
+    from merlin_molar.data.workflow import item_id_mapping
+
+    root = Path(prepared.root)
     if not (table_dir / EMBEDDINGS_FILE).is_file():
         raise MolarDataError(table_dir, "no item table: run `merlin-molar embed-items` first, or pass --item-table")
     metadata = read_table_metadata(table_dir)
@@ -281,19 +323,17 @@ def add_items(
                 )
             skipped.append(row["item_id"])
     new = frame[~frame["item_id"].isin(mapping.index)].reset_index(drop=True)
-    version = int(manifest.get("catalogue", {}).get("version", 1))
     if new.empty:
         LOG.info("nothing to add: all %d item(s) are already in the catalogue", len(frame))
-        return AddItemsResult(version, [], None, skipped, prepared.item_cardinality,
-                              metadata["id_mapping_fingerprint"], table_dir)
+        return None, skipped
 
     encoder = _check_encoder(metadata, encoder, table_dir)
-    new_version = version + 1
+    version = int(manifest.get("catalogue", {}).get("version", 1)) + 1
     first_id = prepared.item_cardinality
     codes = list(range(first_id, first_id + len(new)))
-    vocab_path = root / "catalogue" / f"v{new_version}" / VOCAB_FILE
+    vocab_path = root / "catalogue" / f"v{version}" / VOCAB_FILE
     plan = {
-        "version": new_version,
+        "version": version,
         "base_fingerprint": metadata["id_mapping_fingerprint"],
         "items_file_sha": _file_sha(items_path),
         "new_raw_ids": [str(i) for i in new["item_id"]],
@@ -305,43 +345,55 @@ def add_items(
     if (work / "plan.json").exists() and read_json(work / "plan.json") != plan:
         raise MolarDataError(work, "holds an unfinished add-items run of another file or catalogue: delete it first")
     write_json(work / "plan.json", plan)
+    return _Addition(root, table_dir, work, metadata, text_columns, workflow, encoder, new, codes, version,
+                     vocab_path, plan), skipped
 
-    # 1. embed the new rows, chunk by chunk (resumable)
-    prompts = encoder.prompts.with_columns(text_columns)
-    contents = prompts.items_from_frame(new.assign(item_id=codes), items_path)
+
+def _embed(addition: _Addition, encoder, items_path, batch_size: int, progress: bool, max_chunks: Optional[int]):
+    """``(the new rows, image problems by id)``, embedded chunk by chunk into the work directory (a re-run skips
+    the finished chunks); ``(None, None)`` when ``max_chunks`` new chunks were embedded before the end."""
+    from tqdm.auto import tqdm
+
+    work, codes = addition.work, addition.codes
+    prompts = encoder.prompts.with_columns(addition.text_columns)
+    contents = prompts.items_from_frame(addition.new.assign(item_id=codes), items_path)
     chunks = [list(range(s, min(s + CHUNK_ITEMS, len(contents)))) for s in range(0, len(contents), CHUNK_ITEMS)]
-    done = sum((work / f"chunk-{c:05d}.npz").exists() for c in range(len(chunks)))
+    finished = [c for c in range(len(chunks)) if (work / f"chunk-{c:05d}.npz").exists()]
     encoded_now = 0
-    with tqdm(total=len(contents), initial=sum(len(chunks[c]) for c in range(len(chunks))
-                                               if (work / f"chunk-{c:05d}.npz").exists()),
+    with tqdm(total=len(contents), initial=sum(len(chunks[c]) for c in finished),
               desc=f"add items [{encoder.kind}]", unit="item", disable=not progress) as bar:
         for c, index in enumerate(chunks):
             path = work / f"chunk-{c:05d}.npz"
             if path.exists():
                 continue
             if max_chunks is not None and encoded_now >= max_chunks:
-                return AddItemsResult(version, [], None, skipped, prepared.item_cardinality,
-                                      metadata["id_mapping_fingerprint"], table_dir)
+                return None, None
             batch = encode_items(encoder, [contents[i] for i in index], batch_size=batch_size, progress=False)
-            _save_npz(path, [codes[i] for i in index], batch.embeddings, batch.used_image, batch.image_problems)
+            save_embedded_chunk(path, [codes[i] for i in index], batch.embeddings, batch.used_image,
+                                batch.image_problems)
             encoded_now += 1
             bar.update(len(index))
-    if done:
-        LOG.info("resumed: %d of %d chunks were already embedded", done, len(chunks))
-    parts = [_load_npz(work / f"chunk-{c:05d}.npz") for c in range(len(chunks))]
-    new_ids = np.concatenate([p[0] for p in parts])
-    new_emb = np.concatenate([p[1] for p in parts]).astype(np.float32)
-    new_used = np.concatenate([p[2] for p in parts])
-    problems = {k: v for p in parts for k, v in p[3].items()}
-    if not np.array_equal(new_ids, np.asarray(codes)):
+    if finished:
+        LOG.info("resumed: %d of %d chunks were already embedded", len(finished), len(chunks))
+    parts = [load_embedded_chunk(work / f"chunk-{c:05d}.npz") for c in range(len(chunks))]
+    if not np.array_equal(np.concatenate([p[0] for p in parts]), np.asarray(codes)):
         raise MolarDataError(work, "embedded chunks do not match the plan: delete the work dir and re-run")
+    rows = TableRows(np.concatenate([p[1] for p in parts]).astype(np.float32),
+                     np.ones(len(codes), bool), np.concatenate([p[2] for p in parts]))
+    return rows, {k: v for p in parts for k, v in p[3].items()}
 
-    # 2. stage: vocabulary + workflow, items.parquet, item table, manifest
-    staged = work / "staged"
+
+def _stage(prepared, addition: _Addition, items_path, rows: TableRows, problems: dict):
+    """Write every file the addition changes into ``work/staged`` (vocabulary and workflow, items.parquet, the
+    item table, the manifest), then mark it ready; returns ``(new id-mapping fingerprint, new cardinality)``."""
+    from merlin_molar.data.workflow import item_id_mapping
+
+    new, codes, metadata, manifest = addition.new, addition.codes, addition.metadata, prepared.manifest
+    staged = addition.work / "staged"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
-    new_codes = extend_vocabulary(workflow, new["item_id"].tolist(), vocab_path)
-    if new_codes != codes:
+    workflow = addition.workflow
+    if extend_vocabulary(workflow, new["item_id"].tolist(), addition.vocab_path) != codes:
         raise MolarDataError(prepared.workflow_path, "the vocabulary's next free id is not the item cardinality")
     workflow.save(str(staged / "workflow"))
     extended_mapping = item_id_mapping(workflow)
@@ -353,34 +405,28 @@ def add_items(
     items = prepared.items()
     added_rows = new.drop(columns=["item_id"]).assign(item_id_raw=new["item_id"].to_numpy(), item_id=codes,
                                                       has_content=True)
-    added_rows = added_rows[[c for c in added_rows.columns if c in items.columns or c in text_columns]]
+    added_rows = added_rows[[c for c in added_rows.columns if c in items.columns or c in addition.text_columns]]
     pd.concat([items, added_rows], ignore_index=True).to_parquet(staged / "items.parquet", index=False)
 
-    arrow = pq.read_table(table_dir / EMBEDDINGS_FILE)
-    dim = int(metadata["dim"])
-    old = arrow.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    old = old.astype(np.float32, copy=False).reshape(-1, dim)
-    table = np.concatenate([old, new_emb])
-    has_embedding = arrow.column("has_embedding").to_numpy(zero_copy_only=False)
-    has_embedding = np.concatenate([has_embedding, np.ones(len(codes), bool)])
-    used_image = np.concatenate([arrow.column("used_image").to_numpy(zero_copy_only=False), new_used])
+    table = read_table_rows(addition.table_dir).appended(rows)
+    cardinality = len(table.embeddings)
     (staged / "item_table").mkdir()
-    _write_table(staged / "item_table", table, has_embedding, used_image)
+    write_table_rows(staged / "item_table", table)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    entry = {"version": new_version, "created": now, "items_file": str(Path(items_path).resolve()),
-             "items_file_sha": plan["items_file_sha"], "added": len(codes), "first_id": first_id,
-             "item_cardinality": len(table), "id_mapping_fingerprint": fingerprint}
+    entry = {"version": addition.version, "created": now, "items_file": str(Path(items_path).resolve()),
+             "items_file_sha": addition.plan["items_file_sha"], "added": len(codes), "first_id": codes[0],
+             "item_cardinality": cardinality, "id_mapping_fingerprint": fingerprint}
     history = metadata.get("catalogue_versions") or [
         {"version": 1, "item_cardinality": metadata["item_cardinality"],
          "id_mapping_fingerprint": metadata["id_mapping_fingerprint"]}
     ]
     write_json(staged / "item_table" / METADATA_FILE, {
         **{k: v for k, v in metadata.items() if k != "plan_sha256"},  # no longer one embedding run's product
-        "item_cardinality": len(table),
-        "items_embedded": int(has_embedding.sum()),
-        "items_with_image": int(used_image.sum()),
+        "item_cardinality": cardinality,
+        "items_embedded": int(table.has_embedding.sum()),
+        "items_with_image": int(table.used_image.sum()),
         "id_mapping_fingerprint": fingerprint,
-        "catalogue_version": new_version,
+        "catalogue_version": addition.version,
         "catalogue_versions": history + [entry],
         "missing_image_count": int(metadata.get("missing_image_count", 0)) + len(problems),
         "missing_image_ids": list(metadata.get("missing_image_ids", [])) + sorted(problems),
@@ -394,13 +440,9 @@ def add_items(
     write_json(staged / "molar_manifest.json", {
         **manifest,
         **({"sha256": checksums} if checksums is not None else {}),
-        "item_cardinality": len(table),
-        "catalogue": {"version": new_version, "item_cardinality": len(table), "id_mapping_fingerprint": fingerprint,
-                      "history": catalogue["history"] + [entry]},
+        "item_cardinality": cardinality,
+        "catalogue": {"version": addition.version, "item_cardinality": cardinality,
+                      "id_mapping_fingerprint": fingerprint, "history": catalogue["history"] + [entry]},
     })
     (staged / "ready").write_text(now)
-
-    # 3. move into place (the manifest last)
-    _commit(work, targets)
-    LOG.info("added %d item(s) as ids %d..%d (catalogue version %d)", len(codes), codes[0], codes[-1], new_version)
-    return AddItemsResult(new_version, new["item_id"].tolist(), first_id, skipped, len(table), fingerprint, table_dir)
+    return fingerprint, cardinality

@@ -184,7 +184,8 @@ class _WorkDir:
         return self.root / f"shard-{k:05d}-of-{n:05d}.npz"
 
 
-def _save_npz(path: Path, ids, embeddings, used, problems: Dict[int, str]) -> None:
+def save_embedded_chunk(path: Path, ids, embeddings, used, problems: Dict[int, str]) -> None:
+    """Write a resumable run's chunk of newly embedded rows (ids, vectors, image use, image problems), atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(
@@ -196,7 +197,8 @@ def _save_npz(path: Path, ids, embeddings, used, problems: Dict[int, str]) -> No
             )
 
 
-def _load_npz(path: Path):
+def load_embedded_chunk(path: Path):
+    """``(ids, embeddings, used_image, image_problems)`` of a chunk written by :func:`save_embedded_chunk`."""
     try:
         with np.load(path) as z:
             problems = {int(k): v for k, v in json.loads(str(z["image_problems"])).items()}
@@ -363,7 +365,7 @@ def embed_catalogue(
                 bar.update(len(encoded.embeddings))
             problems = {k: v for p in parts for k, v in p.image_problems.items()}
             embeddings = np.concatenate([p.embeddings for p in parts])
-            _save_npz(work.chunk(c), ids, embeddings, np.concatenate([p.used_image for p in parts]), problems)
+            save_embedded_chunk(work.chunk(c), ids, embeddings, np.concatenate([p.used_image for p in parts]), problems)
             encoded_chunks += 1
             encoded_items += len(ids)
 
@@ -404,13 +406,13 @@ def _forget_unstarted_work(work: _WorkDir):
 
 
 def _write_shard(work: _WorkDir, chunks: List[int], shard_file: Path) -> None:
-    parts = [_load_npz(work.chunk(c)) for c in chunks]
+    parts = [load_embedded_chunk(work.chunk(c)) for c in chunks]
     problems = {k: v for p in parts for k, v in p[3].items()}
     if parts:
         ids, emb, used = (np.concatenate([p[i] for p in parts]) for i in range(3))
     else:  # more shards than chunks
         ids, emb, used = np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, bool)
-    _save_npz(shard_file, ids, emb, used, problems)
+    save_embedded_chunk(shard_file, ids, emb, used, problems)
     if problems:
         LOG.warning("%s: %d item(s) had a missing or unreadable image and were encoded text-only, e.g. %s",
                     shard_file.name, len(problems), [problems[k] for k in sorted(problems)[:REPORT_FIRST]])
@@ -440,7 +442,7 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
     used_image = np.zeros(cardinality, dtype=bool)
     problems: Dict[int, str] = {}
     for k in range(num_shards):
-        ids, emb, used, shard_problems = _load_npz(work.shard(k, num_shards))
+        ids, emb, used, shard_problems = load_embedded_chunk(work.shard(k, num_shards))
         if len(ids):
             table[ids] = emb
             has_embedding[ids] = True
@@ -480,27 +482,61 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
         LOG.warning(message)
         warnings.warn(message, stacklevel=2)
     with atomic_path(output_path, is_dir=True) as tmp:
-        _write_table(tmp, table, has_embedding, used_image)
+        write_table_rows(tmp, TableRows(table, has_embedding, used_image))
         write_json(tmp / METADATA_FILE, metadata)
         tmp.chmod(0o755)  # mkdtemp makes it private; the table is meant to be shared
     shutil.rmtree(work.root, ignore_errors=True)
     return output_path
 
 
-def _write_table(directory: Path, table: np.ndarray, has_embedding: np.ndarray, used_image: np.ndarray) -> None:
+@dataclass
+class TableRows:
+    """An item table's rows, one per Categorify id: the vectors ``[items, dim]`` (float32), and per row whether
+    it has an embedding (an item with content) and whether the encoder saw its image."""
+
+    embeddings: np.ndarray
+    has_embedding: np.ndarray
+    used_image: np.ndarray
+
+    def appended(self, other: "TableRows") -> "TableRows":
+        return TableRows(np.concatenate([self.embeddings, other.embeddings]),
+                         np.concatenate([self.has_embedding, other.has_embedding]),
+                         np.concatenate([self.used_image, other.used_image]))
+
+
+def read_table_rows(directory) -> TableRows:
+    """The rows of the item table in ``directory``, as written by :func:`write_table_rows` (no check against a
+    prepared catalogue: that is :func:`load_item_table`)."""
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    dim = int(read_table_metadata(directory)["dim"])
+    try:
+        arrow = pq.read_table(directory / EMBEDDINGS_FILE)
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise MolarDataError(directory / EMBEDDINGS_FILE, f"not a readable item table ({e})") from None
+    vectors = arrow.column(EMBEDDING_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return TableRows(vectors.astype(np.float32, copy=False).reshape(-1, dim),
+                     arrow.column("has_embedding").to_numpy(zero_copy_only=False),
+                     arrow.column("used_image").to_numpy(zero_copy_only=False))
+
+
+def write_table_rows(directory: Path, rows: TableRows) -> None:
+    """Write ``rows`` as the item table's parquet file (row ``i`` = Categorify id ``i``) and its Merlin schema into
+    ``directory`` (its ``metadata.json`` is the caller's)."""
     import merlin.dtypes as md
     import pyarrow as pa
     import pyarrow.parquet as pq
     from merlin.schema import ColumnSchema, Schema, Tags
     from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 
-    n, dim = table.shape
+    n, dim = rows.embeddings.shape
     arrow = pa.table(
         {
             "item_id": pa.array(np.arange(n, dtype=np.int64)),
-            EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(table.reshape(-1)), dim),
-            "has_embedding": pa.array(has_embedding),
-            "used_image": pa.array(used_image),
+            EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(rows.embeddings.reshape(-1)), dim),
+            "has_embedding": pa.array(rows.has_embedding),
+            "used_image": pa.array(rows.used_image),
         }
     )
     pq.write_table(arrow, directory / EMBEDDINGS_FILE)
