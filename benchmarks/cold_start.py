@@ -37,7 +37,7 @@ One run, one split:
    new items can reach at a given warm cost (and what content kNN's own cold hits cost the warm users), not
    a setting.
 
-Writes benchmarks/results/<name>.json with a top-level ``summary`` {variant: {cold: {...}, warm: {...}}},
+Writes benchmarks/results/cold_start/<name>.json with a top-level ``summary`` {variant: {cold: {...}, warm: {...}}},
 the targets and whether they were met, the exact command and the machine.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ from merlin_molar.pipeline import embed_item_table, train  # noqa: E402
 from merlin_molar.training import TrainConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS_DIR, command_line, data_dir, git_commit, machine, now, write_result  # noqa: E402
+from common import REPO, command_line, data_dir, git_commit, machine, now, result_path, write_result  # noqa: E402
 
 
 def wilson(hits: int, n: int, z: float = 1.96):
@@ -256,7 +256,7 @@ def main(argv=None):
     info = machine()
     started = time.perf_counter()
     workdir = Path(args.workdir) / args.name
-    previous = RESULTS_DIR / f"{args.name}.json"
+    previous = result_path("cold_start", f"{args.name}.json")
     previous = json.loads(previous.read_text()) if previous.exists() else {}
     timings = {}
     if args.reuse_model:
@@ -350,7 +350,7 @@ def main(argv=None):
             "train_s": (previous.get("timings") or {}).get("train_s"),
         }
         out["training"] = {**made, "reused_model": str(model_dir), **run["reused"]}
-    path = write_result(RESULTS_DIR / f"{args.name}.json", out)
+    path = write_result(result_path("cold_start", f"{args.name}.json"), out)
     print(f"wrote {path}")
 
 

@@ -11,8 +11,16 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO = RESULTS_DIR.parents[1]
+BENCHMARKS = Path(__file__).resolve().parent
+RESULTS_ROOT = BENCHMARKS / "results"
+REPO = BENCHMARKS.parent
+# Every result file carries these top-level keys (tests/unit/test_benchmark_results.py holds the committed ones to it).
+PROVENANCE_KEYS = ("command", "git_commit", "machine", "date")
+
+
+def result_path(benchmark: str, name: str) -> Path:
+    """Where a result goes: ``benchmarks/results/<benchmark>/<name>``, one folder per benchmark script."""
+    return RESULTS_ROOT / benchmark / name
 
 
 def data_dir(name: str) -> Path:
@@ -54,7 +62,7 @@ def machine() -> Dict:
 def git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS_DIR.parent, capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCHMARKS, capture_output=True, text=True
         )
         return out.stdout.strip() or "unknown"
     except OSError:
@@ -70,10 +78,16 @@ def now() -> str:
 
 
 def write_result(path, payload: Dict) -> Path:
+    """Write a result JSON with the one provenance schema: ``command``, ``git_commit``, ``date`` (filled in
+    here when the payload leaves them out) and ``machine`` (the payload's, taken at the start, else taken
+    now), plus the load average at the end."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**payload}
-    payload.setdefault("machine", {})["load_average_at_end"] = list(os.getloadavg())
+    drifted = {"git", "commit"} & set(payload)
+    if drifted:
+        raise ValueError(f"write_result: use the key 'git_commit', not {sorted(drifted)}")
+    payload = {"command": command_line(), "git_commit": git_commit(), "date": now(), **payload}
+    payload["machine"] = {**(payload.get("machine") or machine()), "load_average_at_end": list(os.getloadavg())}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
 

@@ -27,7 +27,7 @@ from merlin_molar.models.item_tower import ContentItemEmbedding
 from merlin_molar.models.losses import FullSoftmaxLoss, symmetric_infonce
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, git_commit, machine, now, peak_flops, table, write_result  # noqa: E402
+from common import command_line, git_commit, machine, now, peak_flops, table, result_path, write_result  # noqa: E402
 
 SHAPES = {
     # Qwen2-1.5B: 28 layers, hidden 1536, 12 heads, 2 KV heads, MLP 8960
@@ -103,9 +103,9 @@ def main(argv=None):
         rows.append(row)
         print(table([row], ["shape", "length", "batch", "seq_per_s", "tflops", "mfu"]), flush=True)
     reference = {"11": 1170, "51": 580} if shape == "qwen2-1.5b" else None
-    out = Path(args.output or RESULTS_DIR / f"dueg_throughput_{args.device}.json")
+    out = Path(args.output or result_path("dueg_throughput", f"dueg_throughput_{args.device}.json"))
     write_result(out, {
-        "benchmark": "dueg_throughput", "command": command_line(), "date": now(), "git": git_commit(),
+        "benchmark": "dueg_throughput", "command": command_line(), "date": now(), "git_commit": git_commit(),
         "machine": info, "device": args.device, "peak_flops": peak, "peak_source": peak_source,
         "reference_h100_plain_hf_seq_per_s": reference, "rows": rows,
     })

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merlin_molar  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from common import REPO, RESULTS_DIR, data_dir, command_line, git_commit, machine, now, peak_flops, table, write_result  # noqa: E402
+from common import REPO, data_dir, command_line, git_commit, machine, now, peak_flops, table, result_path, write_result  # noqa: E402
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.items import (  # noqa: E402
     ItemPromptBuilder,
@@ -184,7 +184,7 @@ def main():
     print(table(rows, columns))
     name = "embed_items" + ("_cuda" if args.device == "cuda" else "")
     path = write_result(
-        args.output or RESULTS_DIR / f"{name}.json",
+        args.output or result_path("embed_items", f"{name}.json"),
         {
             "benchmark": "embed_items",
             "command": command_line(),

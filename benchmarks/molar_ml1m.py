@@ -5,7 +5,7 @@
 Trains, in one run and on one split: SASRec; Molar (content DUEG + SASRec ID branch, post-aligned);
 Molar without alignment (alpha=0); content only (no ID branch). The trained Molar is also scored with
 content-only and ID-only scores (id_weight 0 and 1) to show where its accuracy comes from. Writes
-benchmarks/results/<name>.json and a PNG (metrics per model, training loss), prints a table.
+benchmarks/results/molar_ml1m/<name>.json and a PNG (metrics per model, training loss), prints a table.
 """
 from __future__ import annotations
 
@@ -21,16 +21,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import merlin_molar  # noqa: E402,F401
-from merlin_molar.io import write_json  # noqa: E402
 from merlin_molar.models.dueg import small_decoder_config  # noqa: E402
 from merlin_molar.persistence import load_model  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, metrics_table, prepare_dataset, train  # noqa: E402
 from merlin_molar.training import TrainConfig, evaluate, make_trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, data_dir, machine  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import REPO, data_dir, git_commit, machine, result_path, write_result  # noqa: E402
 
 
 def rescore(model_dir, prepared, id_weight: float, workdir: Path) -> dict:
@@ -143,6 +140,7 @@ def main(argv=None):
     out = {
         "benchmark": args.name,
         "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+        "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(),
         "machine": machine_info,
         "data": {**{k: v for k, v in prepared.manifest.items() if k != "source"}, "source": str(args.data)},
@@ -154,10 +152,9 @@ def main(argv=None):
         "training_loss": {n: [(h["epoch"], h["loss"]) for h in r.get("log_history", []) if "loss" in h]
                           for n, r in results.items()},
     }
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / f"{args.name}.json", out)
-    plot(results, RESULTS / f"{args.name}.png")
-    print(f"\nwrote {RESULTS / (args.name + '.json')} and .png")
+    path = write_result(result_path("molar_ml1m", f"{args.name}.json"), out)
+    plot(results, path.with_suffix(".png"))
+    print(f"\nwrote {path} and .png")
 
 
 if __name__ == "__main__":

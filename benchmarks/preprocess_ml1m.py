@@ -36,7 +36,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from merlin.io import Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import RESULTS_DIR, data_dir, command_line, git_commit, machine, now, table, write_result  # noqa: E402
+from common import data_dir, command_line, git_commit, machine, now, table, result_path, write_result  # noqa: E402
 from merlin_molar.ids import ITEM_SEQUENCE  # noqa: E402
 from merlin_molar.data import SPLITS, prepare, read_dataset  # noqa: E402
 from merlin_molar.data.workflow import (  # noqa: E402
@@ -144,7 +144,7 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=data_dir("ml-1m"), help="raw dataset directory")
     p.add_argument("--max-length", type=int, default=200)
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (after one warm-up)")
-    p.add_argument("--output", type=Path, default=RESULTS_DIR / "preprocess_ml1m.json")
+    p.add_argument("--output", type=Path, default=result_path("preprocess_ml1m", "preprocess_ml1m.json"))
     return p.parse_args(argv)
 
 

@@ -3,7 +3,7 @@
 Each run goes through :func:`merlin_molar.pipeline.train`, the function behind `merlin-molar train`, with the
 CLI's default training settings, so the ``sasrec``, ``gru4rec``, ``molar`` and ``molar_gru4rec`` rows are what a
 user gets without tuning.
-Writes ``benchmarks/results/quality_<dataset>.json`` (top-level ``summary``: mean and std over seeds, and the
+Writes ``benchmarks/results/quality/quality_<dataset>.json`` (top-level ``summary``: mean and std over seeds, and the
 per-seed paired ratio to SASRec), a markdown table and a plot. Finished runs are kept in the work directory
 and skipped on a rerun, so an interrupted benchmark resumes.
 
@@ -32,7 +32,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is imported)
-from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
+from common import command_line, git_commit, machine, now, table, result_path, write_result  # noqa: E402
 
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.data.workflow import dataset_fingerprint  # noqa: E402
@@ -315,9 +315,9 @@ def main(argv=None):
         summary = summarise(runs, baseline)
         name = f"quality_{dataset.replace('-', '')}{args.suffix}"
         md = markdown(dataset, summary)
-        (RESULTS_DIR / f"{name}.md").write_text(md)
-        plot(dataset, summary, RESULTS_DIR / f"{name}.png")
-        write_result(RESULTS_DIR / f"{name}.json", {
+        (result_path("quality", f"{name}.md")).write_text(md)
+        plot(dataset, summary, result_path("quality", f"{name}.png"))
+        write_result(result_path("quality", f"{name}.json"), {
             "benchmark": name,
             "command": command_line(),
             "git_commit": git_commit(),

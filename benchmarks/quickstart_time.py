@@ -3,8 +3,8 @@ fresh work directory, all cores), with the time of each phase and the metrics it
 
     python benchmarks/quickstart_time.py --runs 2
 
-Writes ``benchmarks/results/quickstart_time.json`` and prints a table. Time it on a quiet machine: the load
-average at the start and end of each run is recorded, and a run that shared the cores says so there.
+Writes ``benchmarks/results/quickstart_time/quickstart_time.json`` and prints a table. Time it on a quiet
+machine: the load average at the start and end of each run is recorded, and a run that shared the cores says so there.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, data_dir, git_commit, machine, now, table, write_result  # noqa: E402
+from common import command_line, data_dir, git_commit, machine, now, table, result_path, write_result  # noqa: E402
 
 from merlin_molar.quickstart import MOLAR_ROW, SASREC_ROW  # noqa: E402
 
@@ -70,7 +70,7 @@ def main(argv=None):
     walls = [r["wall_seconds"] for r in runs]
     summary = {"wall_seconds": {"mean": statistics.fmean(walls), "min": min(walls), "max": max(walls)},
                "target_seconds": TARGET_SECONDS, "met_in_every_run": max(walls) < TARGET_SECONDS}
-    write_result(RESULTS_DIR / f"{args.name}.json", {
+    write_result(result_path("quickstart_time", f"{args.name}.json"), {
         "benchmark": args.name, "summary": summary, "runs": runs, "command": command_line(),
         "git_commit": git_commit(), "date": now(), "machine": info,
     })

@@ -25,7 +25,7 @@ import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is import
 import pyarrow.parquet as pq  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from common import REPO, RESULTS_DIR, data_dir, command_line, git_commit, machine, now, table, write_result  # noqa: E402
+from common import REPO, data_dir, command_line, git_commit, machine, now, table, result_path, write_result  # noqa: E402
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.evaluation import summarise  # noqa: E402
 from merlin_molar.models.sasrec import SASRecConfig, sasrec_model  # noqa: E402
@@ -114,7 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--run-dir", type=Path, default=REPO / "outputs" / "merlin_molar_bench" / "sasrec_run",
                    help="Trainer output directory (no checkpoints are saved)")
-    p.add_argument("--output", type=Path, default=RESULTS_DIR / "sasrec_ml1m.json")
+    p.add_argument("--output", type=Path, default=result_path("sasrec_ml1m", "sasrec_ml1m.json"))
     p.add_argument("--note", default="", help="free text stored in the JSON")
     return p.parse_args(argv)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, data_dir, command_line, git_commit, machine, now, table, write_result  # noqa: E402
+from common import data_dir, command_line, git_commit, machine, now, table, result_path, write_result  # noqa: E402
 
 
 class StepClock:
@@ -155,7 +155,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--global-batch", type=int, default=128)
     p.add_argument("--score-items", type=int, default=301_000)
-    p.add_argument("--output", type=Path, default=RESULTS_DIR / "scale_out.json")
+    p.add_argument("--output", type=Path, default=result_path("scale_out", "scale_out.json"))
     # internal: one training measurement
     p.add_argument("--train-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prepared", help=argparse.SUPPRESS)

@@ -13,7 +13,7 @@ with real ml-100k histories in raw ids, batch 1 and batch 64. Each configuration
 The ratio column is served p50 / in-process model p50 at the same batch. ``executor_ms`` is Triton's own
 per-request time inside the executor model, from the server's statistics API (``workflow_ms`` only for
 repositories exported before the workflow moved into the executor's step; see serving_load.py for the
-load benchmark). Results: benchmarks/results/
+load benchmark). Results: benchmarks/results/serving_latency/
 serving_latency.json. The model weights are random (``--train-epochs 0``): latency does not depend on them.
 
     nice -n 10 .venv/bin/python benchmarks/serving_latency.py
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from common import RESULTS_DIR, command_line, git_commit, machine, now, table, write_result  # noqa: E402
+from common import command_line, git_commit, machine, now, table, result_path, write_result  # noqa: E402
 from merlin_molar.ids import ITEM_SEQUENCE  # noqa: E402
 from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.models.molar import MolarConfig, molar_model  # noqa: E402
@@ -203,7 +203,7 @@ def main(argv=None):
     parser.add_argument("--protocols", nargs="+", default=["http", "grpc"])
     parser.add_argument("--requests", type=int, default=200, help="requests per client at batch 1 (fewer for larger)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="cap per configuration")
-    parser.add_argument("--output", default=str(RESULTS_DIR / "serving_latency.json"))
+    parser.add_argument("--output", default=str(result_path("serving_latency", "serving_latency.json")))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.torch_threads)
@@ -251,6 +251,7 @@ def main(argv=None):
     out = write_result(args.output, {
         "benchmark": "serving_latency",
         "command": command_line(),
+        "date": started,
         "started": started,
         "finished": now(),
         "git_commit": git_commit(),

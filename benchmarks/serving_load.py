@@ -21,7 +21,7 @@ nvidia-pytriton. Then:
 
 Outcomes per request: ok, expected_error (a bad request refused with its clear message), unexpected_error,
 mismatch (a wrong answer), lost (no answer: timeout or broken connection). The result JSON (default
-benchmarks/results/serving_load.json) has a top-level ``summary`` with the acceptance numbers, the exact
+benchmarks/results/serving_load/serving_load.json) has a top-level ``summary`` with the acceptance numbers, the exact
 command, the machine and its load averages (server, clients and in-process timing share the same cores).
 
     .venv/bin/python benchmarks/serving_load.py                       # 10,000 requests per client count
@@ -41,6 +41,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import result_path  # noqa: E402  (stdlib only, cheap for the client processes)
 SHARED = HERE.parents[1] / "shared" / "data" / "ml-100k"
 # (kind, expected message) of the bad requests mixed into the load
 BAD_KINDS = {
@@ -291,7 +292,7 @@ def main(argv=None):
     parser.add_argument("--max-seconds", type=float, default=600.0, help="cap per phase / client count")
     parser.add_argument("--client-startup", type=float, default=8.0, help="seconds for client processes to start")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(HERE / "results" / "serving_load.json"))
+    parser.add_argument("--output", default=str(result_path("serving_load", "serving_load.json")))
     args = parser.parse_args(argv)
     batch_mix = [tuple(int(x) for x in part.split(":")) for part in args.batch_mix.split(",")]
     if max(b for b, _ in batch_mix) > args.max_batch_size:
@@ -407,6 +408,7 @@ def main(argv=None):
         "benchmark": "serving_load",
         "summary": summary,
         "command": command_line(),
+        "date": started,
         "started": started,
         "finished": now(),
         "git_commit": git_commit(),

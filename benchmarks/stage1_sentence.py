@@ -12,7 +12,7 @@ packaged all-MiniLM-L6-v2 make its item vectors better at predicting the next it
    ids masked, NDCG/Recall@10/20 on the validation and test splits, and the paired per-user difference
    (fine-tuned - original) with its standard error.
 
-Writes ``benchmarks/results/<name>.json`` (command, commit, machine, date, timings) and prints a table.
+Writes ``benchmarks/results/stage1_sentence/<name>.json`` (command, commit, machine, date, timings) and prints a table.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/stage1_sentence.py
 """
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is imported)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import REPO, RESULTS_DIR, command_line, data_dir, git_commit, machine, now, table, write_result  # noqa: E402
+from common import REPO, command_line, data_dir, git_commit, machine, now, table, result_path, write_result  # noqa: E402
 
 from merlin_molar.cold_start import content_knn_scorer  # noqa: E402
 from merlin_molar.ids import ITEM_SEQUENCE  # noqa: E402
@@ -148,7 +148,7 @@ def main(argv=None):
 
     losses = stage1["losses"]
     window = max(1, min(10, len(losses) // 4))
-    path = write_result(RESULTS_DIR / f"{args.name}.json", {
+    path = write_result(result_path("stage1_sentence", f"{args.name}.json"), {
         "benchmark": "stage1_sentence", "command": command_line(), "git_commit": git_commit(), "date": now(),
         "machine": info,
         "setup": {"data": Path(args.data).name, "max_length": args.max_length, "encoder": "packaged all-MiniLM-L6-v2",

@@ -2,7 +2,7 @@
 
 One process, one prepared dataset, the CLI's default SASRec and Molar models at batch 128; every
 configuration is timed in rounds that alternate, so a change of machine load hits all of them alike.
-Writes ``benchmarks/results/train_speed.json`` and prints a table.
+Writes ``benchmarks/results/train_speed/train_speed.json`` and prints a table.
 
 Example::
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is imported)
 import torch  # noqa: E402
-from common import REPO, RESULTS_DIR, command_line, data_dir, git_commit, machine, now, table, write_result  # noqa: E402
+from common import REPO, command_line, data_dir, git_commit, machine, now, table, result_path, write_result  # noqa: E402
 
 from merlin_molar.ids import ITEM_SEQUENCE  # noqa: E402
 from merlin_molar.data import prepare, read_dataset  # noqa: E402
@@ -100,7 +100,7 @@ def main(argv=None):
         rows.append({"model": name, "mode": mode, "threads": int(threads), "step_s_min": best,
                      "step_s_median": statistics.median(ts[1:] or ts), "speedup_vs_fp32": base / best,
                      "last_loss": losses[(name, mode)]})
-    write_result(RESULTS_DIR / "train_speed.json", {
+    write_result(result_path("train_speed", "train_speed.json"), {
         "benchmark": "train_speed", "command": command_line(), "git_commit": git_commit(), "date": now(),
         "machine": {**info, "load_average_at_end": list(os.getloadavg())},
         "setup": {"data": Path(args.data).name, "max_length": args.max_length, "batch_size": args.batch_size,

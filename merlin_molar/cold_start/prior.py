@@ -161,7 +161,7 @@ def estimate_new_item_prior(
 
     ``rule="both"`` (default): the largest ``b`` within the budget on *both* estimates (``"budget"`` alone
     while no items have been added). Measured on the test splits of the six committed cold-start models
-    (``benchmarks/results/cold_start_*.json``, new items scored ``"imputed"`` at temperature 1), the test warm
+    (``benchmarks/results/cold_start/*.json``, new items scored ``"imputed"`` at temperature 1), the test warm
     cost at the simulation's ``b`` was 1.8-2.3% on the four MovieLens-1M models and 0.3-0.6% on the two
     MovieLens-100K ones; at the added items' own ``b`` it was 1.1-1.7% and 1.9-2.7%. Each estimate is
     optimistic on one dataset; the smaller ``b`` stayed within 2% on all six. At the default temperature (2)

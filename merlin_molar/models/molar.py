@@ -50,11 +50,11 @@ class MolarConfig:
     ``temperature``). Left unset it follows the ID branch, as measured: 0 with a frozen branch (the
     recommended recipe; alignment at 0.1 was level with none on ML-1M and ML-100K at length 200 and behind
     it on ML-100K at length 50 and the sparse proxy, the ``molar_align`` rows of
-    ``benchmarks/results/quality_*.json``), 0.1 with a joint one (its only comparison, one ML-100K seed
+    ``benchmarks/results/quality/quality_*.json``), 0.1 with a joint one (its only comparison, one ML-100K seed
     in ``molar_ml100k.json``, had alignment ahead), 0 without one.
     ``content_adaptor`` maps the frozen item table into the DUEG: ``"moe"`` (default, a whitened mixture of
     ``adaptor_experts`` adaptors, ahead of ``"linear"`` on every seed of both quality regimes,
-    ``benchmarks/results/quality_*.json``) or ``"linear"``; configs saved without the field load as linear.
+    ``benchmarks/results/quality/quality_*.json``) or ``"linear"``; configs saved without the field load as linear.
     """
 
     llm: Union[str, dict] = field(default_factory=lambda: small_decoder_config().to_dict())

@@ -59,7 +59,7 @@ def export_triton(
     ``pin_cores``: each instance binds itself to one core of those the server may use (instance ``i`` to the
     ``i``-th, modulo their number), so that its tables stay in that core's cache. On the 2-core machines here
     it took the served-minus-in-process p50 from 1.63 ms to 1.07 ms in one quiet window
-    (``benchmarks/results/serving_load_unpinned.json`` and ``serving_load.json``). Leave it off where other
+    (``benchmarks/results/serving_load/serving_load_unpinned.json`` and ``serving_load.json``). Leave it off where other
     work shares the server's cores.
 
     In NVIDIA's Merlin/Triton containers install this package into the container's Python and start
