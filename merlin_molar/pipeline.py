@@ -282,19 +282,31 @@ def recommend(
 ) -> pd.DataFrame:
     """Top-k raw item ids (with titles where known) for raw-id histories, history items excluded.
 
+    The same answer as the exported model (:meth:`merlin_molar.serving.lean.LeanModel.top_k`) for the same
+    request: the model reads the last ``max_length`` items of a history, and every item of the history, also
+    the older ones, is left out of the answer.
+
     Items added to the catalogue after training (``add-items``) are scored too (Molar: by content, read
-    from ``item_table``, default ``PREPARED/item_table``); an ID-only model (SASRec, GRU4Rec) refuses them."""
+    from ``item_table``, default ``PREPARED/item_table``); an ID-only model (SASRec, GRU4Rec) recommends from
+    the items it was trained on, and refuses a history holding an item added after its training."""
+    from merlin.schema import Tags
+
     from merlin_molar.cold_start import model_for_catalogue
 
     check_model_matches(model_dir, prepared)
-    model, kind, _, _ = load_model(model_dir)
-    model = model_for_catalogue(model, kind, prepared, item_table)
+    model, kind, config, schema = load_model(model_dir)
+    if kind in ID_MODELS:  # no embedding for added items: it ranks (and reads) only the ones it was trained on
+        scored = int(schema.select_by_tag(Tags.ITEM_ID).first.int_domain.max) + 1
+    else:
+        model = model_for_catalogue(model, kind, prepared, item_table)
+        scored = prepared.item_cardinality
     items = prepared.items()
     to_code = dict(zip(items["item_id_raw"].astype(str), items["item_id"]))
     to_raw = dict(zip(items["item_id"], items["item_id_raw"]))
     title_col = next((c for c in ("clean_title", "title", "name") if c in items), None)
     titles = dict(zip(items["item_id"], items[title_col])) if title_col else {}
-    max_length = prepared.max_length
+    rankable = sum(1 for code in to_code.values() if code < scored)
+    max_length = int(getattr(config, "max_length", None) or prepared.max_length)
     rows = []
     for user, history in enumerate(histories):
         if len(history) == 0:
@@ -304,14 +316,23 @@ def recommend(
             raise MolarDataError(
                 "--history", f"history {user}: unknown item id(s) {unknown[:5]} (not in the prepared catalogue)"
             )
-        codes = [to_code[str(h)] for h in history][-max_length:]
-        candidates = len(to_code) - len(set(codes))
+        codes = [to_code[str(h)] for h in history]
+        added = [h for h, code in zip(history, codes) if code >= scored]
+        if added:
+            raise MolarDataError(
+                "--history", f"history {user}: item id(s) {added[:5]} were added after the {kind} model was "
+                "trained and it has no embedding for them (retrain it, or use a Molar model with extend-model)",
+            )
+        seen = sorted(set(codes))
+        candidates = rankable - len(seen)
         if top_k > candidates:
             raise MolarDataError("--top-k", f"{top_k} is more than the {candidates} items not in history {user}")
+        window = codes[-max_length:]  # the model reads the last max_length items ...
         batch = torch.zeros(1, max_length, dtype=torch.long)
-        batch[0, : len(codes)] = torch.tensor(codes)
+        batch[0, : len(window)] = torch.tensor(window)
         with torch.no_grad():
             scores = model({"item_id-list": batch})
+        scores[0, seen] = float("-inf")  # ... and no item of the history, older ones included, comes back
         top_scores, top_ids = torch.topk(scores[0], k=top_k)
         for rank, (code, score) in enumerate(zip(top_ids.tolist(), top_scores.tolist()), 1):
             rows.append(
