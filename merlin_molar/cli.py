@@ -216,7 +216,8 @@ def cmd_train(args):
     data = load_prepared(args.prepared)
     result = train(
         data, args.model, args.output, parse_model_options(args.model_options), _train_config(args),
-        item_table_path=args.item_table, resume=args.resume, init_id_branch_from=args.init_id_branch,
+        item_table_path=args.item_table, resume=True if args.resume else (False if args.restart else None),
+        init_id_branch_from=args.init_id_branch,
     )
     print(metrics_table({args.model: result}, "valid").replace("model", "valid", 1))
     print(metrics_table({args.model: result}, "test").replace("model", "test ", 1))
@@ -246,7 +247,7 @@ def cmd_export(args):
 
     out = export_triton(args.model_dir, args.prepared, args.repository, top_k=args.top_k,
                         max_batch_size=args.max_batch_size, instances=args.instances,
-                        torch_threads=args.torch_threads, pin_cores=args.pin_cores)
+                        torch_threads=args.torch_threads, pin_cores=args.pin_cores, overwrite=args.overwrite)
     print(f"wrote Triton model repository {out} ({args.instances} instance(s), "
           f"{args.torch_threads} torch thread(s) each{', each pinned to one core' if args.pin_cores else ''})")
 
@@ -378,7 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-id-branch",
                    help="a saved SASRec or GRU4Rec model dir: Molar's ID branch, frozen, with its architecture")
     p.add_argument("--output", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    restart = p.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true",
+                         help="continue from the last checkpoint in --output (the default anyway when --output holds "
+                              "checkpoints of this same run: same data and options; this flag also says so when "
+                              "there is none)")
+    restart.add_argument("--restart", action="store_true",
+                         help="start from scratch, removing the checkpoints an earlier run of these options left in "
+                              "--output")
     _add_train_options(p)
 
     p = add("evaluate", cmd_evaluate, "full-ranking Recall/NDCG@10/20/50 of a saved model")
@@ -396,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "write a Triton model repository (raw ids -> Categorify ids -> lean model -> top-k)")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--prepared", required=True)
-    p.add_argument("--repository", required=True)
+    p.add_argument("--repository", required=True, help="directory to write; must not exist or be empty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --repository when it is not empty")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--max-batch-size", type=int, default=256, help="most histories per request")
     p.add_argument("--instances", type=int, default=1,
@@ -485,6 +495,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         return _error(args.command, f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
+        if args.command == "train":
+            return _error(args.command, "interrupted: run the same command again to continue from the last "
+                                        "checkpoint (--restart starts over)", 130)
         return _error(args.command, "interrupted (outputs written so far are complete; rerun to continue)", 130)
     except Exception as e:
         if args.verbose:

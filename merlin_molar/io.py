@@ -6,8 +6,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional
 
@@ -24,13 +27,14 @@ def atomic_path(final: Path, is_dir: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    sweep_stale_scratch(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{owner_tag()}-", dir=final.parent))
     target = tmp if is_dir else tmp / final.name
     try:
         yield target
         if is_dir:
             if final.exists():
-                old = final.with_name(f".old-{final.name}-{os.getpid()}")
+                old = final.with_name(f".old-{final.name}-{owner_tag()}-")
                 os.replace(final, old)
                 os.replace(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
@@ -41,6 +45,45 @@ def atomic_path(final: Path, is_dir: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def owner_tag(pid: Optional[int] = None) -> str:
+    """``p<pid>h<host>``: who wrote a scratch entry, so a later run can tell a dead run's leftovers."""
+    return f"p{pid or os.getpid()}h{_host_tag()}"
+
+
+_SCRATCH_OWNER = re.compile(r"^\.(?:tmp|old)-.+-p(\d+)h([0-9a-f]{6})-[a-z0-9_]*$")
+
+
+def sweep_stale_scratch(directory: Path) -> None:
+    """Remove the ``.tmp-*`` / ``.old-*`` entries in ``directory`` left by runs of this machine that are no longer
+    alive (killed with SIGKILL, or the machine went down): they would otherwise stay for good."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        match = _SCRATCH_OWNER.match(entry.name)
+        if not match or match.group(2) != _host_tag() or _alive(int(match.group(1))):
+            continue
+        LOG.info("removing %s, left by a run that ended without cleaning up", entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: Path, payload) -> None:
@@ -64,7 +107,81 @@ MANIFEST = "molar_manifest.json"
 
 
 # scratch names this package writes inside output directories (never results)
-SCRATCH_PREFIXES = (".tmp-", ".old-", ".categories")
+SCRATCH_PREFIXES = (".tmp-", ".old-", ".categories", ".lock")
+LOCK_FILE = ".lock"
+
+
+def _launch_id() -> Optional[str]:
+    """What the processes of one ``torchrun`` launch on this machine share (its agent is their parent);
+    None outside one."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return None
+    return f"{socket.gethostname()}:{os.getppid()}:{os.environ.get('MASTER_PORT', '')}"
+
+
+@contextlib.contextmanager
+def locked_output_dir(output_dir, command: str) -> Iterator[None]:
+    """Hold ``output_dir`` for one run: a second run into it while this one lives is refused, naming the
+    holder. The lock is the kernel's (``flock``), so a run that is killed releases it; the ``.lock`` file it
+    leaves records only who held it. The processes of one ``torchrun`` launch share the lock."""
+    import fcntl
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise MolarDataError(output_dir, "is a file, not a directory: choose another output path")
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_FILE
+    launch = _launch_id()
+    handle = None
+    for _ in range(50):
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            handle = None
+            if not holder:  # the holder is between taking the lock and writing its name
+                time.sleep(0.1)
+                continue
+            if launch is not None and _holder(holder).get("launch") == launch:
+                break  # another process of this torchrun launch holds it for all of them
+            raise MolarDataError(output_dir, f"in use by another run ({_holder_text(holder)}): wait for it to end "
+                                             "or choose another output directory") from None
+        if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+            handle.close()  # the previous holder removed the file while we waited: lock the new one
+            handle = None
+            continue
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S"), "launch": launch}))
+        handle.flush()
+        break
+    try:
+        yield
+    finally:
+        if handle is not None:
+            path.unlink(missing_ok=True)
+            handle.close()
+            if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+                output_dir.rmdir()
+
+
+def _holder(text: str) -> dict:
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _holder_text(text: str) -> str:
+    h = _holder(text)
+    return (f"`merlin-molar {h.get('command', '?')}`, pid {h.get('pid', '?')} on {h.get('host', '?')}, "
+            f"since {h.get('since', '?')}")
 
 
 def holds_results(output_dir: Path) -> bool:
@@ -89,6 +206,7 @@ def claim_output_dir(output_dir: Path, identity: dict) -> None:
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise MolarDataError(output_dir, "is a file, not a directory: choose another output path")
+    sweep_stale_scratch(output_dir)
     manifest = output_dir / MANIFEST
     if manifest.exists():
         try:

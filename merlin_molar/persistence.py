@@ -2,10 +2,11 @@
 
 A saved model is a directory::
 
-    molar_model.json       kind ("sasrec" | "gru4rec" | "molar"), its config, package versions, the sha256 of
-                           every other file (verified by load_model) and, when saved by ``train``, the
-                           fingerprint of the prepared data's item id mapping (checked by evaluate / recommend /
-                           export)
+    molar_model.json       kind ("sasrec" | "gru4rec" | "molar"), its config, the package version and model
+                           format that wrote it (a newer one is refused), the sha256 of every other file and of
+                           its own content (``description_sha256``; all verified by load_model) and, when saved
+                           by ``train``, the fingerprint of the prepared data's item id mapping (checked by
+                           evaluate / recommend / export)
     schema.json            the Merlin schema the model was built from
     item_table.safetensors the frozen content item table (Molar only)
     weights.pt             state dict (for LoRA on a pretrained LLM: everything except the frozen base LLM)
@@ -16,6 +17,8 @@ Directories are written atomically.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +34,70 @@ from merlin_molar.models.catalogue import extend_catalogue
 from merlin_molar.models.id_models import ID_MODELS
 from merlin_molar.models.molar import MolarConfig, molar_model
 from merlin_molar.version import __version__
+
+MODEL_FILE = "molar_model.json"
+MODEL_FORMAT = 1  # the layout of a saved model; raise it when a change makes older versions misread new models
+DESCRIPTION_SHA = "description_sha256"
+REMEDY = "re-train the model or restore its directory from a backup"
+
+
+def _description_digest(meta: dict) -> str:
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != DESCRIPTION_SHA}, default=str))
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_model_description(path: Path, meta: dict) -> None:
+    """Write ``molar_model.json`` with the format version and the checksum of its own content."""
+    meta = {**meta, "format": MODEL_FORMAT, "merlin_molar": __version__}
+    write_json(Path(path), {**meta, DESCRIPTION_SHA: _description_digest(meta)})
+
+
+def _release(version: str, path: Path):
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(str(version)).release[:2]
+    except InvalidVersion:
+        raise MolarDataError(path, f"merlin_molar: {version!r} is not a version number") from None
+
+
+def read_model_description(model_dir) -> dict:
+    """``molar_model.json`` of a saved model, checked: a JSON object, unchanged since it was saved (when it
+    records its checksum), and written by a format and a (major.minor) package version this one can read."""
+    path = Path(model_dir) / MODEL_FILE
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise MolarDataError(path, "not a merlin-molar model description")
+    if DESCRIPTION_SHA in meta and meta[DESCRIPTION_SHA] != _description_digest(meta):
+        raise MolarDataError(path, f"checksum mismatch: the file was changed since the model was saved; {REMEDY}")
+    fmt = meta.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise MolarDataError(path, f"format: {fmt!r} is not a model format number")
+    if fmt > MODEL_FORMAT:
+        raise MolarDataError(path, f"saved in model format {fmt}, newer than the format {MODEL_FORMAT} this "
+                                   f"merlin-molar {__version__} reads: upgrade merlin-molar to load it")
+    written = meta.get("merlin_molar")
+    if written is not None and _release(written, path) > _release(__version__, path):
+        raise MolarDataError(path, f"saved by merlin-molar {written}, newer than this one "
+                                   f"({__version__}): upgrade merlin-molar to load it")
+    return meta
+
+
+def _config_of(kind: str, values, path: Path):
+    """The model config recorded in ``molar_model.json``; an unknown or mistyped key names the file."""
+    from dataclasses import fields
+
+    cls = ID_MODELS[kind].config if kind in ID_MODELS else MolarConfig
+    if not isinstance(values, dict):
+        raise MolarDataError(path, "config: not a JSON object of model options")
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise MolarDataError(path, f"config: unknown key(s) {unknown} for a {kind} model (the file was edited, "
+                                   "or written by another version of merlin-molar)")
+    try:
+        return MolarConfig.from_dict(values) if kind == "molar" else cls(**values)
+    except (TypeError, ValueError) as e:
+        raise MolarDataError(path, f"config: not a valid {kind} configuration ({e})") from None
 
 
 def _is_pretrained_llm(config: MolarConfig) -> bool:
@@ -54,13 +121,12 @@ def save_model(
                     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
                     state = {k: v for k, v in state.items() if ".llm." not in k or k in trainable}
         torch.save(state, tmp / "weights.pt")
-        write_json(
-            tmp / "molar_model.json",
+        write_model_description(
+            tmp / MODEL_FILE,
             {
                 **(extra or {}),
                 "kind": kind,
                 "config": config.to_dict(),
-                "merlin_molar": __version__,
                 "saved_at": datetime.now(timezone.utc).isoformat(),
                 "sha256": file_checksums(tmp),
             },
@@ -71,11 +137,9 @@ def save_model(
 def load_model(path) -> tuple:
     """Returns ``(model, kind, config, schema)``."""
     path = Path(path)
-    meta = read_json(path / "molar_model.json")
-    if not isinstance(meta, dict):
-        raise MolarDataError(path / "molar_model.json", "not a merlin-molar model description")
+    meta = read_model_description(path)
     if "sha256" in meta:  # models saved before checksums were recorded are loaded unchecked
-        verify_checksums(path, meta["sha256"], "re-train the model or restore its directory from a backup")
+        verify_checksums(path, meta["sha256"], REMEDY)
     schema_file = path / "schema.json"
     if not schema_file.is_file():
         raise MolarDataError(schema_file, "file not found (not a saved merlin-molar model?)")
@@ -85,10 +149,10 @@ def load_model(path) -> tuple:
         raise MolarDataError(schema_file, f"not a readable model schema ({type(e).__name__})") from None
     kind = meta.get("kind")
     if kind in ID_MODELS:
-        config = ID_MODELS[kind].config(**meta["config"])
+        config = _config_of(kind, meta.get("config"), path / MODEL_FILE)
         model = ID_MODELS[kind].model(schema, config)
     elif kind == "molar":
-        config = MolarConfig.from_dict(meta["config"])
+        config = _config_of(kind, meta.get("config"), path / MODEL_FILE)
         table_file = path / "item_table.safetensors"
         if not table_file.is_file():
             raise MolarDataError(table_file, "file not found (the saved model is incomplete)")

@@ -23,10 +23,10 @@ from transformers import EarlyStoppingCallback
 
 from merlin_molar.data import PreparedData, prepare, read_dataset
 from merlin_molar.errors import MolarDataError
-from merlin_molar.io import claim_output_dir, read_json, rollback_on_failure, write_json
+from merlin_molar.io import claim_output_dir, locked_output_dir, rollback_on_failure, write_json
 from merlin_molar.models.id_models import ID_MODELS
 from merlin_molar.models.molar import MolarConfig, molar_model
-from merlin_molar.persistence import load_model, save_model
+from merlin_molar.persistence import load_model, read_model_description, save_model
 from merlin_molar.training import TrainConfig, evaluate, make_trainer
 from merlin_molar.validation import check_checkpoint, check_model_matches, check_train_config, loading
 
@@ -78,7 +78,8 @@ def prepare_dataset(
     cold_items: float = 0.0,
 ) -> PreparedData:
     raw = read_dataset(data, fmt, text_columns)
-    with rollback_on_failure(output_dir):  # a failed prepare leaves nothing that refuses the corrected rerun
+    with locked_output_dir(output_dir, "prepare"), rollback_on_failure(output_dir):
+        # a failed prepare leaves nothing that refuses the corrected rerun
         return prepare(raw, output_dir, max_length=max_length, k=k_core, cold_items=cold_items)
 
 
@@ -159,13 +160,15 @@ def train(
     model_options: Optional[dict] = None,
     train_config: Optional[TrainConfig] = None,
     item_table_path=None,
-    resume: bool = False,
+    resume: Optional[bool] = None,
     init_id_branch_from=None,
 ) -> Dict:
     """Train with the T4Rec Trainer, evaluate on valid and test, save the model under ``output_dir/model``.
 
-    Checkpoints go to ``output_dir/checkpoints``; ``resume=True`` continues from the last one. An output
-    directory that belongs to another dataset or configuration is refused.
+    Checkpoints go to ``output_dir/checkpoints``. ``resume``: None (default) continues from the last one when
+    ``output_dir`` holds checkpoints of this same run (same data and options; an interrupted run is simply run
+    again), True the same but warns when there is none, False starts over and removes them. An output
+    directory that belongs to another dataset or configuration is refused, and so is one another run holds.
 
     ``init_id_branch_from`` (a saved SASRec or GRU4Rec model directory) is the recommended Molar recipe, the
     paper's post-alignment setting: the trained ID model becomes Molar's ID branch, with its own architecture
@@ -179,8 +182,8 @@ def train(
         model_options = {**id_branch_options(init_id_branch_from), **(model_options or {})}
     with loading("--model-options", json.dumps(model_options or {}), "cannot build the model from them"):
         model, config, table = build_model(kind, prepared, model_options, item_table_path)
-    # a run that fails before its first checkpoint leaves nothing behind (its manifest included)
-    with rollback_on_failure(output_dir, keep_if_present=("checkpoints",)):
+    # one run at a time; a run that fails before its first checkpoint leaves nothing behind (its manifest included)
+    with locked_output_dir(output_dir, "train"), rollback_on_failure(output_dir, keep_if_present=("checkpoints",)):
         claim_output_dir(output_dir, _run_identity(prepared, kind, config, train_config, item_table_path))
         return _train_claimed(
             prepared, kind, output_dir, model, config, table, train_config, resume, init_id_branch_from
@@ -189,9 +192,8 @@ def train(
 
 def id_branch_options(model_dir) -> dict:
     """Molar options that take over a saved ID model (SASRec, GRU4Rec) as the (frozen) ID branch."""
-    meta_file = Path(model_dir) / "molar_model.json"
     with loading("--init-id-branch", model_dir, "is not a saved ID model directory"):
-        meta = read_json(meta_file)
+        meta = read_model_description(model_dir)
     kind = meta.get("kind")
     if kind not in ID_MODELS:
         raise MolarDataError(
@@ -209,12 +211,17 @@ def _train_claimed(prepared, kind, output_dir, model, config, table, train_confi
         with loading("--init-id-branch", init_id_branch_from, "cannot initialise the ID branch from it"):
             load_id_branch(model, load_model(init_id_branch_from)[0])
     checkpoints = output_dir / "checkpoints"
+    if resume is False and checkpoints.exists():
+        shutil.rmtree(checkpoints)  # --restart: no checkpoint of the earlier run is left to resume from by mistake
     trainer = make_trainer(model, prepared, checkpoints, train_config)
-    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.exists() else None
+    last = get_last_checkpoint(str(checkpoints)) if resume is not False and checkpoints.exists() else None
     if resume and last is None:
         LOG.warning("--resume: no checkpoint in %s: starting from scratch", checkpoints)
     if last is not None:
         check_checkpoint(last)
+        if resume is None:
+            LOG.warning("%s holds checkpoints of this same run: continuing from %s (--restart starts over)",
+                        output_dir, Path(last).name)
     task = trainer.model.heads[0].prediction_task_dict["next-item"]
     if kind == "molar" and config.id_branch == "frozen":
         # Only the content tower learns: early-stop it on its own validation NDCG@10 (a fused score at a fixed

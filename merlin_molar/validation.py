@@ -225,11 +225,11 @@ def check_model_options(kind: str, options: dict, option: str = "--model-options
 
 def check_model_matches(model_dir, prepared, option: str = "--prepared") -> None:
     """The saved model at ``model_dir`` was trained on ``prepared``'s item id mapping (and max length)."""
-    from merlin_molar.io import read_json
     from merlin_molar.items.table import item_id_fingerprint
+    from merlin_molar.persistence import read_model_description
 
     model_dir = Path(model_dir)
-    meta = read_json(model_dir / "molar_model.json")
+    meta = read_model_description(model_dir)
     recorded = meta.get("id_mapping_fingerprint")
     # add-items extends the catalogue: a model trained on an earlier version of it still matches (the old
     # ids keep their codes; new items are scored by content)

@@ -9,9 +9,15 @@ from safetensors.torch import load_file, save_file
 
 from merlin_molar.cold_start.prior import estimate_new_item_prior
 from merlin_molar.errors import MolarDataError
-from merlin_molar.io import atomic_path, file_checksums, read_json, write_json
+from merlin_molar.io import atomic_path, file_checksums
 from merlin_molar.models.catalogue import extend_catalogue, trained_cardinality
-from merlin_molar.persistence import load_model, with_item_cardinality
+from merlin_molar.persistence import (
+    MODEL_FILE,
+    load_model,
+    read_model_description,
+    with_item_cardinality,
+    write_model_description,
+)
 
 
 def model_for_catalogue(
@@ -66,7 +72,7 @@ def extend_saved_model(
 
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     model, kind, config, schema = load_model(model_dir)
-    meta = read_json(model_dir / "molar_model.json")
+    meta = read_model_description(model_dir)
     trained = int((meta.get("catalogue_extension") or {}).get("trained_items", 0)) or None
     if kind != "molar":
         extend_catalogue(model, kind, None)  # raises: only Molar's content tower can score new items
@@ -90,7 +96,7 @@ def extend_saved_model(
             TensorflowMetadata.from_merlin_schema(with_item_cardinality(schema, table.size(0))).to_json()
         )
         fingerprint = item_id_fingerprint(prepared)
-        write_json(tmp / "molar_model.json", {
+        write_model_description(tmp / MODEL_FILE, {
             **meta,
             "sha256": file_checksums(tmp),  # the extended table and schema, not the source model's
             "id_mapping_fingerprint": fingerprint,

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from merlin_molar.errors import MolarDataError
-from merlin_molar.io import atomic_path, file_checksums, read_json, write_json
+from merlin_molar.io import atomic_path, file_checksums, owner_tag, read_json, write_json
 from merlin_molar.items.table import (
     EMBEDDINGS_FILE,
     METADATA_FILE,
@@ -198,7 +198,7 @@ def _replace(staged: Path, final: Path) -> None:
     if not staged.exists():
         return
     if staged.is_dir():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        old = final.with_name(f".old-{final.name}-{owner_tag()}-")
         if final.exists():
             os.replace(final, old)
         os.replace(staged, final)

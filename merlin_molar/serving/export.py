@@ -69,7 +69,8 @@ def export_triton(
     """
     model_dir, repository_path = Path(model_dir), Path(repository_path)
     if repository_path.exists() and any(repository_path.iterdir()) and not overwrite:
-        raise MolarDataError(repository_path, "already exists and is not empty (pass overwrite=True to replace it)")
+        raise MolarDataError("--repository", f"{repository_path} already exists and is not empty: choose another "
+                                             "directory, or replace it with --overwrite (overwrite=True in Python)")
     if int(instances) < 1:
         raise MolarDataError("instances", f"must be at least 1, got {instances}")
     ensemble = build_ensemble(

@@ -89,6 +89,7 @@ def without_checksums(directory: Path) -> None:
     manifest = next(directory / n for n in ("molar_model.json", "molar_manifest.json") if (directory / n).exists())
     meta = json.loads(manifest.read_text())
     del meta["sha256"]
+    meta.pop("description_sha256", None)  # a model description's checksum of itself came later still
     manifest.write_text(json.dumps(meta))
 
 
@@ -129,6 +130,40 @@ def read_only_path(tmp: Path) -> Path:
     ro.mkdir()
     ro.chmod(0o555)
     return ro
+
+
+def edit_description(model: Path, edit: Callable[[dict], None], sign: bool = True) -> None:
+    """Change a saved model's molar_model.json; ``sign``: with a fresh checksum of its own content, as a
+    newer version of merlin-molar would have written it (else: edited by hand, its old checksum kept)."""
+    import json
+
+    from merlin_molar.persistence import DESCRIPTION_SHA, _description_digest
+
+    path = model / "molar_model.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    if sign:
+        meta[DESCRIPTION_SHA] = _description_digest(meta)
+    path.write_text(json.dumps(meta))
+
+
+HELD = []  # open lock files of the "other run" below (kept open for the test's lifetime)
+
+
+def held_by_another_run(g, t):
+    """An output directory whose lock another live run holds (a lock is per open file, so this process can
+    play the other run)."""
+    import fcntl
+    import json
+
+    out = t / "out"
+    out.mkdir()
+    handle = open(out / ".lock", "a+")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write(json.dumps({"pid": 4242, "host": "trainer-7", "command": "train", "since": "2026-12-07 10:00:00"}))
+    handle.flush()
+    HELD.append(handle)
+    return out
 
 
 def bad_data(tmp: Path, good, edit: Callable[[Path], None]) -> Path:
@@ -286,6 +321,8 @@ CASES = [
     Case("train-output-read-only", lambda g, t: train()(g, t)[:-1] + [str(read_only_path(t) / "r")], "--output"),
     Case("train-resume-from-a-damaged-checkpoint", run_then_damage_last_checkpoint, "pytorch_model.bin",
          rerun=lambda g, t: drop_last_checkpoint(t) + train("--save-steps", "1", "--resume")(g, t)),
+    Case("train-output-held-by-another-run", lambda g, t: train()(g, t)[:-1] + [str(held_by_another_run(g, t))],
+         lambda g, t: f"{t / 'out'}: in use by another run (`merlin-molar train`, pid 4242 on trainer-7"),
     Case("train-damaged-prepared-manifest",
          train(prepared=edited_prepared(lambda p: (p / "molar_manifest.json").write_bytes(os.urandom(64)))),
          "molar_manifest.json"),
@@ -340,6 +377,25 @@ CASES = [
            "--prepared", PREP), "molar_model.json"),
     Case("evaluate-missing-model-dir", P("evaluate", "--model-dir", lambda g, t: t / "none", "--prepared", PREP),
          "--model-dir"),
+    Case("evaluate-model-description-edited-by-hand",
+         P("evaluate", "--model-dir", edited_model(lambda m: edit_description(
+             m, lambda d: d.update(kind="gru4rec"), sign=False)), "--prepared", PREP),
+         "molar_model.json: checksum mismatch"),
+    Case("evaluate-model-of-a-newer-format",
+         P("evaluate", "--model-dir", edited_model(lambda m: edit_description(m, lambda d: d.update(format=2))),
+           "--prepared", PREP), "molar_model.json: saved in model format 2"),
+    Case("recommend-model-of-a-newer-version",
+         P("recommend", "--model-dir", edited_model(lambda m: edit_description(
+             m, lambda d: d.update(merlin_molar="9.0.0"))), "--prepared", PREP, "--history", "10"),
+         "molar_model.json: saved by merlin-molar 9.0.0"),
+    Case("evaluate-model-config-unknown-key",
+         P("evaluate", "--model-dir", edited_model(lambda m: edit_description(
+             m, lambda d: d["config"].update(d_modle=16))), "--prepared", PREP),
+         "molar_model.json: config: unknown key(s) ['d_modle']"),
+    Case("evaluate-model-config-unknown-key-saved-without-checksums",
+         P("evaluate", "--model-dir", edited_model(lambda m: (without_checksums(m), edit_description(
+             m, lambda d: d["config"].update(d_modle=16), sign=False))),
+           "--prepared", PREP), "molar_model.json: config: unknown key(s) ['d_modle']"),
     Case("evaluate-unknown-split", P("evaluate", "--model-dir", MODEL, "--prepared", PREP, "--split", "train"),
          "--split"),
     Case("recommend-other-prepared", P("recommend", "--model-dir", MODEL, "--prepared", OTHER, "--history", "10,20"),
@@ -362,6 +418,11 @@ CASES = [
                                         "--prepared", PREP, "--history", "10"), "weights.pt"),
     Case("export-top-k-too-large", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository", OUT,
                                      "--top-k", "100000"), "top_k"),
+    Case("export-into-a-non-empty-repository",
+         P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository",
+           lambda g, t: (t / "out").mkdir() or (t / "out" / "notes.txt").write_text("keep") and t / "out"),
+         lambda g, t: f"--repository: {t / 'out'} already exists and is not empty: choose another directory, or "
+                      "replace it with --overwrite"),
     Case("export-repository-is-a-file", P("export", "--model-dir", MODEL, "--prepared", PREP, "--repository", a_file),
          "--repository"),
     Case("quickstart-epochs-0", P("quickstart", "--data", DATA, "--workdir", OUT, "--epochs", "0"), "--epochs"),
@@ -448,3 +509,68 @@ def test_verbose_prints_the_traceback(good, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("merlin-molar evaluate: error: ")
     assert "weights.pt: checksum mismatch" in err
+
+
+# Reruns after a failure, an interruption or a kill (issue 31): what a user would expect happens.
+def test_export_overwrite_replaces_a_non_empty_repository(good, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "notes.txt").write_text("old")
+    argv = ["export", "--model-dir", str(good.model), "--prepared", str(good.prepared), "--repository", str(repo)]
+    assert main(argv) == 2
+    assert main(argv + ["--overwrite"]) == 0, capsys.readouterr().err
+    assert (repo / "molar_serving.json").is_file() and not (repo / "notes.txt").exists()
+
+
+def test_a_plain_rerun_of_an_interrupted_train_continues_and_restart_starts_over(good, tmp_path, capsys, caplog):
+    import json
+
+    run = tmp_path / "out"
+    argv = train("--save-steps", "1")(good, tmp_path)
+    assert main(argv) == 0
+    last = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    shutil.rmtree(run / "model")  # as if interrupted after its last checkpoint
+    (run / "metrics.json").unlink()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((run / "metrics.json").read_text())["resumed_from"] == str(last)
+    assert f"continuing from {last.name} (--restart starts over)" in caplog.text
+    assert main(argv + ["--restart"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["resumed_from"] is None
+    with pytest.raises(SystemExit) as exited:  # one or the other
+        main(argv + ["--restart", "--resume"])
+    assert exited.value.code == 2
+    assert not (run / ".lock").exists()  # the lock goes with the run
+
+
+def test_an_interrupted_train_says_how_to_continue(good, tmp_path, capsys, monkeypatch):
+    import merlin_molar.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train", interrupted)
+    assert main(train()(good, tmp_path)) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == ("merlin-molar train: error: interrupted: run the same command again to continue from the last "
+                   "checkpoint (--restart starts over)")
+
+
+def test_a_rerun_removes_what_a_killed_run_left(good, tmp_path, capsys):
+    """SIGKILL leaves a ``.tmp-*`` directory (and the lock file) behind; the next run into the directory removes
+    the dead run's scratch, and leaves a live run's alone."""
+    import subprocess
+
+    from merlin_molar.io import owner_tag
+
+    out = tmp_path / "out"
+    assert main(prepare()(good, tmp_path)) == 0
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = out / f".tmp-train-{owner_tag(dead.pid)}-k1ll3d"
+    (stale / "sub").mkdir(parents=True)
+    (out / ".lock").write_text('{"pid": %d}' % dead.pid)  # its flock went with it
+    live = out / f".tmp-valid-{owner_tag()}-alive00"
+    live.mkdir()
+    assert main(prepare()(good, tmp_path)) == 0, capsys.readouterr().err
+    assert not stale.exists() and live.exists()
+    assert not (out / ".lock").exists()
