@@ -74,7 +74,10 @@ def cmd_prepare(args):
     data = prepare_dataset(args.data, args.output, max_length=args.max_length, k_core=args.k_core, fmt=args.format,
                            text_columns=text_columns, cold_items=args.cold_items)
     m = data.manifest
-    print(f"prepared {m['users']} users, {m['interactions']} interactions, {m['items_interacted']} items")
+    left_out = m.get("users_left_out", {})
+    note = (f" ({left_out['users']} user(s) with fewer than {left_out['fewer_than']} interactions left out, "
+            f"{left_out['interactions']} rows)") if left_out.get("users") else ""
+    print(f"prepared {m['users']} users, {m['interactions']} interactions, {m['items_interacted']} items{note}")
     if "cold_start" in m:
         c = m["cold_start"]
         print(f"held out {c['cold_items']} cold items ({c['cold_target_users']} users have one as test target); "
@@ -288,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = add("prepare", cmd_prepare, "raw data -> NVTabular workflow + leave-one-out train/valid/test")
+    p = add("prepare", cmd_prepare, "raw data -> NVTabular workflow + leave-one-out train/valid/test (a user needs "
+            "3 interactions: one to train on, a validation and a test target; users with fewer are left out, "
+            "with a warning that counts them)")
     p.add_argument("--data", required=True, help="dataset directory (see --format)")
     p.add_argument("--format", default="auto", help="auto | csv | movielens-dat | movielens-100k | recbole")
     p.add_argument("--output", required=True, help="output directory")

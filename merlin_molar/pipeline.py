@@ -327,8 +327,9 @@ def recommend(
         added = [h for h, code in zip(history, codes) if code >= scored]
         if added:
             raise MolarDataError(
-                "--history", f"history {user}: item id(s) {added[:5]} were added after the {kind} model was "
-                "trained and it has no embedding for them (retrain it, or use a Molar model with extend-model)",
+                "--history", f"history {user}: item id(s) {added[:5]} were added after the {ID_MODELS[kind].title} "
+                "model was trained and it has no embedding for them (retrain it, or use a Molar model with "
+                "extend-model)",
             )
         seen = sorted(set(codes))
         candidates = rankable - len(seen)

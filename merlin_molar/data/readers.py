@@ -115,7 +115,7 @@ def validate_interactions(df: pd.DataFrame, source) -> pd.DataFrame:
         raise MolarDataError(source, f"non-numeric timestamp(s), e.g. {bad}")
     df["timestamp"] = ts.astype("int64")
     for col in ("user_id", "item_id"):
-        df[col] = _as_id(df[col])
+        df[col] = _as_id(df[col], source)
         _warn_odd_ids(df[col], col, source)
     duplicated = df.duplicated(INTERACTION_COLUMNS)
     if duplicated.any():
@@ -135,7 +135,7 @@ def validate_items(df: pd.DataFrame, source, text_columns: List[str]) -> pd.Data
     if df.empty:
         raise MolarDataError(source, "no items (empty table)")
     df = df.copy()
-    df["item_id"] = _as_id(df["item_id"])
+    df["item_id"] = _as_id(df["item_id"], source)
     dup = df["item_id"][df["item_id"].duplicated()]
     if len(dup):
         raise MolarDataError(source, f"{len(dup)} duplicate item id(s), e.g. {dup.head(3).tolist()}")
@@ -147,13 +147,24 @@ def validate_items(df: pd.DataFrame, source, text_columns: List[str]) -> pd.Data
     return df.reset_index(drop=True)
 
 
-def _as_id(col: pd.Series) -> pd.Series:
-    """Integer ids stay int64; anything else becomes a string id."""
+def _as_id(col: pd.Series, source=None) -> pd.Series:
+    """Integer ids stay int64; anything else becomes a string id. Integer ids with a few non-integer numbers
+    among them (``1.5`` in a column of ``168``, ...) are refused naming those: read as text, every id would
+    change (``168`` becoming ``'168.0'``) and match nothing in the other table."""
     if pd.api.types.is_integer_dtype(col):
         return col.astype("int64")
     numeric = pd.to_numeric(col, errors="coerce")
-    if numeric.notna().all() and (numeric == np.floor(numeric)).all():
+    whole = numeric == np.floor(numeric)
+    if numeric.notna().all() and whole.all():
         return numeric.astype("int64")
+    if pd.api.types.is_float_dtype(col) and whole.any():
+        odd = col[~whole]
+        lines = (odd.index[:5] + 2).tolist()  # the header is line 1
+        raise MolarDataError(
+            source or col.name,
+            f"{col.name}: {len(odd)} non-integer value(s) among integer ids, e.g. {odd.head(5).tolist()} (line(s) "
+            f"{lines}): ids must all be integers, or all text; fix or remove those rows",
+        )
     return col.astype(str)
 
 

@@ -229,6 +229,12 @@ def prepare(
         problem = f"no user has at least {MIN_HISTORY} interactions{after}"
         raise MolarDataError("--k-core" if after else raw.source, problem)
     claim_output_dir(output_dir, {**identity, "stage": "prepare"})
+    per_user = interactions["user_id"].value_counts()
+    short = per_user[per_user < MIN_HISTORY]
+    if len(short):
+        LOG.warning("%s: %d user(s) with fewer than %d interactions (%d rows) left out: leave-one-out needs a "
+                    "training item, a validation target and a test target per user", raw.source, len(short),
+                    MIN_HISTORY, int(short.sum()))
     interactions = interactions.assign(**{ORDER_COLUMN: np.arange(len(interactions))})
     fit_on, cold = interactions, None
     if cold_items:
@@ -264,7 +270,8 @@ def prepare(
         "source": raw.source,
         "stage": "prepare",
         "users": int(len(grouped)),
-        "interactions": int(len(interactions)),
+        "interactions": int(interactions["user_id"].isin(set(grouped["user_id"])).sum()),  # of the users kept
+        "users_left_out": {"fewer_than": MIN_HISTORY, "users": int(len(short)), "interactions": int(short.sum())},
         "items_interacted": int(len(mapping)),
         "item_cardinality": int(mapping.max() + 1),
         "items_with_content": int(items["has_content"].sum()),

@@ -93,7 +93,7 @@ def read_new_items(path, text_columns, images_dir=None, id_dtype=None) -> pd.Dat
     if not content:
         raise MolarDataError(path, f"no usable content: none of the columns {list(text_columns) + ['image']}")
     frame = frame.copy()
-    frame["item_id"] = _as_id(frame["item_id"])
+    frame["item_id"] = _as_id(frame["item_id"], path)
     if id_dtype is not None and frame["item_id"].dtype != id_dtype:
         try:
             frame["item_id"] = frame["item_id"].astype(id_dtype)
@@ -302,6 +302,12 @@ def _plan(prepared, items_path, table_dir: Path, work: Path, images_dir, batch_s
     workflow = prepared.load_workflow()
     mapping = item_id_mapping(workflow)
     frame = read_new_items(items_path, text_columns, images_dir, mapping.index.dtype)
+    catalogue_columns = list(prepared.items().columns)
+    ignored = [c for c in frame.columns if c not in ("item_id", "image", *text_columns, *catalogue_columns)]
+    if ignored:
+        LOG.warning("%s: column(s) %s ignored: the catalogue's items are embedded from %s only (to use them, "
+                    "prepare with --text-columns naming them and embed the whole catalogue again)", items_path,
+                    ignored, text_columns)
 
     # ids already present: same content -> skipped, different content -> refused
     present = frame[frame["item_id"].isin(mapping.index)]
@@ -405,7 +411,8 @@ def _stage(prepared, addition: _Addition, items_path, rows: TableRows, problems:
     items = prepared.items()
     added_rows = new.drop(columns=["item_id"]).assign(item_id_raw=new["item_id"].to_numpy(), item_id=codes,
                                                       has_content=True)
-    added_rows = added_rows[[c for c in added_rows.columns if c in items.columns or c in addition.text_columns]]
+    # the catalogue's columns and dtypes (a column the file lacks is missing, <NA>, for the new rows)
+    added_rows = added_rows.reindex(columns=items.columns).astype(items.dtypes.to_dict())
     pd.concat([items, added_rows], ignore_index=True).to_parquet(staged / "items.parquet", index=False)
 
     table = read_table_rows(addition.table_dir).appended(rows)

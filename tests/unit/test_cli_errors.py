@@ -51,6 +51,21 @@ def good(tmp_path_factory):
                            run=root / "run", model=root / "run" / "model", log=collect.messages)
 
 
+NEW_ITEM = 90001
+
+
+@pytest.fixture(scope="module")
+def added(good, tmp_path_factory):
+    """``good``'s prepared data with an item table and one item added after the SASRec model was trained."""
+    prepared = tmp_path_factory.mktemp("cli_added") / "prepared"
+    shutil.copytree(good.prepared, prepared)
+    assert main(["embed-items", "--prepared", str(prepared), "--device", "cpu"]) == 0
+    new = prepared.parent / "new.csv"
+    new.write_text(f"item_id,clean_title,year,genres\n{NEW_ITEM},The new film,2024,Drama\n")
+    assert main(["add-items", "--prepared", str(prepared), "--items", str(new)]) == 0
+    return SimpleNamespace(prepared=prepared)
+
+
 def tree_checksums(*roots) -> dict:
     out = {}
     for root in roots:
@@ -270,6 +285,11 @@ CASES = [
     Case("prepare-missing-timestamp-column",
          prepare(edited_data(lambda d: (d / "interactions.csv").write_text("user_id,item_id\n1,10\n"))),
          "interactions.csv"),
+    Case("prepare-a-non-integer-id-among-integers",
+         prepare(edited_data(lambda d: (d / "interactions.csv").write_text(
+             (d / "interactions.csv").read_text().replace("\n", "\n7,1.5,100\n", 1)))),
+         lambda g, t: f"{t / 'data' / 'interactions.csv'}: item_id: 1 non-integer value(s) among integer ids, e.g. "
+                      "[1.5] (line(s) [2])", rerun=prepare()),
     Case("prepare-item-ids-do-not-match",  # fails after the workflow ran: the rollback must remove everything
          prepare(edited_data(lambda d: (d / "items.csv").write_text("item_id,title\n99999,Nothing\n"))),
          lambda g, t: f"{t / 'data'}: no interacted item appears in the item table", rerun=prepare()),
@@ -406,6 +426,9 @@ CASES = [
                                         "--top-k", "100000"), "--top-k"),
     Case("recommend-empty-history", P("recommend", "--model-dir", MODEL, "--prepared", PREP, "--history", " , "),
          "--history"),
+    Case("recommend-sasrec-history-with-an-item-added-after-training",
+         P("recommend", "--model-dir", MODEL, "--prepared", lambda g, t: g.added.prepared, "--history",
+           f"10,{NEW_ITEM}"), f"--history: history 0: item id(s) ['{NEW_ITEM}'] were added after the SASRec model"),
     Case("recommend-unknown-raw-id", P("recommend", "--model-dir", MODEL, "--prepared", PREP, "--history", "10,999999"),
          "--history: history 0: unknown item id(s) ['999999']"),
     Case("export-other-prepared", P("export", "--model-dir", MODEL, "--prepared", OTHER, "--repository", OUT),
@@ -439,7 +462,8 @@ def test_the_table_has_at_least_40_cases():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_gives_one_line_and_changes_nothing(case, good, tmp_path, capsys):
+def test_bad_input_gives_one_line_and_changes_nothing(case, good, added, tmp_path, capsys):
+    good.added = added
     if case.name == "embed-device-cuda-index-out-of-range" and torch.cuda.device_count() > 99:
         pytest.skip("a machine with 100 GPUs")
     argv = case.argv(good, tmp_path)
@@ -574,3 +598,54 @@ def test_a_rerun_removes_what_a_killed_run_left(good, tmp_path, capsys):
     assert main(prepare()(good, tmp_path)) == 0, capsys.readouterr().err
     assert not stale.exists() and live.exists()
     assert not (out / ".lock").exists()
+
+
+# Input that works, with what a user would want to know said once (issue 31).
+def with_short_users(d: Path) -> None:
+    with open(d / "interactions.csv", "a") as f:
+        f.write("9001,10,1\n9002,20,1\n9002,30,2\n")
+
+
+def test_users_with_too_few_interactions_are_counted_not_silently_dropped(good, tmp_path, capsys, caplog):
+    data = bad_data(tmp_path, good, with_short_users)
+    assert main(["prepare", "--data", str(data), "--output", str(tmp_path / "out"), "--max-length", "20"]) == 0
+    full = tmp_path / "full"
+    assert main(["prepare", "--data", str(good.data), "--output", str(full), "--max-length", "20"]) == 0
+    out = capsys.readouterr().out
+    import json
+
+    m, f = (json.loads((p / "molar_manifest.json").read_text()) for p in (tmp_path / "out", full))
+    assert m["interactions"] == f["interactions"] and m["users"] == f["users"]  # their rows are not counted
+    assert m["users_left_out"] == {"fewer_than": 3, "users": 2, "interactions": 3}
+    assert "(2 user(s) with fewer than 3 interactions left out, 3 rows)" in out
+    assert "2 user(s) with fewer than 3 interactions (3 rows) left out" in caplog.text
+
+
+def test_add_items_says_which_columns_it_ignores_and_takes_fewer_quietly(good, added, tmp_path, capsys, caplog):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(added.prepared, prepared)
+    extra = tmp_path / "extra.csv"
+    extra.write_text("item_id,clean_title,year,genres,description\n90002,A film,2025,Drama,About things\n")
+    fewer = tmp_path / "fewer.csv"
+    fewer.write_text("item_id,clean_title\n90003,Another film\n")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no pandas FutureWarning (or any other) reaches the user
+        assert main(["add-items", "--prepared", str(prepared), "--items", str(extra)]) == 0
+        assert main(["add-items", "--prepared", str(prepared), "--items", str(fewer)]) == 0
+    assert "column(s) ['description'] ignored" in caplog.text
+    assert "Warning" not in capsys.readouterr().err
+    import pandas as pd
+
+    items = pd.read_parquet(prepared / "items.parquet")
+    assert items["year"].dtype == pd.read_parquet(good.prepared / "items.parquet")["year"].dtype
+    assert items.set_index("item_id_raw").loc[90003, "year"] is pd.NA
+
+
+def test_sasrec_recommends_old_items_after_add_items_and_evaluates(good, added, capsys):
+    argv = ["--model-dir", str(good.model), "--prepared", str(added.prepared)]
+    assert main(["recommend", *argv, "--history", "10,20", "--top-k", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert str(NEW_ITEM) not in printed and len(printed.strip().splitlines()) == 6
+    assert main(["evaluate", *argv]) == 0

@@ -77,8 +77,11 @@ def test_extended_saved_model_reloads_scores_new_items_and_recommends_them(cold,
     # this random tiny model's validation-chosen prior may keep new items out of these top-10s; a high one must not
     boosted = extend_saved_model(saved, prepared, tmp_path / "boosted", new_item_prior=3.0)
     assert set(recommend(boosted, prepared, histories, top_k=10)["item_id"]) & new_raw
-    with pytest.raises(MolarDataError, match="SASRec model has no embedding"):
-        recommend(sasrec_dir, prepared, histories[:1])
+    # an ID model recommends from the items it was trained on; a history holding an added item is refused
+    from_sasrec = recommend(sasrec_dir, prepared, histories[:2], top_k=10)
+    assert len(from_sasrec) == 20 and not set(from_sasrec["item_id"]) & new_raw
+    with pytest.raises(MolarDataError, match="added after the SASRec model was trained"):
+        recommend(sasrec_dir, prepared, [histories[0] + [sorted(new_raw)[0]]])
     with pytest.raises(MolarDataError, match="SASRec model has no embedding"):
         extend_saved_model(sasrec_dir, prepared, tmp_path / "nope")
 
