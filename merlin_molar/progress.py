@@ -18,14 +18,33 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
+class _Lines:
+    """tqdm's output for a log file: each update on a line of its own (tqdm writes carriage-return updates,
+    which a log file shows as one endless line), the same line never twice."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.last = None
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip("\n")
+        if line.strip() and line != self.last:
+            self.stream.write(line + "\n")
+            self.last = line
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress_bar(total=None, **kwargs):
-    """A tqdm bar: in place on a terminal, one line per tenth of ``total`` otherwise."""
+    """A tqdm bar: in place on a terminal, a line per tenth of ``total`` otherwise."""
     from tqdm.auto import tqdm
 
     if not interactive():
         kwargs.setdefault("mininterval", 0)
         kwargs.setdefault("miniters", max(1, (total or 0) // LINES_PER_RUN))
         kwargs.setdefault("ascii", True)
+        kwargs["file"] = _Lines(kwargs.get("file") or sys.stderr)
     return tqdm(total=total, **kwargs)
 
 

@@ -358,7 +358,7 @@ def _plan(prepared, items_path, table_dir: Path, work: Path, images_dir, batch_s
 def _embed(addition: _Addition, encoder, items_path, batch_size: int, progress: bool, max_chunks: Optional[int]):
     """``(the new rows, image problems by id)``, embedded chunk by chunk into the work directory (a re-run skips
     the finished chunks); ``(None, None)`` when ``max_chunks`` new chunks were embedded before the end."""
-    from tqdm.auto import tqdm
+    from merlin_molar.progress import progress_bar
 
     work, codes = addition.work, addition.codes
     prompts = encoder.prompts.with_columns(addition.text_columns)
@@ -366,7 +366,7 @@ def _embed(addition: _Addition, encoder, items_path, batch_size: int, progress: 
     chunks = [list(range(s, min(s + CHUNK_ITEMS, len(contents)))) for s in range(0, len(contents), CHUNK_ITEMS)]
     finished = [c for c in range(len(chunks)) if (work / f"chunk-{c:05d}.npz").exists()]
     encoded_now = 0
-    with tqdm(total=len(contents), initial=sum(len(chunks[c]) for c in finished),
+    with progress_bar(total=len(contents), initial=sum(len(chunks[c]) for c in finished),
               desc=f"add items [{encoder.kind}]", unit="item", disable=not progress) as bar:
         for c, index in enumerate(chunks):
             path = work / f"chunk-{c:05d}.npz"
@@ -428,7 +428,8 @@ def _stage(prepared, addition: _Addition, items_path, rows: TableRows, problems:
          "id_mapping_fingerprint": metadata["id_mapping_fingerprint"]}
     ]
     write_json(staged / "item_table" / METADATA_FILE, {
-        **{k: v for k, v in metadata.items() if k != "plan_sha256"},  # no longer one embedding run's product
+        # no longer one embedding run's product
+        **{k: v for k, v in metadata.items() if k not in ("plan_sha256", "table_sha256")},
         "item_cardinality": cardinality,
         "items_embedded": int(table.has_embedding.sum()),
         "items_with_image": int(table.used_image.sum()),

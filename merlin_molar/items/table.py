@@ -265,14 +265,27 @@ def _plan_digest(plan: dict) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
+# how a plan is computed (batches, chunks), not what it computes: a rerun that differs only in these reuses the table
+HOW = ("batch_size", "chunk_batches", "chunks")
+
+
+def _table_digest(plan: dict) -> str:
+    """sha256 of what decides the table's content: the plan without the batching (:data:`HOW`)."""
+    return _plan_digest({k: v for k, v in plan.items() if k not in HOW})
+
+
 def _made_by(output_path: Path, plan: dict) -> bool:
-    """Whether the finished table at ``output_path`` was written from ``plan`` (same encoder, prompts,
-    items and catalogue version), so that embedding it again would give the same table."""
+    """Whether the finished table at ``output_path`` was written from ``plan``'s encoder, prompts, items and
+    catalogue version (in batches of any size), so that embedding it again would give the same table."""
     try:
-        return read_json(output_path / METADATA_FILE).get("plan_sha256") == _plan_digest(plan) and (
-            output_path / EMBEDDINGS_FILE).is_file()
+        metadata = read_json(output_path / METADATA_FILE)
     except (OSError, ValueError):
         return False
+    if "table_sha256" in metadata:
+        same = metadata["table_sha256"] == _table_digest(plan)
+    else:  # written before the batching was told apart: only the very same plan
+        same = metadata.get("plan_sha256") == _plan_digest(plan)
+    return same and (output_path / EMBEDDINGS_FILE).is_file()
 
 
 def _differences(a: dict, b: dict) -> List[str]:
@@ -473,6 +486,7 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
         "batch_size": plan["batch_size"],
         "num_shards": num_shards,
         "plan_sha256": _plan_digest(plan),
+        "table_sha256": _table_digest(plan),
     }
     if problems:
         message = (

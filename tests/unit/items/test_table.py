@@ -131,11 +131,13 @@ def test_a_finished_table_of_the_same_plan_is_reused_not_encoded_again(tmp_path,
     before = table_bytes(out)
     again = run(small_prepared, CrashingEncoder(minilm, calls=0), out)  # would raise if it encoded anything
     assert again.reused and again.complete and again.items_encoded == 0 and table_bytes(out) == before
-    # another plan (here the batch size) or resume=False embeds anew, replacing the table atomically
-    assert not run(small_prepared, minilm, out, batch_size=8).reused
-    assert read_table_metadata(out)["batch_size"] == 8
-    forced = run(small_prepared, minilm, out, resume=False)
+    # another batch size computes the same table: reused too (issue 31: a rerun with only --batch-size changed)
+    other_batches = run(small_prepared, CrashingEncoder(minilm, calls=0), out, batch_size=8)
+    assert other_batches.reused and other_batches.items_encoded == 0 and table_bytes(out) == before
+    # resume=False embeds anew, replacing the table atomically
+    forced = run(small_prepared, minilm, out, resume=False, batch_size=8)
     assert not forced.reused and forced.items_encoded == 40 and table_bytes(out) == before
+    assert read_table_metadata(out)["batch_size"] == 8
 
 
 def test_a_finished_table_is_not_reused_after_the_item_text_or_the_encoder_weights_change(
