@@ -12,6 +12,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -34,6 +35,7 @@ class RawDataset:
     items: pd.DataFrame
     source: str
     text_columns: List[str] = field(default_factory=list)
+    identifier_columns: List[str] = field(default_factory=list)  # kept out of the default text (codes, urls)
 
     @property
     def has_images(self) -> bool:
@@ -111,8 +113,7 @@ def validate_interactions(df: pd.DataFrame, source) -> pd.DataFrame:
             raise MolarDataError(source, f"{int(df[col].isna().sum())} rows have an empty {col}")
     ts = pd.to_numeric(df["timestamp"], errors="coerce")
     if ts.isna().any():
-        bad = df.loc[ts.isna(), "timestamp"].head(3).tolist()
-        raise MolarDataError(source, f"non-numeric timestamp(s), e.g. {bad}")
+        ts = _timestamps_from_dates(df["timestamp"], ts, source)
     df["timestamp"] = ts.astype("int64")
     for col in ("user_id", "item_id"):
         df[col] = _as_id(df[col], source)
@@ -127,6 +128,29 @@ def validate_interactions(df: pd.DataFrame, source) -> pd.DataFrame:
         )
         df = df[~duplicated]
     return df.reset_index(drop=True)
+
+
+def _timestamps_from_dates(col: pd.Series, numeric: pd.Series, source) -> pd.Series:
+    """Dates and times (ISO 8601, as most exported logs write them: ``2024-03-01T12:30:00Z``; no zone = UTC)
+    as integer seconds since 1970, or nanoseconds when some carry fractions of a second (only the order
+    matters). Numbers and dates mixed, or values that are neither, are refused by example."""
+    if numeric.notna().any():
+        bad = col[numeric.isna()].head(3).tolist()
+        raise MolarDataError(source, f"timestamp: numbers mixed with non-numbers, e.g. {bad}: use one kind")
+    text = col.astype(str).str.strip()
+    # parsed apart: in one call pandas gives naive values the zone of the zoned ones (pandas 2.3)
+    zoned = text.str.contains(r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$", case=False)
+    dates = pd.Series(pd.NaT, index=col.index, dtype="datetime64[ns, UTC]")
+    for part in (zoned, ~zoned):
+        if part.any():
+            dates[part] = pd.to_datetime(text[part], errors="coerce", utc=True, format="ISO8601")
+    if dates.isna().any():
+        bad = col[dates.isna()].head(3).tolist()
+        raise MolarDataError(source, f"timestamp: {int(dates.isna().sum())} value(s) neither a number nor an "
+                                     f"ISO 8601 date, e.g. {bad}")
+    nanoseconds = (dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ns")
+    whole_seconds = (nanoseconds % 10**9 == 0).all()
+    return nanoseconds // 10**9 if whole_seconds else nanoseconds
 
 
 def validate_items(df: pd.DataFrame, source, text_columns: List[str]) -> pd.DataFrame:
@@ -186,13 +210,38 @@ def read_csv_layout(root: Path) -> RawDataset:
     items_path = _require_file(root / "items.csv")
     interactions = validate_interactions(_read_csv(inter_path), inter_path)
     items = _read_csv(items_path, keep_default_na=False, na_values={"image": [""]})
-    # every column but the id and the image is item text, in file order (numbers too: "price: 12.99")
-    text = [c for c in items.columns if c not in ("item_id", "image")]
+    # every column but the id, the image and identifiers is item text, in file order (numbers too: "price: 12.99")
+    text, identifiers = _without_identifiers(items, [c for c in items.columns if c not in ("item_id", "image")])
     if "clean_title" in text and "title" in text:
         text.remove("title")  # MovieLens: the clean title without the year; the year is its own field
     items = _text_as_strings(items, text)
     items = validate_items(items, items_path, text)
-    return RawDataset(interactions, _resolve_images(items, root), str(root), text)
+    return RawDataset(interactions, _resolve_images(items, root), str(root), text, identifiers)
+
+
+IDENTIFIER_NAME = re.compile(r"(^|_)(id|asin|sku|isbn|ean|upc|uuid|guid|url|uri)$", re.IGNORECASE)
+
+
+def _looks_like_identifier(col: pd.Series) -> bool:
+    """A distinct value per item that names it rather than describes it: by its column name (``asin``,
+    ``imdb_id``, ``url``, ...), or as text with no blank in it and a digit in every value (``B00004Z5M1``)."""
+    values = col.dropna()
+    if len(values) < 2 or values.nunique() != len(values):
+        return False
+    if IDENTIFIER_NAME.search(str(col.name)):
+        return True
+    if pd.api.types.is_numeric_dtype(values):
+        return False
+    text = values.astype(str)
+    return not text.str.contains(r"\s").any() and text.str.contains(r"\d").all()
+
+
+def _without_identifiers(items: pd.DataFrame, columns: List[str]):
+    """``(text columns, identifier columns)``: ``columns`` split; all of them stay text if all look like ids."""
+    identifiers = [c for c in columns if _looks_like_identifier(items[c])]
+    if len(identifiers) == len(columns):
+        return list(columns), []
+    return [c for c in columns if c not in identifiers], identifiers
 
 
 def read_movielens_dat(root: Path) -> RawDataset:
@@ -340,11 +389,15 @@ def read_table(
     column_map = column_map or {}
     inter = _read_any(interactions).rename(columns=column_map)
     item_df = _read_any(items).rename(columns=column_map)
-    text = text_columns or [c for c in item_df.columns if c not in ("item_id", "image") and item_df[c].dtype == object]
+    text, identifiers = text_columns, []
+    if not text:
+        text, identifiers = _without_identifiers(
+            item_df, [c for c in item_df.columns if c not in ("item_id", "image") and item_df[c].dtype == object])
     item_df = validate_items(item_df, items, text)
     if image_root is not None or "image" in item_df:
         item_df = _resolve_images(item_df, image_root or items.parent)
-    return RawDataset(validate_interactions(inter, interactions), item_df, str(interactions.parent), text)
+    return RawDataset(validate_interactions(inter, interactions), item_df, str(interactions.parent), text,
+                      identifiers)
 
 
 def _read_any(path: Path) -> pd.DataFrame:
@@ -368,8 +421,13 @@ _DETECTORS: List[tuple] = [
 
 def read_dataset(path, fmt: str = "auto", text_columns: Optional[Sequence[str]] = None) -> RawDataset:
     """Read a dataset directory in one of the supported layouts (``auto`` detects it). The item text is
-    every text column of the item table unless ``text_columns`` names the columns to use."""
-    return select_text_columns(_read_layout(path, fmt), text_columns)
+    every text column of the item table but identifiers (codes, urls: a warning names them) unless
+    ``text_columns`` names the columns to use."""
+    raw = _read_layout(path, fmt)
+    if not text_columns and raw.identifier_columns:
+        LOG.warning("%s: column(s) %s look like identifiers (a distinct code per item) and are left out of the "
+                    "item text; name them in --text-columns to embed them", raw.source, raw.identifier_columns)
+    return select_text_columns(raw, text_columns)
 
 
 def _read_layout(path, fmt: str) -> RawDataset:

@@ -290,6 +290,10 @@ CASES = [
              (d / "interactions.csv").read_text().replace("\n", "\n7,1.5,100\n", 1)))),
          lambda g, t: f"{t / 'data' / 'interactions.csv'}: item_id: 1 non-integer value(s) among integer ids, e.g. "
                       "[1.5] (line(s) [2])", rerun=prepare()),
+    Case("prepare-timestamps-neither-numbers-nor-dates",
+         prepare(edited_data(lambda d: (d / "interactions.csv").write_text(
+             "user_id,item_id,timestamp\n1,10,2024-03-01T10:00:00Z\n1,20,yesterday\n1,30,2024-03-02\n"))),
+         "timestamp: 1 value(s) neither a number nor an ISO 8601 date, e.g. ['yesterday']", rerun=prepare()),
     Case("prepare-item-ids-do-not-match",  # fails after the workflow ran: the rollback must remove everything
          prepare(edited_data(lambda d: (d / "items.csv").write_text("item_id,title\n99999,Nothing\n"))),
          lambda g, t: f"{t / 'data'}: no interacted item appears in the item table", rerun=prepare()),

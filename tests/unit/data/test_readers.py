@@ -81,7 +81,10 @@ def test_generic_table_with_column_map(tmp_path):
     [
         (lambda i, t: (i.drop(columns=["timestamp"]), t), "missing column(s) ['timestamp']"),
         (lambda i, t: (i.iloc[:0], t), "empty table"),
-        (lambda i, t: (i.assign(timestamp=["x", 1, 2]), t), "non-numeric timestamp"),
+        (lambda i, t: (i.assign(timestamp=["x", 1, 2]), t), "timestamp: numbers mixed with non-numbers, e.g. ['x']"),
+        (lambda i, t: (i.assign(timestamp=["2024-03-01", "soon", "2024-03-02"]), t),
+         "timestamp: 1 value(s) neither a number nor an ISO 8601 date, e.g. ['soon']"),
+        (lambda i, t: (i.assign(item_id=[10, 1.5, 10]), t), "item_id: 1 non-integer value(s) among integer ids"),
         (lambda i, t: (i, pd.concat([t, t])), "duplicate item id"),
         (lambda i, t: (i, t[["item_id"]]), "no content columns"),
     ],
@@ -150,3 +153,30 @@ def test_prompt_names_every_field(tmp_path):
     builder = ItemPromptBuilder(text_columns=raw.text_columns)
     lamp = builder.items_from_frame(raw.items.assign(item_id=[1, 2]))[0]
     assert builder.item_text(lamp) == "title: Lamp; brand: Lumo; attributes: colour: white | LED; price: 12.5"
+
+
+def test_iso_8601_timestamps_are_read_as_seconds_in_the_same_order(tmp_path):
+    """Most exported logs write dates (issue 30): they are parsed (no zone = UTC), to seconds since 1970."""
+    dates = ["2024-03-01T12:30:00Z", "2024-03-01 13:30:00+02:00", "2024-03-01T12:29:59"]
+    inter = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 11, 10], "timestamp": dates})
+    raw = read_dataset(write_csv_layout(tmp_path / "d", inter))
+    assert raw.interactions["timestamp"].tolist() == [1709296200, 1709292600, 1709296199]
+    fractions = inter.assign(timestamp=["2024-03-01T12:30:00.5Z", "2024-03-01T12:30:00.25+00:00", "2024-03-01"])
+    ts = read_dataset(write_csv_layout(tmp_path / "f", fractions)).interactions["timestamp"].tolist()
+    assert ts == [1709296200_500_000_000, 1709296200_250_000_000, 1709251200_000_000_000]  # fractions: ns
+
+
+def test_identifier_columns_stay_out_of_the_default_text_with_a_warning(tmp_path, caplog):
+    items = pd.DataFrame({"item_id": [10, 11, 12], "asin": ["B00004Z5M1", "B00005JKZY", "B0000AQS0F"],
+                          "sku": ["lamp", "mug", "desk"], "title": ["Lamp", "Mug", "Desk"],
+                          "code": ["X1-9", "Y2-8", "Z3-7"], "genres": ["Home", "Kitchen", "Home"]})
+    inter = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 11, 12], "timestamp": [5, 6, 7]})
+    root = write_csv_layout(tmp_path / "d", inter, items)
+    raw = read_dataset(root)
+    assert raw.text_columns == ["title", "genres"] and raw.identifier_columns == ["asin", "sku", "code"]
+    assert "column(s) ['asin', 'sku', 'code'] look like identifiers" in caplog.text
+    caplog.clear()
+    assert read_dataset(root, text_columns=["title", "asin"]).text_columns == ["title", "asin"]  # asked for
+    assert "identifiers" not in caplog.text
+    only_codes = items[["item_id", "asin"]]
+    assert read_dataset(write_csv_layout(tmp_path / "o", inter, only_codes)).text_columns == ["asin"]
