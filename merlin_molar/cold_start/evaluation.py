@@ -24,6 +24,7 @@ from merlin_molar.data.holdout import COLD_ITEMS_FILE, COLD_TARGETS_FILE
 from merlin_molar.errors import MolarDataError
 from merlin_molar.ids import ITEM_SEQUENCE, OOV_ID
 from merlin_molar.models.catalogue import trained_cardinality
+from merlin_molar.progress import progress_bar
 
 
 def cold_test_split(prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,8 +78,6 @@ def warm_cost_tradeoff(
     The offsets are swept on the test split, so every point is an oracle choice: this is a measurement of the
     frontier each scorer can reach, never a way to set the prior (:func:`estimate_new_item_prior` does that on
     validation data)."""
-    from tqdm.auto import tqdm
-
     from merlin_molar.evaluation import mask_seen_items, reference_metrics
 
     histories, targets, is_cold = cold_test_split(prepared)
@@ -89,8 +88,9 @@ def warm_cost_tradeoff(
     for name, scorer in scorers.items():
         cold_hits, warm_ndcg, warm_ndcg_old = np.zeros(len(offsets)), np.zeros(len(offsets)), 0.0
         rank_among_new = []  # each cold target's rank among the new items alone (no offset moves it)
-        for start in tqdm(range(0, len(targets), batch_size), desc=f"warm-cost trade-off [{name}]",
-                          disable=not progress):
+        starts = range(0, len(targets), batch_size)
+        for start in progress_bar(len(starts), iterable=starts, desc=f"warm-cost trade-off [{name}]",
+                                  disable=not progress):
             h, t = histories[start : start + batch_size], targets[start : start + batch_size]
             cold = is_cold[start : start + batch_size]
             scores = mask_seen_items(scorer(h)[:, :width].float(), h, t)
@@ -133,8 +133,6 @@ def evaluate_cold_start(
     (the target never); ``hits@K`` counts the users whose target is in their top K. With ``known_items``
     (the catalogue size before the new items), each group also reports ``new_item_share@10``: the fraction
     of its top-10 slots taken by new items."""
-    from tqdm.auto import tqdm
-
     from merlin_molar.evaluation import mask_seen_items, reference_metrics
 
     histories, targets, is_cold = cold_test_split(prepared)
@@ -144,7 +142,8 @@ def evaluate_cold_start(
     results = {}
     for name, scorer in scorers.items():
         per_user: Dict[str, list] = {}
-        for start in tqdm(range(0, len(targets), batch_size), desc=f"cold-start eval [{name}]", disable=not progress):
+        starts = range(0, len(targets), batch_size)
+        for start in progress_bar(len(starts), iterable=starts, desc=f"cold-start eval [{name}]", disable=not progress):
             h, t = histories[start : start + batch_size], targets[start : start + batch_size]
             scores = scorer(h)
             if scores.size(1) != width:
