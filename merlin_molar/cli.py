@@ -306,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("embed-items", cmd_embed_items, "MIRM: embed the item catalogue into the item feature table")
     p.add_argument("--prepared", required=True, help="directory written by `prepare`")
-    p.add_argument("--encoder", help="local path or hub id of the item encoder (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--kind", choices=["sentence", "text-llm", "vlm"], help="default: detected")
+    p.add_argument("--encoder", help="the item encoder: minilm (default: the packaged all-MiniLM-L6-v2), smollm2 (the "
+                   "packaged SmolLM2-135M-Instruct read the paper's way: hidden state at [Cur_Item]), "
+                   "efficientnet-lite0 (the posters alone), TEXT+IMAGE to join a text and an image encoder (e.g. "
+                   "minilm+efficientnet-lite0), or a local model directory, GGUF file or hub id")
+    p.add_argument("--kind", choices=["sentence", "text-llm", "vlm", "image", "multimodal"], help="default: detected")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--output", help="table directory (default: PREPARED/item_table)")
     p.add_argument("--batch-size", type=int, default=32)

@@ -127,11 +127,29 @@ def _hub_id_like(value: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", value) is not None and ".." not in value
 
 
+PACKAGED_ENCODERS = ("minilm", "smollm2", "efficientnet-lite0")  # items.encoders.PACKAGED (kept light)
+MODEL_FILE_SUFFIXES = (".gguf", ".pth")  # a decoder LLM in one GGUF file, EfficientNet-Lite0 weights
+
+
 def check_model_path(value: Optional[str], option: str) -> None:
-    """A local model directory (with config.json, modules.json or molar_stage1.json) or a hub id."""
+    """A packaged encoder name, a local model directory (with config.json, modules.json or molar_stage1.json),
+    a GGUF / .pth model file, a hub id, or ``TEXT+IMAGE`` (two of those)."""
     if value is None:
         return
+    if "+" in str(value) and not Path(os.path.expanduser(str(value))).exists():
+        parts = str(value).split("+", 1)
+        if not all(parts):
+            raise MolarDataError(option, f"{value}: expected TEXT+IMAGE, e.g. minilm+efficientnet-lite0")
+        for part in parts:
+            check_model_path(part, option)
+        return
+    if str(value) in PACKAGED_ENCODERS:
+        return
     path = Path(os.path.expanduser(str(value)))
+    if path.suffix in MODEL_FILE_SUFFIXES:
+        if not path.is_file():
+            raise MolarDataError(option, f"{value}: file not found")
+        return
     if path.exists():
         if not path.is_dir():
             raise MolarDataError(option, f"{value} is a file; expected a model directory (with config.json)")

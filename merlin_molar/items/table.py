@@ -80,11 +80,15 @@ def catalogue_items(prepared, encoder: ItemEncoder) -> Tuple[List[ItemContent], 
     # an item with a row but neither text nor an image is treated (and reported) like one without a row:
     # the same warning with raw ids, whether one item or half the catalogue lacks content
     # an image counts only for an encoder that reads images, and only if it can be read
-    columns = [c for c in prompts.text_columns if c in frame]
+    # an image-only encoder: an item is its image (no image: no content; an unreadable one stops the run in
+    # the encoder's lengths(), before anything is encoded)
+    columns = [c for c in prompts.text_columns if c in frame] if encoder.reads_text else []
     has_any = frame["has_content"] & False
     if columns:
         has_any = frame[columns].apply(lambda col: col.map(_present)).any(axis=1)
-    if "image" in frame and encoder.uses_images:
+    if "image" in frame and not encoder.reads_text:
+        has_any = frame["image"].map(_present)
+    elif "image" in frame and encoder.uses_images:
         from merlin_molar.items.images import load_image
 
         image_only = frame["has_content"] & ~has_any & frame["image"].map(_present)
@@ -95,7 +99,10 @@ def catalogue_items(prepared, encoder: ItemEncoder) -> Tuple[List[ItemContent], 
         raw[~usable], len(frame), source, "have no content (no item-table row, or neither text nor image)"
     )
     no_content = sorted(int(i) for i in frame.loc[~usable, "item_id"])
-    return prompts.items_from_frame(frame[usable], source), no_content, prompts
+    items = prompts.items_from_frame(frame[usable], source)
+    if not encoder.reads_text:  # its text fields do not reach the encoder: keep them out of the plan's digest
+        items = [ItemContent(item.item_id, (), item.image) for item in items]
+    return items, no_content, prompts
 
 
 def encode_items(
@@ -224,7 +231,7 @@ def _plan(prepared, encoder, items, no_content, prompts, batch_size: int, chunk_
         "chunks": [ids[i : i + chunk] for i in range(0, len(ids), chunk)],
         # what the ids and names above do not show: the items' text and images, and the encoder's weights
         "content_sha256": _content_digest(items, encoder.uses_images),
-        "weights": _files_identity(encoder.describe().get("name_or_path")),
+        "weights": _weights_identity(encoder.describe()),
     }
 
 
@@ -244,6 +251,13 @@ def _content_digest(items: Sequence[ItemContent], uses_images: bool) -> str:
             image = [item.image, *(_file_stamp(path) if uses_images and path.is_file() else [])]
         h.update(json.dumps([item.item_id, item.fields, image]).encode())
     return h.hexdigest()
+
+
+def _weights_identity(described: dict):
+    """:func:`_files_identity` of the encoder's model (of both, for a text+image encoder)."""
+    if described.get("kind") == "multimodal":
+        return [_files_identity(described[part].get("name_or_path")) for part in ("text", "image")]
+    return _files_identity(described.get("name_or_path"))
 
 
 def _files_identity(name_or_path) -> Optional[str]:
@@ -477,7 +491,7 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
         "items_embedded": int(has_embedding.sum()),
         "items_with_image": int(used_image.sum()),
         "zero_rows": [int(i) for i in np.flatnonzero(~has_embedding)],
-        "encoder_reads_images": bool(plan["encoder"]["kind"] == "vlm"),
+        "encoder_reads_images": bool(plan["encoder"].get("uses_images", plan["encoder"]["kind"] == "vlm")),
         "no_content_ids": plan["no_content_ids"],
         "missing_image_count": len(problems),
         "missing_image_ids": sorted(problems),
