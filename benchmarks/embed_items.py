@@ -10,6 +10,11 @@ Rows (``--device cpu``, the default):
 * ``tiny_qwen2_vl``: a tiny randomly initialised Qwen2-VL (real processor, real 224-px posters) over the
   first ``--vlm-items`` catalogue items, so the VLM path is exercised by the benchmark.
 
+``--encoders smollm2,efficientnet-lite0,...`` measures only the named item encoders instead (the ``embed-items
+--encoder`` names): each one embeds the prepared catalogue through :func:`merlin_molar.pipeline.embed_item_table`
+(what the CLI runs) into ``PREPARED/item_table_<name>``, kept for the quality runs, with the time to load the
+encoder and the time per item of the embedding itself (planning, image checks, encoding, table write).
+
 ``--device cuda`` adds ``qwen2_vl_2b_random``: a randomly initialised model with Qwen2-VL-2B's shapes
 (28 layers, hidden 1536, vision depth 32, embed 1280) in bf16 with SDPA on 224-px posters + the item text,
 reporting items/s and model FLOP utilisation (MFU = model FLOPs / time / peak bf16 dense FLOP/s of the GPU).
@@ -18,6 +23,8 @@ Model FLOPs per batch: 2 x (vision params x patches + language-model non-embeddi
 causal). The tokenizer is a byte-level BPE trained here (no hub access), so token counts are reported.
 
     nice -n 10 .venv/bin/python benchmarks/embed_items.py --table-out outputs/p1m/item_table
+    python benchmarks/embed_items.py --prepared outputs/quality/ml-1m/prepared_L50 \
+        --encoders efficientnet-lite0,minilm+efficientnet-lite0,smollm2,smollm2+efficientnet-lite0
     python benchmarks/embed_items.py --device cuda --skip-cpu-rows     # on a GPU machine
 """
 from __future__ import annotations
@@ -118,6 +125,28 @@ def vlm_row(name, path, items, batch_size, device, image_size, peak=None):
     return row
 
 
+def encoder_row(name: str, prepared, batch_size: int, device: str) -> dict:
+    """One ``embed-items --encoder NAME`` over ``prepared``'s catalogue, timed."""
+    from merlin_molar.items import read_table_metadata
+    from merlin_molar.pipeline import embed_item_table
+
+    output = prepared.root / f"item_table_{name}"
+    details = {}
+    start = time.perf_counter()
+    embed_item_table(prepared, output, encoder=name, details=details, batch_size=batch_size, device=device,
+                     resume=False)
+    total = time.perf_counter() - start
+    result = details["result"]
+    meta = read_table_metadata(output)
+    return {
+        "row": f"{name}_item_table", "encoder": name, "device": device, "items": result.items_encoded,
+        "batch_size": batch_size, "load_seconds": round(total - result.seconds, 1),
+        "seconds": round(result.seconds, 1), "seconds_per_item": round(result.seconds / result.items_encoded, 4),
+        "items_per_s": round(result.items_encoded / result.seconds, 2), "dim": meta["dim"],
+        "items_with_image": meta["items_with_image"], "zero_rows": len(meta["zero_rows"]), "table": str(output),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(data_dir("ml-1m")))
@@ -131,9 +160,27 @@ def main():
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--skip-cpu-rows", action="store_true", help="only the GPU row")
+    parser.add_argument("--encoders", default=None,
+                        help="comma-separated embed-items --encoder names: time only these, over --prepared")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     measured_on = machine()  # load average at the start; write_result adds the one at the end
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.encoders:
+        prepared = load_prepared(args.prepared)
+        rows = [encoder_row(name.strip(), prepared, args.batch_size, args.device)
+                for name in args.encoders.split(",") if name.strip()]
+        print(table(rows, ["row", "items", "load_seconds", "seconds", "seconds_per_item", "dim", "items_with_image"]))
+        path = write_result(
+            args.output or RESULTS_DIR / "embed_items_pretrained.json",
+            {"benchmark": "embed_items", "command": command_line(), "date": now(), "git_commit": git_commit(),
+             "machine": measured_on, "prepared": str(args.prepared), "threads": args.threads, "rows": rows},
+        )
+        print(f"wrote {path}")
+        return
 
     raw, items = catalogue(Path(args.data))
     rows = []

@@ -628,6 +628,8 @@ class ImageEncoder(ItemEncoder):
 
         for item in items:
             self._require_image(item)
+            if not Path(item.image).is_file():
+                raise MolarDataError(item.image, "image file not found")
             try:
                 with Image.open(item.image) as image:
                     image.verify()

@@ -7,6 +7,7 @@ config of any size. Everything is saved with ``save_pretrained`` so encoders loa
 
     >>> from merlin_molar.items.testing import save_random_backbone
     >>> path = save_random_backbone("/tmp/tiny-qwen2-vl", "qwen2_vl", corpus=["Toy Story (1995)"])  # doctest: +SKIP
+    >>> bad = save_tiny_gguf("/tmp/clip.gguf", "clip")  # a GGUF file of an architecture transformers cannot load
 """
 from __future__ import annotations
 
@@ -146,4 +147,25 @@ def save_random_backbone(
             model = AutoModelForCausalLM.from_config(config, **build)
         tokenizer.save_pretrained(str(path))
     model.save_pretrained(str(path))
+    return path
+
+
+def save_tiny_gguf(path, architecture: str = "llama", context_length: int = 64) -> Path:
+    """A GGUF file with ``architecture``'s header keys and one small tensor (no tokenizer): enough for
+    transformers to read its config, for tests of how a GGUF file of the wrong kind, or a damaged one, is told."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_tensor("token_embd.weight", np.ones((100, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path

