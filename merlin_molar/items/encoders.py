@@ -607,6 +607,9 @@ class ImageEncoder(ItemEncoder):
     kind = "image"
     uses_images = True
     reads_text = False
+    # images per forward pass on CPU: channels-last batches of 4 ran 1.5-2x faster per image than batches of
+    # 32 at 1 thread here (their 112-px feature maps stay in cache); the vectors do not depend on it
+    cpu_step = 4
 
     def __init__(self, name_or_path=None, prompts: Optional[ItemPromptBuilder] = None, device: Optional[str] = None,
                  dtype=None, image_size: int = 224):
@@ -661,9 +664,15 @@ class ImageEncoder(ItemEncoder):
         return PreparedBatch(self.pixels(items), np.ones(len(items), dtype=bool))
 
     def forward(self, batch: PreparedBatch) -> EncodedBatch:
-        with self._torch.inference_mode():
-            features = self.model.extract_features(batch.inputs.to(self.device)).mean((2, 3))
-        return EncodedBatch(features.float().cpu().numpy(), batch.used_image)
+        torch = self._torch
+        step = len(batch.inputs) if str(self.device).startswith("cuda") else self.cpu_step
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(batch.inputs), max(1, step)):
+                x = batch.inputs[start : start + step].to(self.device).contiguous(memory_format=torch.channels_last)
+                parts.append(self.model.extract_features(x).mean((2, 3)).float().cpu())
+        features = torch.cat(parts) if parts else torch.zeros(0, self.dim)
+        return EncodedBatch(features.numpy(), batch.used_image)
 
     def describe(self) -> Dict[str, object]:
         return {
@@ -760,8 +769,9 @@ class MultimodalEncoder(ItemEncoder):
             "fusion": self.fusion,
             "missing_image": "zeros in the image part (embedded from the text)",
             "uses_images": True,
-            "text": self.text.describe(),
-            "image": self.image.describe(),
+            # the parts without their prompts: this encoder's own (above the parts) are the ones used
+            "text": {k: v for k, v in self.text.describe().items() if k != "prompts"},
+            "image": {k: v for k, v in self.image.describe().items() if k != "prompts"},
             "prompts": self.prompts.describe(),
         }
 

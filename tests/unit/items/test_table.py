@@ -257,3 +257,55 @@ def test_torchrun_shard_reads_rank_and_world_size(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert torchrun_shard() == (3, 8)
+
+
+# --- the pretrained image encoder and the text + image join -----------------------------------------------
+
+def _no_poster_ids(prepared):
+    items = prepared.items()
+    return sorted(int(i) for i in items.loc[items["image"].isna(), "item_id"])
+
+
+def test_image_encoder_table_leaves_items_without_a_poster_as_zero_rows(tmp_path, small_prepared_some_posters,
+                                                                        efficientnet):
+    out = tmp_path / "image_table"
+    run(small_prepared_some_posters, efficientnet, out)
+    meta = read_table_metadata(out)
+    no_poster = _no_poster_ids(small_prepared_some_posters)
+    assert len(no_poster) == 2 and meta["no_content_ids"] == no_poster and meta["missing_image_count"] == 0
+    assert meta["zero_rows"] == [0, 1, 2, *no_poster] and meta["items_with_image"] == 38
+    assert meta["encoder_reads_images"] and meta["encoder"]["kind"] == "image" and meta["dim"] == 1280
+    table = load_item_table(out, small_prepared_some_posters)
+    assert not table[no_poster].any() and bool((table[3:].abs().sum(1) > 0).sum() == 38)
+
+
+def test_multimodal_table_embeds_items_without_a_poster_from_their_text(tmp_path, small_prepared_some_posters,
+                                                                        minilm_efficientnet):
+    from merlin_molar.items.add_items import _check_encoder
+
+    out = tmp_path / "mm_table"
+    run(small_prepared_some_posters, minilm_efficientnet, out)
+    meta = read_table_metadata(out)
+    no_poster = _no_poster_ids(small_prepared_some_posters)
+    assert meta["zero_rows"] == [0, 1, 2] and meta["items_with_image"] == 38 and meta["dim"] == 1664
+    used = pq.read_table(out / EMBEDDINGS_FILE).column("used_image").to_numpy(zero_copy_only=False)
+    assert not used[no_poster].any() and used[3:].sum() == 38
+    table = load_item_table(out, small_prepared_some_posters)
+    assert not table[no_poster, 384:].any() and bool(table[no_poster, :384].abs().sum(1).gt(0).all())
+    rebuilt = _check_encoder(meta, None, out)  # add-items rebuilds the same encoder from the metadata
+    assert rebuilt.describe() == {k: v for k, v in meta["encoder"].items()}
+    assert _check_encoder(meta, "minilm+efficientnet-lite0", out).dim == 1664
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "minilm+efficientnet-lite0"])
+def test_an_unreadable_poster_stops_the_run_before_anything_is_written(tmp_path, small_prepared, name, capsys,
+                                                                       broken_images):
+    from merlin_molar.cli import main
+
+    out = tmp_path / "table"
+    assert main(["embed-items", "--prepared", str(small_prepared.root), "--output", str(out), "--encoder", name,
+                 "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("merlin-molar embed-items: error: ")
+    assert broken_images["missing"] in lines[0] or broken_images["corrupt"] in lines[0]
+    assert not out.exists() and not out.with_name("table.work").exists()
