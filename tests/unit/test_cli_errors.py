@@ -258,6 +258,24 @@ def encoder_dir(files: dict):
     return make
 
 
+def gguf_file(name: str, architecture: str = "llama", keep: float = 1.0):
+    """A tiny GGUF file of ``architecture``, cut to the first ``keep`` of its bytes."""
+    def make(g, t):
+        from merlin_molar.items.testing import save_tiny_gguf
+
+        path = save_tiny_gguf(t / name, architecture)
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * keep)])
+        return path
+    return make
+
+
+def other_network_weights(g, t):
+    path = t / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+    return path
+
+
 NOT_UTF8 = "user_id,item_id,timestamp\n1,10,100\n2,20,200\n".encode() + b"\xff\xfe\x00\x81bad,\xe9\xe8,3\n"
 CASES = [
     # prepare: option ranges, inputs, outputs, config files
@@ -368,6 +386,19 @@ CASES = [
          "--shard-index"),
     Case("embed-output-is-a-file", P("embed-items", "--prepared", PREP, "--output", a_file), "--output"),
     Case("embed-unknown-kind", P("embed-items", "--prepared", PREP, "--output", OUT, "--kind", "audio"), "--kind"),
+    Case("embed-truncated-gguf", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",
+                                   gguf_file("cut.gguf", keep=0.6)), "cut.gguf: truncated or damaged GGUF file"),
+    Case("embed-gguf-of-another-architecture", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",
+                                                 gguf_file("clip.gguf", "clip")), "clip.gguf: architecture 'clip'"),
+    Case("embed-gguf-that-is-not-gguf", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",
+                                          with_file("model.gguf", b"\x00" * 64)), "model.gguf: not a GGUF file"),
+    Case("embed-missing-gguf", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",
+                                 lambda g, t: t / "none.gguf"), "none.gguf: file not found"),
+    Case("embed-weights-of-another-network", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",
+                                               other_network_weights), "resnet.pth: not EfficientNet-Lite0 weights"),
+    Case("embed-text-and-image-without-the-image",
+         P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder", "minilm+"),
+         "--encoder: minilm+: expected TEXT+IMAGE"),
     Case("finetune-missing-base-model", P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model",
                                           lambda g, t: t / "no-such-llm"), "--base-model"),
     Case("finetune-base-model-is-a-file", P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model",
