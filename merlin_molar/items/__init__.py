@@ -7,12 +7,15 @@ built.
     >>> from merlin_molar.items import build_encoder, embed_catalogue, load_item_table
     >>> prepared = load_prepared("/tmp/p1m")                                  # doctest: +SKIP
     >>> encoder = build_encoder()  # packaged all-MiniLM-L6-v2; or a Qwen2-VL path / a stage-1 output
+    >>> encoder = build_encoder("smollm2+efficientnet-lite0")  # SmolLM2 text + EfficientNet posters  # doctest: +SKIP
     >>> embed_catalogue(prepared, encoder, "/tmp/p1m/item_table")              # doctest: +SKIP
     >>> table = load_item_table("/tmp/p1m/item_table", prepared)  # torch [item_cardinality, dim]
 """
 from merlin_molar.items.encoders import (  # noqa: F401
     EncodedBatch,
+    ImageEncoder,
     ItemEncoder,
+    MultimodalEncoder,
     PreparedBatch,
     SentenceEncoder,
     TextLLMEncoder,
