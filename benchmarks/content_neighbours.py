@@ -85,11 +85,15 @@ def sequel_at_1(table: torch.Tensor, partners: dict) -> dict:
 
 
 def knn_test(table: torch.Tensor, prepared) -> dict:
-    from merlin_molar.cold_start import _histories_and_targets
     from merlin_molar.data.workflow import ITEM_SEQUENCE
 
     test = prepared.split_frame("test")
-    histories, targets = _histories_and_targets([np.asarray(s) for s in test[ITEM_SEQUENCE]], prepared.max_length)
+    sequences = [np.asarray(s, dtype=np.int64) for s in test[ITEM_SEQUENCE]]
+    histories = torch.zeros(len(sequences), prepared.max_length, dtype=torch.long)
+    for row, sequence in enumerate(sequences):  # the last item is the target
+        history = torch.from_numpy(sequence[:-1][-prepared.max_length:].copy())
+        histories[row, : len(history)] = history
+    targets = torch.tensor([int(s[-1]) for s in sequences])
     normed = torch.nn.functional.normalize(table.float(), dim=1)
     totals = {}
     for start in range(0, len(targets), 1024):
