@@ -332,6 +332,8 @@ def check_command(args) -> None:
     model_dir = getattr(args, "model_dir", None)
     if model_dir is not None:
         check_existing(model_dir, "--model-dir", "molar_model.json")
+    if command == "finetune-items" and args.base_model is not None:
+        check_stage1_base_model(str(args.base_model))
     if command == "finetune-items" and (args.base_model is None or
                                         Path(os.path.expanduser(str(args.base_model))).exists()):
         from merlin_molar.items.encoders import detect_kind
@@ -350,6 +352,15 @@ def check_command(args) -> None:
         for n, history in enumerate(args.history):
             if not [h for h in str(history).split(",") if h.strip()]:
                 raise MolarDataError("--history", f"history {n} is empty: give comma-separated raw item ids")
+
+
+def check_stage1_base_model(value: str) -> None:
+    """Stage 1 fine-tunes a model directory or hub id; the packaged GGUF / image encoders and joins are refused."""
+    if value == "minilm":
+        raise MolarDataError("--base-model", "minilm: leave --base-model out to fine-tune the packaged MiniLM")
+    if value in PACKAGED_ENCODERS or "+" in value or Path(value).suffix in MODEL_FILE_SUFFIXES:
+        raise MolarDataError("--base-model", f"{value}: stage 1 fine-tunes a model directory or hub id (a sentence "
+                                             "encoder, text LLM or VLM), not a GGUF file, image encoder or join")
 
 
 def check_stage1_options(args, kind: str) -> None:

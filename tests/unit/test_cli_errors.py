@@ -405,6 +405,8 @@ CASES = [
                                             with_file("model.bin", b"\x00" * 64)), "--base-model"),
     Case("finetune-base-model-bad-config", P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model",
                                              encoder_dir({"config.json": "{not json"})), "--base-model"),
+    Case("finetune-packaged-gguf", P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model", "smollm2"),
+         "--base-model: smollm2: stage 1 fine-tunes a model directory"),
     Case("finetune-sentence-encoder-with-lora",
          P("finetune-items", "--prepared", PREP, "--output", OUT, "--base-model", lambda g, t: minilm_path(),
            "--method", "lora"), "--method"),
