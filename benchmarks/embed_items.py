@@ -171,14 +171,15 @@ def main():
     torch.set_num_threads(args.threads)
     if args.encoders:
         prepared = load_prepared(args.prepared)
-        rows = [encoder_row(name.strip(), prepared, args.batch_size, args.device)
-                for name in args.encoders.split(",") if name.strip()]
+        rows = []
+        for name in [n.strip() for n in args.encoders.split(",") if n.strip()]:
+            rows.append(encoder_row(name, prepared, args.batch_size, args.device))
+            path = write_result(  # after every row: a long run stopped half-way keeps the rows it finished
+                args.output or RESULTS_DIR / "embed_items_pretrained.json",
+                {"benchmark": "embed_items", "command": command_line(), "date": now(), "git_commit": git_commit(),
+                 "machine": measured_on, "prepared": str(args.prepared), "threads": args.threads, "rows": rows},
+            )
         print(table(rows, ["row", "items", "load_seconds", "seconds", "seconds_per_item", "dim", "items_with_image"]))
-        path = write_result(
-            args.output or RESULTS_DIR / "embed_items_pretrained.json",
-            {"benchmark": "embed_items", "command": command_line(), "date": now(), "git_commit": git_commit(),
-             "machine": measured_on, "prepared": str(args.prepared), "threads": args.threads, "rows": rows},
-        )
         print(f"wrote {path}")
         return
 
