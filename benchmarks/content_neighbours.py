@@ -1,8 +1,8 @@
 """What the item tables know before any training: content-only diagnostics of item tables of one prepared catalogue.
 
 For each table (``NAME=PATH``), and for each join of a text table with an image table built here both ways
-(``TEXT+IMAGE`` given as ``--joins``: per-modality L2 normalisation, the encoder's rule, and per-modality PCA
-whitening fitted on the catalogue):
+(``TEXT+IMAGE`` given as ``--joins``: per-modality L2 normalisation, the encoder's rule; per-modality centring on
+the catalogue mean, then L2; and per-modality PCA whitening fitted on the catalogue):
 
 * ``sequel_at_1``: of the films with a franchise partner in the catalogue (another film whose clean title starts
   with this one's, or this one's with it, followed by a number, ``:`` or ``Part``: Toy Story / Toy Story 2,
@@ -124,6 +124,8 @@ def joined(text: torch.Tensor, image: torch.Tensor, how: str) -> torch.Tensor:
     has_image = torch.nonzero(image.abs().sum(1) > 0).squeeze(1)
     if how == "l2":
         t, i = torch.nn.functional.normalize(text.float(), dim=1), torch.nn.functional.normalize(image.float(), dim=1)
+    elif how == "centred":
+        t, i = centred_unit(text.float(), has_text), centred_unit(image.float(), has_image)
     else:
         t, i = whiten(text, has_text), whiten(image, has_image)
     return torch.cat([t, i], dim=1) / np.sqrt(2)
@@ -133,7 +135,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared", required=True)
     parser.add_argument("--tables", nargs="+", required=True, help="NAME=PATH of item tables of --prepared")
-    parser.add_argument("--joins", nargs="*", default=[], help="TEXT+IMAGE names of --tables, joined l2 / whitened")
+    parser.add_argument("--joins", nargs="*", default=[],
+                        help="TEXT+IMAGE names of --tables, joined three ways: l2 / centred / whitened")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -142,7 +145,7 @@ def main():
     tables = {name: load_item_table(path, prepared) for name, path in (t.split("=", 1) for t in args.tables)}
     for spec in args.joins:
         text, image = spec.split("+", 1)
-        for how in ("l2", "whitened"):
+        for how in ("l2", "centred", "whitened"):
             tables[f"{spec} ({how}, built here)"] = joined(tables[text], tables[image], how)
     rows = []
     for name, t in tables.items():
