@@ -175,7 +175,7 @@ def main():
         for name in [n.strip() for n in args.encoders.split(",") if n.strip()]:
             rows.append(encoder_row(name, prepared, args.batch_size, args.device))
             path = write_result(  # after every row: a long run stopped half-way keeps the rows it finished
-                args.output or RESULTS_DIR / "embed_items_pretrained.json",
+                args.output or result_path("embed_items", "pretrained_encoders.json"),
                 {"benchmark": "embed_items", "command": command_line(), "date": now(), "git_commit": git_commit(),
                  "machine": measured_on, "prepared": str(args.prepared), "threads": args.threads, "rows": rows},
             )
