@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 import transformers4rec.torch as tr
-from transformers import EarlyStoppingCallback, PrinterCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 from transformers4rec.config.trainer import T4RecTrainingArguments
 
 from merlin_molar.data.workflow import PreparedData
@@ -42,6 +42,7 @@ class TrainConfig:
 
     epochs: float = 200
     early_stopping_patience: int = 10
+    eval_every: int = 1
     batch_size: int = 128
     eval_batch_size: int = 256
     learning_rate: float = 1e-3
@@ -122,6 +123,19 @@ class EarlyStoppingAfter(EarlyStoppingCallback):
             control.should_training_stop = stop_already_requested
 
 
+class EvaluateEveryEpochs(TrainerCallback):
+    """Validation, and the checkpoint that goes with it, only after every ``every``-th epoch and after the last
+    one (the Trainer's ``eval_strategy="epoch"`` validates after each)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if round(state.epoch) % self.every and state.global_step < state.max_steps:
+            control.should_evaluate = control.should_save = False
+        return control
+
+
 class EpochSeed:
     """``seed_fn`` for the Merlin loader: the shuffle of epoch ``e`` is seeded with ``seed + e``.
 
@@ -162,6 +176,8 @@ def make_trainer(model: tr.Model, data: PreparedData, output_dir, config: TrainC
         trainer.add_callback(SparseProgressCallback())
     if config.early_stopping_patience > 0:
         trainer.add_callback(EarlyStoppingAfter(config.early_stopping_patience))
+        if config.eval_every > 1:
+            trainer.add_callback(EvaluateEveryEpochs(config.eval_every))
     check_launch(trainer)
     return trainer
 

@@ -175,3 +175,23 @@ def test_the_step_floor_holds_back_only_its_own_stop():
     control = TrainerControl()
     stopper.on_evaluate(args, state, control, {f"eval_{BEST_MODEL_METRIC}": 0.1})
     assert control.should_training_stop  # from the floor on, patience decides
+
+
+def test_eval_every_validates_every_nth_epoch_and_patience_counts_validations(tiny_prepared, tmp_path, monkeypatch):
+    from merlin_molar.pipeline import train
+
+    monkeypatch.setattr("merlin_molar.training.EARLY_STOPPING_MIN_STEPS", 0)
+    config = TrainConfig(epochs=7, early_stopping_patience=50, eval_every=3, batch_size=64, logging_steps=1000)
+    result = train(tiny_prepared, "sasrec", tmp_path / "run", {"d_model": 16, "n_layers": 1}, config)
+    epochs = [h["epoch"] for h in result["log_history"] if "eval_/next-item/ndcg_at_10" in h]
+    assert epochs == [3, 6, 7]  # and after the last epoch
+    assert result["best_epoch"] in epochs
+
+    torch.manual_seed(0)
+    model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
+    config = TrainConfig(epochs=40, early_stopping_patience=2, eval_every=2, batch_size=64, learning_rate=0.0,
+                         logging_steps=1000)
+    trainer = make_trainer(model, tiny_prepared, tmp_path / "stalled", config)
+    trainer.train()
+    epochs = [h["epoch"] for h in trainer.state.log_history if "eval_/next-item/ndcg_at_10" in h]
+    assert epochs == [2, 4, 6]  # lr 0: nothing after the first validation improves; 2 validations later it stops
