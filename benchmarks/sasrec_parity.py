@@ -110,7 +110,8 @@ def summarise(runs: dict) -> dict:
             continue
         summary[model] = {
             "seeds": seeds,
-            **{split: {m: mean_std(by_seed[s][split][m] for s in seeds) for m in METRICS} for split in ("valid", "test")},
+            **{split: {m: mean_std(by_seed[s][split][m] for s in seeds) for m in METRICS}
+               for split in ("valid", "test")},
             "seconds_per_epoch": mean_std(by_seed[s]["seconds_per_epoch"] for s in seeds),
             "epochs": [by_seed[s]["epochs"] for s in seeds],
             "best_epoch": [by_seed[s]["best_epoch"] for s in seeds],
@@ -124,7 +125,8 @@ def summarise(runs: dict) -> dict:
                  / statistics.fmean(reference[s]["seconds_per_epoch"] for s in both))
         summary["project_over_reference"] = {
             "seeds": both, "test_ndcg@10": ndcg, "seconds_per_epoch": speed,
-            "targets_met": {f"test_ndcg@10 >= {TARGET_RATIO}": ndcg >= TARGET_RATIO, "seconds_per_epoch <= 1": speed <= 1},
+            "targets_met": {f"test_ndcg@10 >= {TARGET_RATIO}": ndcg >= TARGET_RATIO,
+                            "seconds_per_epoch <= 1": speed <= 1},
         }
     return summary
 

@@ -20,7 +20,6 @@ from transformers4rec.torch.block.transformer import TransformerPrepare
 
 from merlin_molar.models.task import FullRankingNextItemTask
 
-
 POSITIONS = ("last", "start")
 # what a config saved without these fields was trained with
 LEGACY = {"positions": "start", "scale_embeddings": False}

@@ -16,7 +16,8 @@ def test_positions_count_back_from_the_last_target():
     expected = torch.tensor([[7, 8, 9, 0, 0], [5, 6, 7, 8, 9], [7, 8, 9, 0, 0], [0, 0, 0, 0, 0]])
     assert torch.equal(positions_from_last(targets, max_length=10), expected)
     # rows longer than the position table (never from the prepared data) keep valid ids: the earliest get 0
-    assert torch.equal(positions_from_last(torch.ones(1, 5, dtype=torch.long), max_length=3), torch.tensor([[0, 0, 0, 1, 2]]))
+    too_long = torch.ones(1, 5, dtype=torch.long)
+    assert torch.equal(positions_from_last(too_long, max_length=3), torch.tensor([[0, 0, 0, 1, 2]]))
 
 
 def gpt2_position_ids(body, ids, **mode):
