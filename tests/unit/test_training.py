@@ -78,7 +78,8 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_prepared, tmp_path, 
     from merlin_molar.pipeline import train
 
     monkeypatch.setattr("merlin_molar.training.EARLY_STOPPING_MIN_STEPS", 0)  # patience alone decides
-    config = TrainConfig(epochs=40, early_stopping_patience=2, batch_size=64, learning_rate=0.02, logging_steps=1000)
+    config = TrainConfig(epochs=40, early_stopping_patience=2, eval_every=1, batch_size=64, learning_rate=0.02,
+                         logging_steps=1000)
     result = train(tiny_prepared, "sasrec", tmp_path / "run", {"d_model": 16, "n_layers": 1}, config)
     curve = [(h["epoch"], h["eval_/next-item/ndcg_at_10"]) for h in result["log_history"]
              if "eval_/next-item/ndcg_at_10" in h]
@@ -94,7 +95,8 @@ def test_early_stopping_does_not_stop_before_its_minimum_number_of_steps(tiny_pr
     ``EARLY_STOPPING_MIN_STEPS`` steps, then stops at the first epoch whose last ``patience`` brought nothing."""
     from merlin_molar.pipeline import train
 
-    config = TrainConfig(epochs=40, early_stopping_patience=2, batch_size=64, learning_rate=0.02, logging_steps=1000)
+    config = TrainConfig(epochs=40, early_stopping_patience=2, eval_every=1, batch_size=64, learning_rate=0.02,
+                         logging_steps=1000)
 
     def run(name, min_steps):
         monkeypatch.setattr("merlin_molar.training.EARLY_STOPPING_MIN_STEPS", min_steps)
@@ -135,7 +137,7 @@ def test_a_resumed_run_keeps_its_early_stopping_count(tiny_prepared, tmp_path):
     def trainer():
         torch.manual_seed(0)
         model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
-        config = TrainConfig(epochs=6, early_stopping_patience=50, batch_size=64, learning_rate=0.0,
+        config = TrainConfig(epochs=6, early_stopping_patience=50, eval_every=1, batch_size=64, learning_rate=0.0,
                              logging_steps=1000)
         return make_trainer(model, tiny_prepared, tmp_path, config)
 

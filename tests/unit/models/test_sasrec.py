@@ -9,6 +9,7 @@ from merlin_molar.models.sasrec import SASRecConfig, positions_from_last, sasrec
 from merlin_molar.persistence import load_model, save_model
 
 SMALL = dict(d_model=16, n_layers=1, n_heads=1, dropout=0.1, max_length=20)
+LAST = dict(SMALL, positions="last")
 
 
 def test_positions_count_back_from_the_last_target():
@@ -46,7 +47,7 @@ def right_padded(lengths, width, cardinality):
 ])
 def test_the_read_out_item_sits_at_the_last_position_whatever_the_history_length(tiny_prepared, mode, read_out):
     torch.manual_seed(0)
-    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**SMALL)).eval()
+    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**LAST)).eval()
     lengths = [3, 11, 20]
     positions = gpt2_position_ids(body, right_padded(lengths, 20, tiny_prepared.item_cardinality), **mode)
     for row, n in enumerate(lengths):
@@ -54,8 +55,8 @@ def test_the_read_out_item_sits_at_the_last_position_whatever_the_history_length
         assert torch.equal(positions[row, rows], torch.arange(20 - len(rows), 20)), (mode, n, positions[row])
 
 
-def test_gpt2_positions_count_from_the_first_item_when_asked(tiny_prepared):
-    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**SMALL, positions="start")).eval()
+def test_gpt2_positions_count_from_the_first_item_by_default(tiny_prepared):
+    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**SMALL)).eval()
     assert gpt2_position_ids(body, right_padded([3, 20], 20, tiny_prepared.item_cardinality)) is None
 
 
@@ -76,7 +77,7 @@ def test_a_history_gets_the_same_user_embedding_in_evaluation_and_in_inference(t
 
 
 def test_items_at_the_same_distance_from_the_read_out_share_a_position(tiny_prepared):
-    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**SMALL)).eval()
+    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**LAST)).eval()
     ids = right_padded([4, 12], 20, tiny_prepared.item_cardinality)
     positions = gpt2_position_ids(body, ids)
     assert torch.equal(positions[0, :4], positions[1, 8:12])
@@ -84,7 +85,7 @@ def test_items_at_the_same_distance_from_the_read_out_share_a_position(tiny_prep
 
 def test_item_embeddings_reach_gpt2_scaled_by_sqrt_d(tiny_prepared):
     torch.manual_seed(0)
-    config = SASRecConfig(**SMALL)
+    config = SASRecConfig(**SMALL, scale_embeddings=True)
     body = sasrec_body(tiny_prepared.schema, config).eval()
     seen = {}
     handle = body[1].transformer.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
@@ -98,20 +99,19 @@ def test_item_embeddings_reach_gpt2_scaled_by_sqrt_d(tiny_prepared):
 def test_configs_saved_before_the_options_existed_keep_what_they_were_trained_with():
     from merlin_molar.models.molar import MolarConfig
 
-    assert (SASRecConfig().positions, SASRecConfig().scale_embeddings) == ("last", True)
-    saved = SASRecConfig(**SMALL).to_dict()
+    saved = SASRecConfig(**LAST, scale_embeddings=True).to_dict()
     del saved["positions"], saved["scale_embeddings"]  # as saved by merlin-molar before they existed
     old = SASRecConfig.from_dict(saved)
     assert (old.positions, old.scale_embeddings) == ("start", False)
     molar = MolarConfig().to_dict()
     molar["sasrec"] = saved
     assert MolarConfig.from_dict(molar).sasrec == old
-    assert MolarConfig(sasrec=SASRecConfig(**SMALL).to_dict()).sasrec == SASRecConfig(**SMALL)  # new: new defaults
+    assert MolarConfig(sasrec=SASRecConfig(**LAST).to_dict()).sasrec == SASRecConfig(**LAST)
 
 
 def test_a_saved_sasrec_reloads_with_identical_scores(tiny_prepared, tmp_path):
     torch.manual_seed(0)
-    config = SASRecConfig(**SMALL)
+    config = SASRecConfig(**LAST, scale_embeddings=True)
     model = sasrec_model(tiny_prepared.schema, config).eval()
     batch = {"item_id-list": right_padded([7, 20, 2], 20, tiny_prepared.item_cardinality)}
     directory = save_model(model, tmp_path / "model", "sasrec", config, tiny_prepared.schema)
