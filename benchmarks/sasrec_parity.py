@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, RESULTS_DIR, command_line, data_dir, git_commit, machine, now, table, write_result  # noqa: E402
+from common import REPO, data_dir, machine, result_path, table, write_result  # noqa: E402
 
 MODELS = ("project", "reference")
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
@@ -259,11 +259,8 @@ def main(argv=None):
             print(f"{name}: {model} seed {seed}: test N@10 {record['test']['ndcg@10']:.4f}, {record['epochs']} "
                   f"epochs (best {record['best_epoch']}), {record['seconds_per_epoch']:.1f} s/epoch", flush=True)
     summary = summarise(runs)
-    write_result(RESULTS_DIR / BENCHMARK / f"{name}.json", {
+    write_result(result_path(BENCHMARK, f"{name}.json"), {
         "benchmark": name,
-        "command": command_line(),
-        "git_commit": git_commit(),
-        "date": now(),
         "machine": info,
         "dataset": str(args.dataset),
         "max_length": args.max_length,

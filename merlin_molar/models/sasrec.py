@@ -2,9 +2,9 @@
 
 SASRec (Kang & McAuley, 2018) is a causal, pre-norm transformer over item-id embeddings trained to
 predict the next item at every position. In Transformers4Rec terms it is a ``TabularSequenceFeatures``
-input with causal (``clm``) masking, a GPT-2 ``TransformerBlock`` (pre-norm, learned positions) and a
-weight-tied next-item head. :func:`sasrec_body` returns the body so it can serve as the ID branch of
-Molar's post-alignment; :func:`sasrec_model` adds the full-ranking next-item task.
+input with causal (``clm``) masking, a GPT-2 ``TransformerBlock`` (pre-norm, learned positions; its inputs
+prepared by :class:`SASRecPrepare`) and a weight-tied next-item head. :func:`sasrec_body` returns the body so
+it can serve as the ID branch of Molar's post-alignment; :func:`sasrec_model` adds the full-ranking next-item task.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class SASRecConfig:
     max_length: int = 200
     # "start": GPT-2's positions, counted from the first item; "last": counted back from the read-out item, as a
     # left-padded SASRec has them. Measured on ML-100K at length 200 (benchmarks/results/sasrec_parity/
-    # screening_ml100k.md), "last" gained nothing: "start" stays the default.
+    # screening_ml100k.md; one seed, 40 epochs), "last" gained nothing: "start" stays the default.
     positions: str = "start"
     # item embeddings x sqrt(d_model) before the positions are added (the reference's scaling); measured slower
     # to learn in the same screening, so off by default

@@ -81,7 +81,7 @@ def test_finished_runs_are_kept_only_with_resume(parity, tmp_path, monkeypatch):
         path = parity.run_path(workdir / "ml-tiny_L20", model, 0)
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(record(0.1, 1.0)))
-    monkeypatch.setattr(parity, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(parity, "result_path", lambda benchmark, name: tmp_path / "results" / benchmark / name)
     argv = ["--dataset", str(data), "--max-length", "20", "--seeds", "0", "--workdir", str(workdir),
             "--reference", str(data / "interactions.csv")]
     with pytest.raises(SystemExit, match="holds 2 finished run"):
