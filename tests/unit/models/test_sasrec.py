@@ -124,3 +124,24 @@ def test_a_saved_sasrec_reloads_with_identical_scores(tiny_prepared, tmp_path):
 def test_unknown_positions_fail_at_construction():
     with pytest.raises(ValueError, match="positions must be one of"):
         SASRecConfig(positions="end")
+
+
+@pytest.mark.parametrize("mode", [{"testing": True}, {}])
+def test_molar_id_branch_prepares_its_inputs_like_the_sasrec_it_takes_over(tiny_prepared, mode):
+    from merlin_molar.models.dueg import small_decoder_config
+    from merlin_molar.models.molar import MolarConfig, load_id_branch, molar_model
+
+    torch.manual_seed(0)
+    config = SASRecConfig(**LAST, scale_embeddings=True)
+    sasrec = sasrec_model(tiny_prepared.schema, config).eval()
+    molar_config = MolarConfig(llm=small_decoder_config("qwen2", hidden_size=16, num_layers=1).to_dict(),
+                               sasrec=config.to_dict(), max_length=20, id_branch="frozen")
+    molar = molar_model(tiny_prepared.schema, torch.randn(tiny_prepared.item_cardinality, 24), molar_config).eval()
+    load_id_branch(molar, sasrec)
+    ids = right_padded([6, 20], 20, tiny_prepared.item_cardinality)
+    id_body = molar.heads[0].body.id_body
+    with torch.no_grad():
+        expected = sasrec.heads[0].body({"item_id-list": ids}, **mode)
+        got = id_body({"item_id-list": ids}, **mode)
+    assert (id_body[1].prepare_module.positions, id_body[1].prepare_module.scale) == ("last", 4.0)
+    torch.testing.assert_close(got, expected)
