@@ -167,7 +167,8 @@ def run_project(args, prepared, seed: int, workdir: Path) -> dict:
     config = TrainConfig(seed=seed, epochs=args.epochs, early_stopping_patience=args.patience,
                          eval_every=args.eval_every, logging_steps=10_000)
     run_dir = run_path(workdir, "project", seed).parent / "run"
-    result = train(prepared, "sasrec", run_dir, {}, config, resume=True)  # an interrupted run continues
+    # an interrupted run continues from its last checkpoint
+    result = train(prepared, "sasrec", run_dir, {}, config, resume=(run_dir / "checkpoints").exists())
     return {**project_result(result), "model_dir": result["model_dir"]}
 
 
