@@ -63,6 +63,7 @@ def _train_config(args):
         seed=args.seed,
         save_steps=args.save_steps,
         early_stopping_patience=args.patience,
+        eval_every=args.eval_every,
         bf16=args.bf16,
     )
 
@@ -268,9 +269,11 @@ def _add_train_options(p):
     p.add_argument("--epochs", type=float, default=d.epochs,
                    help="maximum number of epochs (early stopping on validation NDCG@10 decides)")
     p.add_argument("--patience", type=int, default=d.early_stopping_patience,
-                   help="stop after N epochs without a better validation NDCG@10, but not before 400 "
-                   "optimizer steps, and keep the best epoch's weights (0: no early stopping, train --epochs and "
-                   "keep the last weights)")
+                   help="stop after N validations (one every --eval-every epochs) without a better validation "
+                   "NDCG@10, but not before 400 optimizer steps, and keep the best validation's weights (0: no early "
+                   "stopping, train --epochs and keep the last weights)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="validate (and checkpoint) after every N-th epoch; --patience counts these validations")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.learning_rate)
     p.add_argument("--seed", type=int, default=d.seed)

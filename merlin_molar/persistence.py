@@ -95,7 +95,7 @@ def _config_of(kind: str, values, path: Path):
         raise MolarDataError(path, f"config: unknown key(s) {unknown} for a {kind} model (the file was edited, "
                                    "or written by another version of merlin-molar)")
     try:
-        return MolarConfig.from_dict(values) if kind == "molar" else cls(**values)
+        return cls.from_dict(values)
     except (TypeError, ValueError) as e:
         raise MolarDataError(path, f"config: not a valid {kind} configuration ({e})") from None
 

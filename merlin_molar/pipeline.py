@@ -199,7 +199,7 @@ def id_branch_options(model_dir) -> dict:
         raise MolarDataError(
             "--init-id-branch", f"{model_dir} holds a {kind!r} model, not an ID model ({' or '.join(ID_MODELS)})"
         )
-    return {"id_branch": "frozen", "id_model": kind, kind: meta["config"]}
+    return {"id_branch": "frozen", "id_model": kind, kind: ID_MODELS[kind].config.from_dict(meta["config"]).to_dict()}
 
 
 def _train_claimed(prepared, kind, output_dir, model, config, table, train_config, resume, init_id_branch_from):

@@ -39,6 +39,7 @@ RULES = {
     "k_core": ("--k-core", lambda v: v >= 0, "must be 0 (no filter) or more"),
     "save_steps": ("--save-steps", lambda v: v >= 0, "must be 0 (no checkpoints) or more"),
     "patience": ("--patience", lambda v: v >= 0, "must be 0 (no early stopping) or more"),
+    "eval_every": ("--eval-every", lambda v: v >= 1, "must be at least 1"),
     "lr": ("--lr", lambda v: _finite(v) and v > 0, "must be greater than 0"),
     "seed": ("--seed", lambda v: 0 <= v < 2**32, "must be between 0 and 2**32 - 1"),
     "num_shards": ("--num-shards", lambda v: v >= 1, "must be at least 1"),
@@ -82,7 +83,7 @@ def check_train_config(config) -> None:
 
     check_options(SimpleNamespace(epochs=config.epochs, batch_size=config.batch_size, lr=config.learning_rate,
                                   seed=config.seed, save_steps=config.save_steps,
-                                  patience=config.early_stopping_patience))
+                                  patience=config.early_stopping_patience, eval_every=config.eval_every))
 
 
 def check_writable_dir(path, option: str) -> Path:

@@ -109,6 +109,9 @@ class MolarConfig:
         values = dict(values)
         # a config saved before the field existed was trained with the linear adaptor, the only one then
         values.setdefault("content_adaptor", "linear")
+        for name, spec in ID_MODELS.items():  # each ID config with its own defaults for fields it was saved without
+            if isinstance(values.get(name), dict):
+                values[name] = spec.config.from_dict(values[name])
         return cls(**values)
 
 

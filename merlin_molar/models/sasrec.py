@@ -2,12 +2,14 @@
 
 SASRec (Kang & McAuley, 2018) is a causal, pre-norm transformer over item-id embeddings trained to
 predict the next item at every position. In Transformers4Rec terms it is a ``TabularSequenceFeatures``
-input with causal (``clm``) masking, a GPT-2 ``TransformerBlock`` (pre-norm, learned positions) and a
-weight-tied next-item head. :func:`sasrec_body` returns the body so it can serve as the ID branch of
-Molar's post-alignment; :func:`sasrec_model` adds the full-ranking next-item task.
+input with causal (``clm``) masking, a GPT-2 ``TransformerBlock`` (pre-norm, learned positions; its inputs
+prepared by :class:`SASRecPrepare`) and a weight-tied next-item head. :func:`sasrec_body` returns the body so
+it can serve as the ID branch of Molar's post-alignment; :func:`sasrec_model` adds the full-ranking next-item task.
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -18,6 +20,10 @@ from transformers4rec.torch.block.transformer import TransformerPrepare
 
 from merlin_molar.models.task import FullRankingNextItemTask
 
+POSITIONS = ("last", "start")
+# what a config saved without these fields was trained with
+LEGACY = {"positions": "start", "scale_embeddings": False}
+
 
 @dataclass
 class SASRecConfig:
@@ -26,8 +32,17 @@ class SASRecConfig:
     n_heads: int = 1
     dropout: float = 0.2
     max_length: int = 200
+    # "start": GPT-2's positions, counted from the first item; "last": counted back from the read-out item, as a
+    # left-padded SASRec has them. Measured on ML-100K at length 200 (benchmarks/results/sasrec_parity/
+    # screening_ml100k.md; one seed, 40 epochs), "last" gained nothing: "start" stays the default.
+    positions: str = "start"
+    # item embeddings x sqrt(d_model) before the positions are added (the reference's scaling); measured slower
+    # to learn in the same screening, so off by default
+    scale_embeddings: bool = False
 
     def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a history and a target), got {self.max_length}")
         if self.d_model % self.n_heads:
@@ -38,7 +53,9 @@ class SASRecConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SASRecConfig":
-        return cls(**values)
+        """A saved config; one saved before ``positions`` / ``scale_embeddings`` existed was trained with
+        GPT-2's positions and unscaled embeddings."""
+        return cls(**{**LEGACY, **values})
 
 
 def item_id_inputs(schema: Schema, config) -> tr.TabularSequenceFeatures:
@@ -56,6 +73,24 @@ def item_id_inputs(schema: Schema, config) -> tr.TabularSequenceFeatures:
     )
 
 
+
+
+def positions_from_last(targets: torch.Tensor, max_length: int, padding_idx: int = 0) -> torch.Tensor:
+    """GPT-2 ``position_ids`` counted back from each row's read-out position: the last position with a target
+    (``targets``: the masking's ``masked_targets``, ``[batch, length]``) gets ``max_length - 1``, the one before
+    it ``max_length - 2``, and so on; positions after it (padding, or an evaluated target) get 0.
+
+    Sequences are right-padded, so GPT-2's own positions (0 at the first item) put the item a prediction is read
+    from at a different position in every row; counted from the end, as in a left-padded SASRec, it is always
+    at the same one, whatever the history's length."""
+    length = targets.size(1)
+    index = torch.arange(length, device=targets.device)
+    has_target = targets != padding_idx
+    last = torch.where(has_target, index, torch.full_like(index, -1)).max(dim=1, keepdim=True).values
+    positions = max_length - 1 - (last - index)
+    return torch.where((index <= last) & (positions >= 0), positions, torch.zeros_like(positions))
+
+
 class CausalPrepare(TransformerPrepare):
     """Pass embeddings straight to GPT-2, which applies its own causal mask.
 
@@ -66,7 +101,27 @@ class CausalPrepare(TransformerPrepare):
         return {"inputs_embeds": inputs_embeds}
 
 
-def sasrec_transformer(config: SASRecConfig) -> tr.TransformerBlock:
+class SASRecPrepare(CausalPrepare):
+    """SASRec's inputs for GPT-2: item embeddings times ``scale`` (``sqrt(d_model)`` in :func:`sasrec_transformer`)
+    and, with ``positions="last"``, positions counted back from the read-out item (:func:`positions_from_last`;
+    reads the targets of the block's causal masking)."""
+
+    def __init__(self, transformer, masking=None, scale: float = 1.0, positions: str = "start"):
+        super().__init__(transformer, masking)
+        self.scale, self.positions = scale, positions
+
+    def forward(self, inputs_embeds):
+        prepared = {"inputs_embeds": inputs_embeds * self.scale if self.scale != 1.0 else inputs_embeds}
+        if self.positions == "last":
+            if self.masking is None or self.masking.masked_targets is None:
+                raise ValueError("positions='last' needs the causal masking of the item-id inputs")
+            prepared["position_ids"] = positions_from_last(
+                self.masking.masked_targets, self.transformer.config.n_positions, self.masking.padding_idx
+            )
+        return prepared
+
+
+def sasrec_transformer(config: SASRecConfig, masking=None) -> tr.TransformerBlock:
     gpt2 = tr.GPT2Config.build(
         d_model=config.d_model,
         n_head=config.n_heads,
@@ -76,15 +131,16 @@ def sasrec_transformer(config: SASRecConfig) -> tr.TransformerBlock:
         layer_norm_eps=1e-6,
         initializer_range=0.02,
     )
-    return tr.TransformerBlock(gpt2, prepare_module=CausalPrepare)
+    scale = math.sqrt(config.d_model) if config.scale_embeddings else 1.0
+    prepare = functools.partial(SASRecPrepare, scale=scale, positions=config.positions)
+    return tr.TransformerBlock(gpt2, masking=masking, prepare_module=prepare)
 
 
 def sasrec_body(schema: Schema, config: Optional[SASRecConfig] = None) -> tr.SequentialBlock:
     """Item-id inputs >> causal transformer: per-position ID user embeddings ``[batch, length, d_model]``."""
     config = config or SASRecConfig()
     inputs = item_id_inputs(schema, config)
-    transformer = sasrec_transformer(config)
-    transformer.masking = inputs.masking
+    transformer = sasrec_transformer(config, inputs.masking)
     return tr.SequentialBlock(inputs, transformer)
 
 

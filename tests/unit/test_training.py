@@ -78,7 +78,8 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(tiny_prepared, tmp_path, 
     from merlin_molar.pipeline import train
 
     monkeypatch.setattr("merlin_molar.training.EARLY_STOPPING_MIN_STEPS", 0)  # patience alone decides
-    config = TrainConfig(epochs=40, early_stopping_patience=2, batch_size=64, learning_rate=0.02, logging_steps=1000)
+    config = TrainConfig(epochs=40, early_stopping_patience=2, eval_every=1, batch_size=64, learning_rate=0.02,
+                         logging_steps=1000)
     result = train(tiny_prepared, "sasrec", tmp_path / "run", {"d_model": 16, "n_layers": 1}, config)
     curve = [(h["epoch"], h["eval_/next-item/ndcg_at_10"]) for h in result["log_history"]
              if "eval_/next-item/ndcg_at_10" in h]
@@ -94,7 +95,8 @@ def test_early_stopping_does_not_stop_before_its_minimum_number_of_steps(tiny_pr
     ``EARLY_STOPPING_MIN_STEPS`` steps, then stops at the first epoch whose last ``patience`` brought nothing."""
     from merlin_molar.pipeline import train
 
-    config = TrainConfig(epochs=40, early_stopping_patience=2, batch_size=64, learning_rate=0.02, logging_steps=1000)
+    config = TrainConfig(epochs=40, early_stopping_patience=2, eval_every=1, batch_size=64, learning_rate=0.02,
+                         logging_steps=1000)
 
     def run(name, min_steps):
         monkeypatch.setattr("merlin_molar.training.EARLY_STOPPING_MIN_STEPS", min_steps)
@@ -135,7 +137,7 @@ def test_a_resumed_run_keeps_its_early_stopping_count(tiny_prepared, tmp_path):
     def trainer():
         torch.manual_seed(0)
         model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
-        config = TrainConfig(epochs=6, early_stopping_patience=50, batch_size=64, learning_rate=0.0,
+        config = TrainConfig(epochs=6, early_stopping_patience=50, eval_every=1, batch_size=64, learning_rate=0.0,
                              logging_steps=1000)
         return make_trainer(model, tiny_prepared, tmp_path, config)
 
@@ -175,3 +177,59 @@ def test_the_step_floor_holds_back_only_its_own_stop():
     control = TrainerControl()
     stopper.on_evaluate(args, state, control, {f"eval_{BEST_MODEL_METRIC}": 0.1})
     assert control.should_training_stop  # from the floor on, patience decides
+
+
+def test_eval_every_validates_every_nth_epoch_and_patience_counts_validations(tiny_prepared, tmp_path, monkeypatch):
+    from merlin_molar.pipeline import train
+
+    monkeypatch.setattr("merlin_molar.training.EARLY_STOPPING_MIN_STEPS", 0)
+    config = TrainConfig(epochs=7, early_stopping_patience=50, eval_every=3, batch_size=64, logging_steps=1000)
+    result = train(tiny_prepared, "sasrec", tmp_path / "run", {"d_model": 16, "n_layers": 1}, config)
+    epochs = [h["epoch"] for h in result["log_history"] if "eval_/next-item/ndcg_at_10" in h]
+    assert epochs == [3, 6, 7]  # and after the last epoch
+    assert result["best_epoch"] in epochs
+
+    torch.manual_seed(0)
+    model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
+    config = TrainConfig(epochs=40, early_stopping_patience=2, eval_every=2, batch_size=64, learning_rate=0.0,
+                         logging_steps=1000)
+    trainer = make_trainer(model, tiny_prepared, tmp_path / "stalled", config)
+    trainer.train()
+    epochs = [h["epoch"] for h in trainer.state.log_history if "eval_/next-item/ndcg_at_10" in h]
+    assert epochs == [2, 4, 6]  # lr 0: nothing after the first validation improves; 2 validations later it stops
+
+
+def test_a_run_validating_every_few_epochs_resumes_from_its_last_validation(tiny_prepared, tmp_path):
+    """With ``eval_every`` > 1 checkpoints exist only at validated epochs: an interrupted run resumes from the last
+    one, keeps its patience count, and validates at the same epochs as an uninterrupted run."""
+    from transformers import TrainerCallback
+
+    from merlin_molar.training import EarlyStoppingAfter
+
+    class Interrupted(Exception):
+        pass
+
+    class InterruptInEpoch5(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            if state.epoch >= 4:
+                raise Interrupted
+
+    def trainer():
+        torch.manual_seed(0)
+        model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
+        config = TrainConfig(epochs=8, early_stopping_patience=50, eval_every=2, batch_size=64, learning_rate=0.0,
+                             logging_steps=1000)
+        return make_trainer(model, tiny_prepared, tmp_path, config)
+
+    first = trainer()
+    first.add_callback(InterruptInEpoch5())
+    with pytest.raises(Interrupted):
+        first.train()
+    last = max(tmp_path.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    assert first.state.log_history[-1]["epoch"] == 4  # validated at epochs 2 and 4, then interrupted
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(last))
+    epochs = [h["epoch"] for h in resumed.state.log_history if "eval_/next-item/ndcg_at_10" in h]
+    assert epochs == [2, 4, 6, 8]
+    (stopper,) = [c for c in resumed.callback_handler.callbacks if isinstance(c, EarlyStoppingAfter)]
+    assert stopper.early_stopping_patience_counter == 3  # lr 0: validations at epochs 4, 6 and 8 bring nothing

@@ -1,0 +1,147 @@
+"""SASRec's inputs to GPT-2: positions counted back from the read-out item, embeddings scaled by sqrt(d), and
+configs saved before either existed (synthetic data)."""
+import math
+
+import pytest
+import torch
+
+from merlin_molar.models.sasrec import SASRecConfig, positions_from_last, sasrec_body, sasrec_model
+from merlin_molar.persistence import load_model, save_model
+
+SMALL = dict(d_model=16, n_layers=1, n_heads=1, dropout=0.1, max_length=20)
+LAST = dict(SMALL, positions="last")
+
+
+def test_positions_count_back_from_the_last_target():
+    targets = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9], [0, 0, 4, 0, 0], [0, 0, 0, 0, 0]])
+    expected = torch.tensor([[7, 8, 9, 0, 0], [5, 6, 7, 8, 9], [7, 8, 9, 0, 0], [0, 0, 0, 0, 0]])
+    assert torch.equal(positions_from_last(targets, max_length=10), expected)
+    # rows longer than the position table (never from the prepared data) keep valid ids: the earliest get 0
+    too_long = torch.ones(1, 5, dtype=torch.long)
+    assert torch.equal(positions_from_last(too_long, max_length=3), torch.tensor([[0, 0, 0, 1, 2]]))
+
+
+def gpt2_position_ids(body, ids, **mode):
+    """The ``position_ids`` GPT-2 receives when ``body`` runs on ``ids`` (``training=`` / ``testing=``)."""
+    seen = {}
+    gpt2 = body[1].transformer
+    handle = gpt2.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        body({"item_id-list": ids}, **mode)
+    finally:
+        handle.remove()
+    return seen.get("position_ids")
+
+
+def right_padded(lengths, width, cardinality):
+    ids = torch.randint(3, cardinality, (len(lengths), width))
+    for row, n in enumerate(lengths):
+        ids[row, n:] = 0
+    return ids
+
+
+@pytest.mark.parametrize("mode, read_out", [
+    ({"training": True}, lambda n: torch.arange(n - 1)),  # every position with a next item
+    ({"testing": True}, lambda n: torch.tensor([n - 2])),  # the last history item; the target is at n - 1
+    ({}, lambda n: torch.tensor([n - 1])),  # inference: the whole sequence is the history
+])
+def test_the_read_out_item_sits_at_the_last_position_whatever_the_history_length(tiny_prepared, mode, read_out):
+    torch.manual_seed(0)
+    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**LAST)).eval()
+    lengths = [3, 11, 20]
+    positions = gpt2_position_ids(body, right_padded(lengths, 20, tiny_prepared.item_cardinality), **mode)
+    for row, n in enumerate(lengths):
+        rows = read_out(n)
+        assert torch.equal(positions[row, rows], torch.arange(20 - len(rows), 20)), (mode, n, positions[row])
+
+
+def test_gpt2_positions_count_from_the_first_item_by_default(tiny_prepared):
+    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**SMALL)).eval()
+    assert gpt2_position_ids(body, right_padded([3, 20], 20, tiny_prepared.item_cardinality)) is None
+
+
+@pytest.mark.parametrize("positions", ["last", "start"])
+def test_a_history_gets_the_same_user_embedding_in_evaluation_and_in_inference(tiny_prepared, positions):
+    """Evaluation (``testing``) sees history + target and reads the history's last item; inference sees the history
+    alone and reads its last item: both must see that item at the same position, as training does."""
+    torch.manual_seed(0)
+    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**SMALL, positions=positions)).eval()
+    with_target = right_padded([6, 15], 20, tiny_prepared.item_cardinality)
+    history = with_target.clone()
+    history[0, 5], history[1, 14] = 0, 0
+    with torch.no_grad():
+        evaluated = body({"item_id-list": with_target}, testing=True)
+        inferred = body({"item_id-list": history})
+    torch.testing.assert_close(evaluated[0, 4], inferred[0, 4])
+    torch.testing.assert_close(evaluated[1, 13], inferred[1, 13])
+
+
+def test_items_at_the_same_distance_from_the_read_out_share_a_position(tiny_prepared):
+    body = sasrec_body(tiny_prepared.schema, SASRecConfig(**LAST)).eval()
+    ids = right_padded([4, 12], 20, tiny_prepared.item_cardinality)
+    positions = gpt2_position_ids(body, ids)
+    assert torch.equal(positions[0, :4], positions[1, 8:12])
+
+
+def test_item_embeddings_reach_gpt2_scaled_by_sqrt_d(tiny_prepared):
+    torch.manual_seed(0)
+    config = SASRecConfig(**SMALL, scale_embeddings=True)
+    body = sasrec_body(tiny_prepared.schema, config).eval()
+    seen = {}
+    handle = body[1].transformer.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    ids = right_padded([5], 20, tiny_prepared.item_cardinality)
+    body({"item_id-list": ids})
+    handle.remove()
+    table = body[0].categorical_module.item_embedding_table.weight
+    torch.testing.assert_close(seen["inputs_embeds"][0, :5], table[ids[0, :5]] * math.sqrt(16))
+
+
+def test_configs_saved_before_the_options_existed_keep_what_they_were_trained_with():
+    from merlin_molar.models.molar import MolarConfig
+
+    saved = SASRecConfig(**LAST, scale_embeddings=True).to_dict()
+    del saved["positions"], saved["scale_embeddings"]  # as saved by merlin-molar before they existed
+    old = SASRecConfig.from_dict(saved)
+    assert (old.positions, old.scale_embeddings) == ("start", False)
+    molar = MolarConfig().to_dict()
+    molar["sasrec"] = saved
+    assert MolarConfig.from_dict(molar).sasrec == old
+    assert MolarConfig(sasrec=SASRecConfig(**LAST).to_dict()).sasrec == SASRecConfig(**LAST)
+
+
+def test_a_saved_sasrec_reloads_with_identical_scores(tiny_prepared, tmp_path):
+    torch.manual_seed(0)
+    config = SASRecConfig(**LAST, scale_embeddings=True)
+    model = sasrec_model(tiny_prepared.schema, config).eval()
+    batch = {"item_id-list": right_padded([7, 20, 2], 20, tiny_prepared.item_cardinality)}
+    directory = save_model(model, tmp_path / "model", "sasrec", config, tiny_prepared.schema)
+    reloaded, _, reloaded_config, _ = load_model(directory)
+    with torch.no_grad():
+        assert torch.equal(reloaded(batch), model(batch))
+    assert reloaded_config == config
+
+
+def test_unknown_positions_fail_at_construction():
+    with pytest.raises(ValueError, match="positions must be one of"):
+        SASRecConfig(positions="end")
+
+
+@pytest.mark.parametrize("mode", [{"testing": True}, {}])
+def test_molar_id_branch_prepares_its_inputs_like_the_sasrec_it_takes_over(tiny_prepared, mode):
+    from merlin_molar.models.dueg import small_decoder_config
+    from merlin_molar.models.molar import MolarConfig, load_id_branch, molar_model
+
+    torch.manual_seed(0)
+    config = SASRecConfig(**LAST, scale_embeddings=True)
+    sasrec = sasrec_model(tiny_prepared.schema, config).eval()
+    molar_config = MolarConfig(llm=small_decoder_config("qwen2", hidden_size=16, num_layers=1).to_dict(),
+                               sasrec=config.to_dict(), max_length=20, id_branch="frozen")
+    molar = molar_model(tiny_prepared.schema, torch.randn(tiny_prepared.item_cardinality, 24), molar_config).eval()
+    load_id_branch(molar, sasrec)
+    ids = right_padded([6, 20], 20, tiny_prepared.item_cardinality)
+    id_body = molar.heads[0].body.id_body
+    with torch.no_grad():
+        expected = sasrec.heads[0].body({"item_id-list": ids}, **mode)
+        got = id_body({"item_id-list": ids}, **mode)
+    assert (id_body[1].prepare_module.positions, id_body[1].prepare_module.scale) == ("last", 4.0)
+    torch.testing.assert_close(got, expected)
