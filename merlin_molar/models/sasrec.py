@@ -133,7 +133,14 @@ def sasrec_transformer(config: SASRecConfig, masking=None) -> tr.TransformerBloc
     )
     scale = math.sqrt(config.d_model) if config.scale_embeddings else 1.0
     prepare = functools.partial(SASRecPrepare, scale=scale, positions=config.positions)
-    return tr.TransformerBlock(gpt2, masking=masking, prepare_module=prepare)
+    block = tr.TransformerBlock(gpt2, prepare_module=prepare)
+    # attached after construction, as before the options existed: given to the constructor, T4Rec also
+    # registers the masking under the prepare module, which adds a state-dict key (models saved before would
+    # not load) and moves its parameter in the optimizer's order (training no longer reproduces them)
+    block.masking = masking
+    if config.positions == "last":  # the only setting that reads the masking's targets
+        block.prepare_module.masking = masking
+    return block
 
 
 def sasrec_body(schema: Schema, config: Optional[SASRecConfig] = None) -> tr.SequentialBlock:
