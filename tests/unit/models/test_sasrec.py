@@ -145,3 +145,14 @@ def test_molar_id_branch_prepares_its_inputs_like_the_sasrec_it_takes_over(tiny_
         got = id_body({"item_id-list": ids}, **mode)
     assert (id_body[1].prepare_module.positions, id_body[1].prepare_module.scale) == ("last", 4.0)
     torch.testing.assert_close(got, expected)
+
+
+def test_the_default_sasrec_has_the_state_dict_of_models_saved_before_the_options(tiny_prepared):
+    """Models saved before the input options must load strictly and train alike: the masking is registered once,
+    under the block, and sits where it did in the parameter order."""
+    names = list(sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20)).state_dict())
+    assert not any("prepare_module.masking" in n for n in names)
+    after_transformer = max(i for i, n in enumerate(names) if n.startswith("heads.0.body.1.prepare_module.transformer"))
+    assert names[after_transformer + 1] == "heads.0.body.1.masking.masked_item_embedding"
+    aligned = list(sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, positions="last")).state_dict())
+    assert "heads.0.body.1.prepare_module.masking.masked_item_embedding" in aligned  # it reads the targets
