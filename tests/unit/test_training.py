@@ -117,6 +117,20 @@ def test_early_stopping_does_not_stop_before_its_minimum_number_of_steps(tiny_pr
     assert result["valid"]["ndcg@10"] == pytest.approx(best, abs=1e-6)
 
 
+class Interrupted(Exception):
+    """Raised by a test callback to stop training the way a kill would."""
+
+
+def frozen_sasrec_trainer(prepared, output_dir, epochs: int, eval_every: int):
+    """A small seeded SASRec trainer with learning rate 0 (no validation after the first improves) and a
+    patience no run reaches: the resume tests interrupt and rerun it."""
+    torch.manual_seed(0)
+    model = sasrec_model(prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
+    config = TrainConfig(epochs=epochs, early_stopping_patience=50, eval_every=eval_every, batch_size=64,
+                         learning_rate=0.0, logging_steps=1000)
+    return make_trainer(model, prepared, output_dir, config)
+
+
 def test_a_resumed_run_keeps_its_early_stopping_count(tiny_prepared, tmp_path):
     """The patience count and the step floor come back from the checkpoint, so a resumed run stops where the
     uninterrupted one would have."""
@@ -126,20 +140,13 @@ def test_a_resumed_run_keeps_its_early_stopping_count(tiny_prepared, tmp_path):
 
     from merlin_molar.training import EarlyStoppingAfter
 
-    class Interrupted(Exception):
-        pass
-
     class InterruptAfterEpoch4(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.epoch >= 4:
                 raise Interrupted
 
     def trainer():
-        torch.manual_seed(0)
-        model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
-        config = TrainConfig(epochs=6, early_stopping_patience=50, eval_every=1, batch_size=64, learning_rate=0.0,
-                             logging_steps=1000)
-        return make_trainer(model, tiny_prepared, tmp_path, config)
+        return frozen_sasrec_trainer(tiny_prepared, tmp_path, epochs=6, eval_every=1)
 
     first = trainer()
     first.add_callback(InterruptAfterEpoch4())
@@ -206,20 +213,13 @@ def test_a_run_validating_every_few_epochs_resumes_from_its_last_validation(tiny
 
     from merlin_molar.training import EarlyStoppingAfter
 
-    class Interrupted(Exception):
-        pass
-
     class InterruptInEpoch5(TrainerCallback):
         def on_epoch_begin(self, args, state, control, **kwargs):
             if state.epoch >= 4:
                 raise Interrupted
 
     def trainer():
-        torch.manual_seed(0)
-        model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16, n_layers=1))
-        config = TrainConfig(epochs=8, early_stopping_patience=50, eval_every=2, batch_size=64, learning_rate=0.0,
-                             logging_steps=1000)
-        return make_trainer(model, tiny_prepared, tmp_path, config)
+        return frozen_sasrec_trainer(tiny_prepared, tmp_path, epochs=8, eval_every=2)
 
     first = trainer()
     first.add_callback(InterruptInEpoch5())
