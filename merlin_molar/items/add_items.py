@@ -268,13 +268,16 @@ def add_items(
         prepared = load_prepared(root)
 
     addition, skipped = _plan(prepared, items_path, table_dir, work, images_dir, batch_size, encoder)
-    unchanged = AddItemsResult(int(prepared.manifest.get("catalogue", {}).get("version", 1)), [], None, skipped,
-                               prepared.item_cardinality, item_id_fingerprint(prepared), table_dir)
+
+    def unchanged():  # the catalogue as it is (its fingerprint was checked against the table's by _plan)
+        return AddItemsResult(int(prepared.manifest.get("catalogue", {}).get("version", 1)), [], None, skipped,
+                              prepared.item_cardinality, item_id_fingerprint(prepared), table_dir)
+
     if addition is None:
-        return unchanged
+        return unchanged()
     rows, problems = _embed(addition, addition.encoder, items_path, batch_size, progress, max_chunks)
     if rows is None:  # stopped after max_chunks
-        return unchanged
+        return unchanged()
     fingerprint, cardinality = _stage(prepared, addition, items_path, rows, problems)
     _commit(work, targets)
     codes = addition.codes
