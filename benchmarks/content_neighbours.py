@@ -30,6 +30,7 @@ from common import command_line, git_commit, machine, now, table, write_result  
 from merlin_molar.data import load_prepared  # noqa: E402
 from merlin_molar.evaluation import mask_seen_items, reference_metrics  # noqa: E402
 from merlin_molar.items import load_item_table  # noqa: E402
+from merlin_molar.items.fusion import fit_join, join_parts  # noqa: E402
 
 FIRST = 3
 
@@ -106,29 +107,22 @@ def knn_test(table: torch.Tensor, prepared) -> dict:
             "knn_test_recall@10": round(totals["recall_at_10"] / len(targets), 4)}
 
 
-def whiten(x: torch.Tensor, rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """PCA whitening fitted on ``rows`` (zero elsewhere), each row then L2-normalised."""
-    out = torch.zeros_like(x, dtype=torch.float64)
-    y = x[rows].double()
-    y = y - y.mean(0)
-    u, s, vt = torch.linalg.svd(y, full_matrices=False)
-    keep = s > s[0] * 1e-4
-    z = y @ vt[keep].T / (s[keep] / np.sqrt(len(rows) - 1) + eps)
-    out = torch.zeros(len(x), int(keep.sum()), dtype=torch.float64)
-    out[rows] = torch.nn.functional.normalize(z, dim=1)
-    return out.float()
-
-
 def joined(text: torch.Tensor, image: torch.Tensor, how: str) -> torch.Tensor:
-    has_text = torch.nonzero(text.abs().sum(1) > 0).squeeze(1)
-    has_image = torch.nonzero(image.abs().sum(1) > 0).squeeze(1)
-    if how == "l2":
-        t, i = torch.nn.functional.normalize(text.float(), dim=1), torch.nn.functional.normalize(image.float(), dim=1)
-    elif how == "centred":
-        t, i = centred_unit(text.float(), has_text), centred_unit(image.float(), has_image)
-    else:
-        t, i = whiten(text, has_text), whiten(image, has_image)
-    return torch.cat([t, i], dim=1) / np.sqrt(2)
+    """The two tables joined as :mod:`merlin_molar.items.fusion` does (``l2``, ``whitened``: its statistics fitted
+    on these rows), or each part centred on the catalogue mean then L2-normalised (``centred``, a diagnostic only).
+    Rows without a text vector stay zero; rows without an image vector get a zero image part."""
+    has_text = (text.abs().sum(1) > 0).numpy()
+    has_image = (image.abs().sum(1) > 0).numpy()
+    if how == "centred":
+        rows = torch.nonzero(torch.from_numpy(has_text)).squeeze(1)
+        image_rows = torch.nonzero(torch.from_numpy(has_image)).squeeze(1)
+        return torch.cat([centred_unit(text.float(), rows), centred_unit(image.float(), image_rows)], 1) / np.sqrt(2)
+    raw = torch.cat([text, image], dim=1).numpy()[has_text]
+    used = has_image[has_text]
+    statistics = fit_join(raw, used, text.shape[1]) if how == "whitened" else None
+    out = torch.zeros(len(text), raw.shape[1])
+    out[torch.from_numpy(has_text)] = torch.from_numpy(join_parts(raw, used, text.shape[1], statistics))
+    return out
 
 
 def main():

@@ -17,6 +17,11 @@ Datasets (read from ``--data-root``, default ``$MOLAR_DATA`` or ``../shared/data
 Example::
 
     python benchmarks/quality.py --datasets ml-100k --seeds 0,1,2
+
+Pretrained encoders and the posters (issue 29; ML-1M, the dataset with images)::
+
+    python benchmarks/quality.py --datasets ml-1m --seeds 0,1,2 --suffix _encoders \
+        --variants sasrec,molar,molar_smollm2,molar_images,molar_minilm_images,molar_smollm2_images
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
 from merlin_molar.data.workflow import dataset_fingerprint  # noqa: E402
 from merlin_molar.errors import MolarDataError  # noqa: E402
 from merlin_molar.data.readers import RawDataset  # noqa: E402
-from merlin_molar.io import read_json  # noqa: E402
+from merlin_molar.io import read_json, write_json  # noqa: E402
 from merlin_molar.models.molar import MolarConfig  # noqa: E402
 from merlin_molar.pipeline import embed_item_table, train  # noqa: E402
 from merlin_molar.training import TrainConfig  # noqa: E402
@@ -75,11 +80,21 @@ VARIANTS = {
     "content_only": ("molar", {"id_branch": "none"}, None),
     "content_only_linear": ("molar", {**LINEAR, "id_branch": "none"}, None),
     "molar_stage1": ("molar", ALIGNED, "sasrec"),
+    # the recommended recipe ("molar") on the tables of other pretrained encoders (issue 29)
+    "molar_smollm2": ("molar", {}, "sasrec"),
+    "molar_images": ("molar", {}, "sasrec"),
+    "molar_minilm_images": ("molar", {}, "sasrec"),
+    "molar_smollm2_images": ("molar", {}, "sasrec"),
 }
 # the item table each variant's content tower reads (default "original": the packaged MiniLM's). "stage1" is the
 # MiniLM after MIRM stage 1 (`merlin-molar finetune-items`, as benchmarks/stage1_sentence.py runs it), given with
 # --stage1-encoder: the same recipe as "molar" on the tuned table (issue 10, item 5)
-VARIANT_TABLES = {"molar_stage1": "stage1"}
+VARIANT_TABLES = {"molar_stage1": "stage1", "molar_smollm2": "smollm2", "molar_images": "images",
+                  "molar_minilm_images": "minilm_images", "molar_smollm2_images": "smollm2_images"}
+# the packaged encoders behind those tables, as `merlin-molar embed-items --encoder` names them (a TEXT+IMAGE one
+# joined by its default, the whitening fitted on the catalogue); the posters are ML-1M's
+ENCODER_TABLES = {"smollm2": "smollm2", "images": "efficientnet-lite0", "minilm_images": "minilm+efficientnet-lite0",
+                  "smollm2_images": "smollm2+efficientnet-lite0"}
 # a finished run is reused only if its saved model has the variant's value of each of these (and of each option)
 RECIPE_FIELDS = ("content_adaptor", "alpha", "id_weight_grid", "align_positions", "id_branch")
 BASELINE = "sasrec"  # the ratio column: every variant over the SASRec of the same seed
@@ -97,9 +112,11 @@ def last_n(raw: RawDataset, n: int) -> RawDataset:
     return RawDataset(inter, raw.items, f"{raw.source}#last{n}", list(raw.text_columns))
 
 
-def prepared_dataset(name: str, data_root: Path, workdir: Path, stage1_encoder: Optional[Path] = None):
-    """The dataset's prepared directory and item tables (``{"original": path}``, and ``"stage1"`` embedded with
-    ``stage1_encoder`` when given), made once: several quality.py processes (variants run
+def prepared_dataset(name: str, data_root: Path, workdir: Path, stage1_encoder: Optional[Path] = None,
+                     encoder_tables=()):
+    """The dataset's prepared directory and item tables (``{"original": path}``, ``"stage1"`` embedded with
+    ``stage1_encoder`` when given, and each of ``encoder_tables``, names of :data:`ENCODER_TABLES`), made once:
+    several quality.py processes (variants run
     side by side, one per core) share them, so they are built under a lock and a finished one is reused.
     Preparing again while another process trains from the directory would rewrite its files under it (and two
     NVTabular fits into one ``.categories`` directory crash)."""
@@ -122,7 +139,34 @@ def prepared_dataset(name: str, data_root: Path, workdir: Path, stage1_encoder: 
                                  "(no molar_stage1.json): run benchmarks/stage1_sentence.py or finetune-items first")
             tables["stage1"] = embed_item_table(prepared, root / "item_table_stage1", encoder=str(stage1_encoder),
                                                 batch_size=64)
+        for table_name in encoder_tables:
+            tables[table_name] = encoder_table(prepared, root / f"item_table_{table_name}", ENCODER_TABLES[table_name])
         return prepared, tables
+
+
+def encoder_table(prepared, path: Path, encoder: str) -> Path:
+    """``path``, embedded with ``encoder`` unless it already is (``embed_catalogue`` reuses a table of the same
+    plan); the seconds per item of the run that embedded it are kept beside it (``<path>.timing.json``)."""
+    details = {}
+    embed_item_table(prepared, path, encoder=encoder, batch_size=32, details=details)
+    result = details["result"]
+    timing = path.with_name(path.name + ".timing.json")
+    if not result.reused or not timing.exists():
+        write_json(timing, {"encoder": encoder, "items": result.items_encoded, "seconds": round(result.seconds, 1),
+                            "seconds_per_item": round(result.seconds / max(result.items_encoded, 1), 4),
+                            "reused": result.reused, "machine": machine(), "date": now()})
+    return path
+
+
+def table_record(name: str, path: Path) -> dict:
+    """What the result says of an item table: its encoder, join, width, and (for the encoder tables) the seconds
+    per item of the run that embedded it."""
+    meta = read_json(path / "metadata.json")
+    timing = path.with_name(path.name + ".timing.json")
+    return {"encoder": meta["encoder"]["name_or_path"], "kind": meta["encoder"]["kind"],
+            "fusion": meta["encoder"].get("fusion"), "dim": meta["dim"], "items_embedded": meta["items_embedded"],
+            "items_with_image": meta["items_with_image"],
+            **({"embedding": read_json(timing)} if timing.exists() else {})}
 
 
 def finished_prepare(root: Path, raw, max_length: int):
@@ -296,8 +340,9 @@ def main(argv=None):
             manifest = read_json(prepared_dir / "molar_manifest.json")
             prepared, item_tables = None, {}  # every run is finished: run_one only reads its metrics
         else:
-            stage1 = args.stage1_encoder if any(v in VARIANT_TABLES for v in variants) else None
-            prepared, item_tables = prepared_dataset(dataset, args.data_root, args.workdir, stage1)
+            stage1 = args.stage1_encoder if any(VARIANT_TABLES.get(v) == "stage1" for v in variants) else None
+            needed = sorted({VARIANT_TABLES[v] for v in variants if VARIANT_TABLES.get(v) in ENCODER_TABLES})
+            prepared, item_tables = prepared_dataset(dataset, args.data_root, args.workdir, stage1, needed)
             manifest = prepared.manifest
         runs = {}
         for seed in seeds:
@@ -328,6 +373,7 @@ def main(argv=None):
             "variants": {v: {"kind": VARIANTS[v][0], "options": VARIANTS[v][1], "id_branch_from": VARIANTS[v][2],
                              "id_branch_from_sasrec": VARIANTS[v][2] == "sasrec",
                              "item_table": VARIANT_TABLES.get(v, "original")} for v in variants},
+            "item_tables": {name: table_record(name, path) for name, path in item_tables.items()},
             "summary": summary,
             **({"bf16_over_fp32": bf16_over_fp32(runs, fp32_runs_dir)} if args.bf16 else {}),
             "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},

@@ -100,6 +100,11 @@ def cmd_embed_items(args):
     options = {"batch_size": args.batch_size, "shard_index": args.shard_index, "num_shards": args.num_shards}
     if args.kind:
         options["kind"] = args.kind
+    if args.fusion:
+        if "+" not in (args.encoder or "") and args.kind != "multimodal":
+            raise MolarDataError("--fusion", "joins the parts of a TEXT+IMAGE encoder (e.g. --encoder "
+                                 "minilm+efficientnet-lite0)")
+        options["fusion"] = args.fusion
     if args.device:
         options["device"] = args.device
     details = {}
@@ -314,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "efficientnet-lite0 (the posters alone), TEXT+IMAGE to join a text and an image encoder (e.g. "
                    "minilm+efficientnet-lite0), or a local model directory, GGUF file or hub id")
     p.add_argument("--kind", choices=["sentence", "text-llm", "vlm", "image", "multimodal"], help="default: detected")
+    p.add_argument("--fusion", choices=["whiten", "l2"],
+                   help="how a TEXT+IMAGE encoder joins its parts: whiten (default; each part whitened with statistics "
+                   "fitted on the catalogue, saved with the table) or l2 (each part L2-normalised as it comes)")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--output", help="table directory (default: PREPARED/item_table)")
     p.add_argument("--batch-size", type=int, default=32)

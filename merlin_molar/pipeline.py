@@ -90,7 +90,8 @@ def embed_item_table(prepared: PreparedData, output_path=None, encoder: Optional
     from merlin_molar.items import build_encoder, embed_catalogue
 
     output_path = Path(output_path or prepared.root / "item_table")
-    encoder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("kind", "device", "image_size", "template")}
+    encoder_options = ("kind", "device", "image_size", "template", "fusion")
+    encoder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in encoder_options}
     with loading("--encoder", encoder or "the default encoder"):
         built = build_encoder(encoder, **encoder_kwargs)
     result = embed_catalogue(prepared, built, output_path, **kwargs)

@@ -39,6 +39,7 @@ import pandas as pd
 
 from merlin_molar.errors import MolarDataError
 from merlin_molar.io import atomic_path, file_checksums, owner_tag, read_json, write_json
+from merlin_molar.items.fusion import JoinStatistics, join_parts
 from merlin_molar.items.table import (
     EMBEDDINGS_FILE,
     METADATA_FILE,
@@ -175,6 +176,8 @@ def _check_encoder(metadata: dict, encoder, table_dir: Path):
             )
         prompts = ItemPromptBuilder(**recorded["prompts"])
         kwargs = {"prompts": prompts}
+        if recorded.get("kind") == "multimodal":
+            kwargs["fusion"] = recorded.get("fusion", "l2")
         if recorded.get("kind") == "sentence" and recorded.get("max_seq_length"):
             kwargs["max_seq_length"] = recorded["max_seq_length"]
         if recorded.get("dtype"):
@@ -232,6 +235,7 @@ class _Addition:
     version: int  # the catalogue version they make
     vocab_path: Path
     plan: dict
+    join: Optional[JoinStatistics]  # the table's join statistics (a text+image table joined by whitening)
 
 
 def add_items(
@@ -338,6 +342,10 @@ def _plan(prepared, items_path, table_dir: Path, work: Path, images_dir, batch_s
         return None, skipped
 
     encoder = _check_encoder(metadata, encoder, table_dir)
+    join = metadata.get("join")
+    if join is None and getattr(encoder, "raw_rows", False):
+        raise MolarDataError(table_dir / METADATA_FILE, "names a whitened text+image join but no join statistics")
+    join = JoinStatistics.load(table_dir / join["file"], join["sha256"]) if join else None
     version = int(manifest.get("catalogue", {}).get("version", 1)) + 1
     first_id = prepared.item_cardinality
     codes = list(range(first_id, first_id + len(new)))
@@ -356,7 +364,7 @@ def _plan(prepared, items_path, table_dir: Path, work: Path, images_dir, batch_s
         raise MolarDataError(work, "holds an unfinished add-items run of another file or catalogue: delete it first")
     write_json(work / "plan.json", plan)
     return _Addition(root, table_dir, work, metadata, text_columns, workflow, encoder, new, codes, version,
-                     vocab_path, plan), skipped
+                     vocab_path, plan, join), skipped
 
 
 def _embed(addition: _Addition, encoder, items_path, batch_size: int, progress: bool, max_chunks: Optional[int]):
@@ -419,10 +427,17 @@ def _stage(prepared, addition: _Addition, items_path, rows: TableRows, problems:
     added_rows = added_rows.reindex(columns=items.columns).astype(items.dtypes.to_dict())
     pd.concat([items, added_rows], ignore_index=True).to_parquet(staged / "items.parquet", index=False)
 
+    join = addition.join
+    if join is not None:  # the encoder gave raw [text | image] rows: join them with the catalogue's statistics
+        rows = TableRows(join_parts(rows.embeddings, rows.used_image, join.text_dim, join), rows.has_embedding,
+                         rows.used_image)
     table = read_table_rows(addition.table_dir).appended(rows)
     cardinality = len(table.embeddings)
     (staged / "item_table").mkdir()
     write_table_rows(staged / "item_table", table)
+    if join is not None:
+        join_file = metadata["join"]["file"]
+        shutil.copyfile(addition.table_dir / join_file, staged / "item_table" / join_file)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     entry = {"version": addition.version, "created": now, "items_file": str(Path(items_path).resolve()),
              "items_file_sha": addition.plan["items_file_sha"], "added": len(codes), "first_id": codes[0],

@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from merlin_molar.errors import MolarDataError
+from merlin_molar.items.fusion import DEFAULT_FUSION, FUSIONS, join_parts
 from merlin_molar.items.images import load_image
 from merlin_molar.items.prompts import CUR_ITEM_TOKEN, SENTENCE_PROMPTS, TEXT_FIT, ItemContent, ItemPromptBuilder
 
@@ -709,12 +710,14 @@ def load_efficientnet(weights_path):
     return model
 
 
-FUSIONS = ("l2",)
-
-
 class MultimodalEncoder(ItemEncoder):
-    """One vector per item from a text encoder and an image encoder: each part L2-normalised (so neither
-    modality outweighs the other by its scale), both scaled by 1/sqrt(2) and concatenated.
+    """One vector per item from a text encoder and an image encoder, joined by :mod:`merlin_molar.items.fusion`
+    (``fusion``: ``"whiten"``, the default, or ``"l2"``; 1,664 dims for MiniLM + EfficientNet-Lite0).
+
+    With ``"l2"`` :meth:`encode` returns the joined rows. With ``"whiten"`` it returns the raw rows
+    ``[text | image]`` (``raw_rows`` is True): the whitening is fitted on the whole catalogue when the item
+    table is written (:func:`~merlin_molar.items.table.embed_catalogue`), saved beside it, and applied to the
+    items added later.
 
     An item without an image gets zeros in the image part and ``used_image`` False: it is embedded from its
     text, the catalogue's rule for a missing modality (as the VLM's text-only prompt). An image that is
@@ -726,7 +729,7 @@ class MultimodalEncoder(ItemEncoder):
     kind = "multimodal"
     uses_images = True
 
-    def __init__(self, text: ItemEncoder, image: ItemEncoder, fusion: str = "l2"):
+    def __init__(self, text: ItemEncoder, image: ItemEncoder, fusion: str = DEFAULT_FUSION):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if text.uses_images or not image.uses_images or image.reads_text:
@@ -736,6 +739,11 @@ class MultimodalEncoder(ItemEncoder):
         self.device = text.device
         self.name_or_path = f"{text.name_or_path}+{image.name_or_path}"
         self.dim = text.dim + image.dim
+
+    @property
+    def raw_rows(self) -> bool:
+        """Whether :meth:`encode` returns rows still to be joined with statistics fitted on the catalogue."""
+        return self.fusion == "whiten"
 
     def _with_image(self, items: Sequence[ItemContent]) -> List[int]:
         return [i for i, item in enumerate(items) if item.image is not None]
@@ -754,12 +762,14 @@ class MultimodalEncoder(ItemEncoder):
 
     def forward(self, batch: PreparedBatch) -> EncodedBatch:
         text_batch, image_batch, with_image = batch.inputs
-        text = _unit_rows(self.text.forward(text_batch).embeddings)
+        text = self.text.forward(text_batch).embeddings
         image = np.zeros((len(text), self.image.dim), dtype=np.float32)
         if image_batch is not None:
-            image[with_image] = _unit_rows(self.image.forward(image_batch).embeddings)
-        joined = np.concatenate([text, image], axis=1) / np.float32(np.sqrt(2.0))
-        return EncodedBatch(joined.astype(np.float32), batch.used_image)
+            image[with_image] = self.image.forward(image_batch).embeddings
+        raw = np.concatenate([text, image], axis=1).astype(np.float32)
+        if self.raw_rows:
+            return EncodedBatch(raw, batch.used_image)
+        return EncodedBatch(join_parts(raw, batch.used_image, self.text.dim), batch.used_image)
 
     def describe(self) -> Dict[str, object]:
         return {
@@ -774,11 +784,6 @@ class MultimodalEncoder(ItemEncoder):
             "image": {k: v for k, v in self.image.describe().items() if k != "prompts"},
             "prompts": self.prompts.describe(),
         }
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def build_encoder(
@@ -814,7 +819,7 @@ def build_encoder(
             raise ValueError(f"a multimodal encoder is named TEXT+IMAGE, got {name_or_path!r}")
         text_name, image_name = name_or_path.split("+", 1)
         image_kwargs = {k: kwargs.pop(k) for k in ("image_size",) if k in kwargs}
-        fusion = kwargs.pop("fusion", "l2")
+        fusion = kwargs.pop("fusion", DEFAULT_FUSION)
         text = build_encoder(text_name, **kwargs)
         device = kwargs.get("device")
         image = build_encoder(image_name, kind="image", device=device, prompts=text.prompts, **image_kwargs)

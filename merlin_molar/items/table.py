@@ -42,6 +42,7 @@ import numpy as np
 from merlin_molar.errors import MolarDataError
 from merlin_molar.io import atomic_path, read_json, write_json
 from merlin_molar.items.encoders import EncodedBatch, ItemEncoder
+from merlin_molar.items.fusion import JOIN_FILE, fit_join, join_parts
 from merlin_molar.items.prompts import ItemContent, ItemPromptBuilder
 from merlin_molar.progress import progress_bar
 
@@ -478,6 +479,11 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
     expected = sorted(i for chunk in plan["chunks"] for i in chunk)
     if sorted(np.flatnonzero(has_embedding).tolist()) != expected:
         raise MolarDataError(work.root, "shard files do not cover the planned items exactly; delete the work dir")
+    statistics = None
+    if plan["encoder"].get("fusion") == "whiten":  # the encoder wrote raw [text | image] rows
+        text_dim = int(plan["encoder"]["text"]["dim"])
+        statistics = fit_join(table[has_embedding], used_image[has_embedding], text_dim)
+        table[has_embedding] = join_parts(table[has_embedding], used_image[has_embedding], text_dim, statistics)
 
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -511,6 +517,10 @@ def merge_shards(output_path, num_shards: Optional[int] = None) -> Path:
         warnings.warn(message, stacklevel=2)
     with atomic_path(output_path, is_dir=True) as tmp:
         write_table_rows(tmp, TableRows(table, has_embedding, used_image))
+        if statistics is not None:
+            metadata["join"] = {"fusion": "whiten", "file": JOIN_FILE, "sha256": statistics.save(tmp / JOIN_FILE),
+                                "fitted_on": {"text_rows": int(has_embedding.sum()),
+                                              "image_rows": int(used_image.sum())}}
         write_json(tmp / METADATA_FILE, metadata)
         tmp.chmod(0o755)  # mkdtemp makes it private; the table is meant to be shared
     shutil.rmtree(work.root, ignore_errors=True)

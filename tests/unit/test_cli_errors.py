@@ -386,6 +386,8 @@ CASES = [
          "--shard-index"),
     Case("embed-output-is-a-file", P("embed-items", "--prepared", PREP, "--output", a_file), "--output"),
     Case("embed-unknown-kind", P("embed-items", "--prepared", PREP, "--output", OUT, "--kind", "audio"), "--kind"),
+    Case("embed-fusion-without-an-image-encoder",
+         P("embed-items", "--prepared", PREP, "--output", OUT, "--fusion", "l2"), "--fusion: joins the parts"),
     Case("embed-truncated-gguf", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",
                                    gguf_file("cut.gguf", keep=0.6)), "cut.gguf: truncated or damaged GGUF file"),
     Case("embed-gguf-of-another-architecture", P("embed-items", "--prepared", PREP, "--output", OUT, "--encoder",

@@ -113,3 +113,28 @@ def test_a_finished_run_is_reported_only_under_the_variant_it_is(quality, tmp_pa
     quality.check_finished_run(saved_molar_run(tmp_path / "b", id_branch="frozen", alpha=0.0), "molar")
     # content only has no ID branch to align with: its alpha does not matter
     quality.check_finished_run(saved_molar_run(tmp_path / "c", id_branch="none", alpha=0.1), "content_only")
+
+
+def test_each_encoder_variant_is_the_molar_recipe_on_its_own_table(quality):
+    for variant, table in quality.VARIANT_TABLES.items():
+        if table in quality.ENCODER_TABLES:
+            assert quality.VARIANTS[variant] == quality.VARIANTS["molar"]
+    assert sorted(quality.ENCODER_TABLES.values()) == ["efficientnet-lite0", "minilm+efficientnet-lite0", "smollm2",
+                                                       "smollm2+efficientnet-lite0"]
+
+
+def test_an_encoder_table_is_embedded_once_and_recorded_with_its_join_and_time(quality, tiny_prepared, tmp_path):
+    import shutil
+
+    from merlin_molar.data import load_prepared
+
+    shutil.copytree(tiny_prepared.root, tmp_path / "prepared")
+    prepared = load_prepared(tmp_path / "prepared")
+    path = quality.encoder_table(prepared, prepared.root / "item_table_images", "minilm+efficientnet-lite0")
+    record = quality.table_record("minilm_images", path)
+    assert record["kind"] == "multimodal" and record["fusion"] == "whiten"
+    assert record["dim"] == 384 + 1280 and record["items_with_image"] > 0
+    timing = record["embedding"]
+    assert timing["items"] == record["items_embedded"] and timing["seconds_per_item"] > 0 and not timing["reused"]
+    again = quality.encoder_table(prepared, path, "minilm+efficientnet-lite0")  # the same plan: reused, not redone
+    assert quality.table_record("minilm_images", again)["embedding"] == timing

@@ -153,3 +153,47 @@ def test_add_items_refuses_a_table_embedded_under_another_text_rule(cold, tmp_pa
     metadata_path.write_text(json.dumps(metadata))
     with pytest.raises(MolarDataError, match=r"text_fit.*embed-items"):
         add_items(load_prepared(root), root / COLD_ITEMS_FILE, progress=False)
+
+
+def test_add_items_joins_new_rows_with_the_catalogue_statistics(cold, minilm_efficientnet):
+    """A whitened text+image table: the new rows are joined with the statistics fitted on the catalogue (not
+    refitted, not left raw), and those statistics travel with the extended table."""
+    from merlin_molar.items import embed_catalogue, read_table_metadata
+    from merlin_molar.items.fusion import JoinStatistics, join_parts
+
+    table_dir = cold.root / "item_table_mm"
+    embed_catalogue(cold, minilm_efficientnet, table_dir, progress=False)
+    join = read_table_metadata(table_dir)["join"]
+    statistics = JoinStatistics.load(table_dir / join["file"], join["sha256"])
+    n = cold.item_cardinality
+    add_items(cold, cold.root / COLD_ITEMS_FILE, item_table=table_dir, progress=False)
+    prepared = load_prepared(cold.root)
+    assert read_table_metadata(table_dir)["join"] == join
+    assert (table_dir / join["file"]).read_bytes() == statistics_bytes(statistics, cold.root / "copy.npz")
+    items = prepared.items()
+    prompts = minilm_efficientnet.prompts.with_columns(prepared.manifest["text_columns"])
+    new_items = prompts.items_from_frame(items[items["item_id"] >= n])
+    raw = minilm_efficientnet.encode(new_items)
+    assert raw.used_image.any()  # the held-out items have posters: the image part is exercised
+    expected = join_parts(raw.embeddings, raw.used_image, 384, statistics)
+    np.testing.assert_allclose(load_item_table(table_dir, prepared)[n:].numpy(), expected, atol=1e-4)
+
+
+def statistics_bytes(statistics, path):
+    statistics.save(path)
+    return path.read_bytes()
+
+
+def test_add_items_refuses_a_whitened_table_whose_statistics_changed(cold, minilm_efficientnet):
+    from merlin_molar.items import embed_catalogue, read_table_metadata
+
+    table_dir = cold.root / "item_table_mm"
+    embed_catalogue(cold, minilm_efficientnet, table_dir, progress=False)
+    join_file = table_dir / read_table_metadata(table_dir)["join"]["file"]
+    data = bytearray(join_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the whitening matrix
+    join_file.write_bytes(bytes(data))
+    before = sorted(p.name for p in cold.root.iterdir())
+    with pytest.raises(MolarDataError, match="does not match the checksum"):
+        add_items(cold, cold.root / COLD_ITEMS_FILE, item_table=table_dir, progress=False)
+    assert sorted(p.name for p in cold.root.iterdir()) == before  # refused before anything was written

@@ -330,12 +330,13 @@ def test_weights_of_another_network_are_refused(tmp_path):
 
 # --- text + image ------------------------------------------------------------------------------------------
 
-def test_multimodal_joins_the_normalised_parts(minilm_efficientnet, minilm, efficientnet, poster_paths):
+def test_multimodal_l2_joins_the_normalised_parts(minilm_efficientnet, minilm, efficientnet, poster_paths):
     from merlin_molar.items.encoders import MultimodalEncoder
 
-    assert isinstance(minilm_efficientnet, MultimodalEncoder) and minilm_efficientnet.dim == 384 + 1280
+    l2 = MultimodalEncoder(minilm_efficientnet.text, minilm_efficientnet.image, fusion="l2")
+    assert l2.dim == 384 + 1280 and not l2.raw_rows
     items = items_from_titles(TITLES, poster_paths[:3] + [None])
-    batch = minilm_efficientnet.encode(items)
+    batch = l2.encode(items)
     assert batch.used_image.tolist() == [True, True, True, False]
     text = minilm.encode(items).embeddings
     image = efficientnet.encode(items[:3]).embeddings
@@ -344,8 +345,20 @@ def test_multimodal_joins_the_normalised_parts(minilm_efficientnet, minilm, effi
     np.testing.assert_allclose(batch.embeddings[:3, 384:] * np.sqrt(2), image, atol=1e-5)
     assert not batch.embeddings[3, 384:].any()  # no poster: embedded from its text, the image part is zeros
     np.testing.assert_allclose(np.linalg.norm(batch.embeddings[:3], axis=1), 1.0, atol=1e-5)
-    described = minilm_efficientnet.describe()
+    described = l2.describe()
     assert described["fusion"] == "l2" and described["image"]["kind"] == "image"
+
+
+def test_multimodal_whiten_gives_the_raw_parts_for_the_table_to_join(minilm_efficientnet, minilm, efficientnet,
+                                                                    poster_paths):
+    """The default join is fitted on the catalogue, so the encoder alone returns the parts as they come."""
+    assert minilm_efficientnet.fusion == "whiten" and minilm_efficientnet.raw_rows
+    items = items_from_titles(TITLES, poster_paths[:3] + [None])
+    batch = minilm_efficientnet.encode(items)
+    np.testing.assert_allclose(batch.embeddings[:, :384], minilm.encode(items).embeddings, atol=1e-5)
+    np.testing.assert_allclose(batch.embeddings[:3, 384:], efficientnet.encode(items[:3]).embeddings, atol=1e-4)
+    assert not batch.embeddings[3, 384:].any() and batch.used_image.tolist() == [True, True, True, False]
+    assert minilm_efficientnet.describe()["fusion"] == "whiten"
 
 
 def test_multimodal_refuses_an_unreadable_image_before_encoding(minilm_efficientnet, broken_images):

@@ -19,7 +19,8 @@ from merlin_molar.items import (
     read_table_metadata,
 )
 from merlin_molar.items.encoders import ItemEncoder
-from merlin_molar.items.table import EMBEDDINGS_FILE, SCHEMA_FILE
+from merlin_molar.items.fusion import JoinStatistics, join_parts
+from merlin_molar.items.table import EMBEDDINGS_FILE, SCHEMA_FILE, catalogue_items
 
 BATCH, CHUNK_BATCHES = 4, 2  # 8 items per chunk: 5 chunks for the 40-item slice
 
@@ -292,6 +293,16 @@ def test_multimodal_table_embeds_items_without_a_poster_from_their_text(tmp_path
     assert not used[no_poster].any() and used[3:].sum() == 38
     table = load_item_table(out, small_prepared_some_posters)
     assert not table[no_poster, 384:].any() and bool(table[no_poster, :384].abs().sum(1).gt(0).all())
+    # the default join: each part whitened with statistics fitted on this catalogue, saved beside the table
+    assert meta["join"]["fusion"] == "whiten" and meta["join"]["fitted_on"] == {"text_rows": 40, "image_rows": 38}
+    statistics = JoinStatistics.load(out / meta["join"]["file"], meta["join"]["sha256"])
+    rows = table[3:].numpy()
+    white_text = rows[:, :384] * np.sqrt(2)  # unit rows of the whitened text part
+    np.testing.assert_allclose(np.linalg.norm(white_text, axis=1), 1.0, atol=1e-5)
+    items, _, _ = catalogue_items(small_prepared_some_posters, minilm_efficientnet)
+    raw = minilm_efficientnet.encode(items[:4])
+    np.testing.assert_allclose(table[[i.item_id for i in items[:4]]].numpy(),
+                               join_parts(raw.embeddings, raw.used_image, 384, statistics), atol=1e-4)
     rebuilt = _check_encoder(meta, None, out)  # add-items rebuilds the same encoder from the metadata
     assert rebuilt.describe() == {k: v for k, v in meta["encoder"].items()}
     assert _check_encoder(meta, "minilm+efficientnet-lite0", out).dim == 1664
