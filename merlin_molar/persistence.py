@@ -9,10 +9,13 @@ A saved model is a directory::
                            evaluate / recommend / export)
     schema.json            the Merlin schema the model was built from
     item_table.safetensors the frozen content item table (Molar only)
-    weights.pt             state dict (for LoRA on a pretrained LLM: everything except the frozen base LLM)
+    weights.pt             the whole state dict, a pretrained DUEG's weights (frozen under LoRA) included
     adapter/               peft LoRA adapters (when LoRA is on), loadable on their own with peft
 
-Reloading rebuilds the model from its config and loads the weights, so predictions are identical.
+Reloading rebuilds the model from its config and loads the weights, so predictions are identical. A Molar
+model whose DUEG started from a pretrained LLM is saved with that LLM's architecture in place of its name
+(:func:`~merlin_molar.models.molar.saved_config`), so reloading reads no pretrained file. (Models saved before
+that recorded the name, and for LoRA only the adapters: their base LLM is read from the name again.)
 Directories are written atomically.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ from merlin_molar.errors import MolarDataError
 from merlin_molar.io import atomic_path, file_checksums, read_json, verify_checksums, write_json
 from merlin_molar.models.catalogue import extend_catalogue
 from merlin_molar.models.id_models import ID_MODELS
-from merlin_molar.models.molar import MolarConfig, molar_model
+from merlin_molar.models.molar import MolarConfig, molar_model, saved_config
 from merlin_molar.version import __version__
 
 MODEL_FILE = "molar_model.json"
@@ -100,7 +103,8 @@ def _config_of(kind: str, values, path: Path):
         raise MolarDataError(path, f"config: not a valid {kind} configuration ({e})") from None
 
 
-def _is_pretrained_llm(config: MolarConfig) -> bool:
+def _reads_pretrained_llm(config: MolarConfig) -> bool:
+    """A config saved before models were self-contained: its DUEG is rebuilt from the pretrained name."""
     return isinstance(config.llm, str)
 
 
@@ -115,11 +119,10 @@ def save_model(
         if kind == "molar":
             save_file({"table": item_table.detach().float().contiguous().cpu()}, str(tmp / "item_table.safetensors"))
             if config.lora:
-                llm = model.heads[0].body.content[1].llm
-                llm.save_pretrained(str(tmp / "adapter"))
-                if _is_pretrained_llm(config):
-                    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-                    state = {k: v for k, v in state.items() if ".llm." not in k or k in trainable}
+                # the DUEG's word embeddings are a frozen one-row stand-in: none to save (and peft would look for
+                # the base model's config to tell)
+                model.heads[0].body.content[1].llm.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
+            config = saved_config(config, model)
         torch.save(state, tmp / "weights.pt")
         write_model_description(
             tmp / MODEL_FILE,
@@ -175,7 +178,7 @@ def load_model(path) -> tuple:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:
         raise MolarDataError(weights, f"not a readable weights file ({type(e).__name__})") from None
-    strict = not (kind == "molar" and config.lora and _is_pretrained_llm(config))
+    strict = not (kind == "molar" and config.lora and _reads_pretrained_llm(config))
     missing, unexpected = model.load_state_dict(state, strict=strict)
     if unexpected or (not strict and any(".llm." not in k for k in missing)):
         raise MolarDataError(path / "weights.pt", f"weights do not match the model (unexpected {unexpected[:3]})")

@@ -1,7 +1,8 @@
 """DUEG, the Dynamic User Embedding Generator: an LLM over a user's history of content item embeddings.
 
 :class:`MolarBlock` is a body block that runs a Hugging Face decoder (any ``AutoModel`` base model:
-  Qwen2, Llama, ...; random init from a config or pretrained from a path; optional LoRA via peft) over
+  Qwen2, Llama, ...; random init from a config, or pretrained: the packaged SmolLM2, a GGUF file, a
+  directory or hub id, optionally cut to its first layers; optional LoRA via peft) over
   the sequence as ``inputs_embeds`` and returns the causal per-position user embeddings. It drops in
   where ``TransformerBlock`` goes::
 
@@ -14,17 +15,65 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Union
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers4rec.torch.block.base import BlockBase
 
+from merlin_molar.errors import MolarDataError
+
 LLMSpec = Union[str, dict, PretrainedConfig, PreTrainedModel]
 
 
-def build_llm(spec: LLMSpec, attn_implementation: str = "sdpa", torch_dtype=None) -> PreTrainedModel:
-    """A Hugging Face base decoder (no LM head) from a config, a config dict, a model, or a path/hub id."""
+def load_pretrained_llm(name, attn_implementation: str = "sdpa", dtype=torch.float32) -> PreTrainedModel:
+    """The base model (no LM head) of a pretrained decoder LLM, in ``dtype`` (float32: the DUEG trains in it and
+    autocasts to bf16 on CUDA; a GGUF file is dequantised to it).
+
+    ``name``: ``"smollm2"`` (SmolLM2-135M-Instruct, packaged), a GGUF file, or a Hugging Face model directory
+    or hub id. A damaged GGUF file or a model that is not a decoder-only LLM raises :class:`MolarDataError`
+    naming it: the DUEG needs causal attention, which an encoder (BERT, ...) would silently lack."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    from merlin_molar.items.encoders import _gguf_location, check_gguf, is_gguf, resolve_encoder_name
+
+    path = str(Path(resolve_encoder_name(name)).expanduser())
+    if is_gguf(path):
+        check_gguf(path)
+        location = _gguf_location(path)
+    else:
+        location = {"pretrained_model_name_or_path": path}
+        config = AutoConfig.from_pretrained(path)
+        if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.model_type in
+                MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False)):
+            raise MolarDataError(name, f"architecture {config.model_type!r} is not a decoder-only LLM (e.g. llama, "
+                                       "qwen2): the DUEG needs causal attention")
+    return AutoModel.from_pretrained(**location, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def keep_first_layers(model: PreTrainedModel, layers: int) -> PreTrainedModel:
+    """``model`` (a base decoder) with only its first ``layers`` decoder layers, its config saying so."""
+    decoder_layers = getattr(model, "layers", None)
+    if not isinstance(decoder_layers, torch.nn.ModuleList):
+        raise ValueError(f"llm_layers: {type(model).__name__} has no list of decoder layers to keep the first of")
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= len(decoder_layers):
+        raise ValueError(f"llm_layers must be between 1 and {len(decoder_layers)} (the LLM's layers), got {layers!r}")
+    model.layers = decoder_layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    return model
+
+
+def build_llm(spec: LLMSpec, attn_implementation: str = "sdpa", dtype=torch.float32,
+              layers: Optional[int] = None) -> PreTrainedModel:
+    """A Hugging Face base decoder (no LM head) from a config, a config dict, a model, or a pretrained one
+    (:func:`load_pretrained_llm`: ``"smollm2"``, a GGUF file, a directory or hub id); ``layers`` keeps only
+    its first decoder layers (None: all)."""
     if isinstance(spec, PreTrainedModel):
         model = spec
     elif isinstance(spec, PretrainedConfig):
@@ -36,9 +85,11 @@ def build_llm(spec: LLMSpec, attn_implementation: str = "sdpa", torch_dtype=None
         config._attn_implementation = attn_implementation
         model = AutoModel.from_config(config)
     else:
-        model = AutoModel.from_pretrained(spec, attn_implementation=attn_implementation, torch_dtype=torch_dtype)
+        model = load_pretrained_llm(spec, attn_implementation, dtype)
     if hasattr(model, "get_decoder") and not hasattr(model.config, "hidden_size"):
         model = model.get_decoder()
+    if layers is not None:
+        model = keep_first_layers(model, layers)
     # The DUEG reads inputs_embeds only: drop the word embedding table (the paper removes it too; for
     # Qwen2-1.5B it is 233M parameters). A frozen one-row table keeps HF/peft helpers working.
     words = model.get_input_embeddings()
@@ -73,7 +124,9 @@ class MolarBlock(BlockBase):
     Parameters
     ----------
     llm: a ``PretrainedConfig`` (random init), a config dict with ``model_type``, a ``PreTrainedModel``, or
-        a local path / hub id of a pretrained model (its base model is used; word embeddings are unused).
+        a pretrained decoder: ``"smollm2"`` (packaged), a GGUF file, a local directory or hub id (its base model
+        is used, in float32; word embeddings are unused).
+    layers: keep only the first ``layers`` decoder layers (None: all), e.g. 2 of SmolLM2's 30 on a CPU.
     lora: an optional ``peft.LoraConfig``; the LLM is wrapped with ``task_type="FEATURE_EXTRACTION"`` so
         that ``inputs_embeds`` reaches it.
     user_token: the paper's ``[User]`` token. A learned embedding is placed after every history position
@@ -89,9 +142,10 @@ class MolarBlock(BlockBase):
         user_token: bool = False,
         mixed_precision: bool = True,
         gradient_checkpointing: bool = False,
+        layers: Optional[int] = None,
     ):
         super().__init__()
-        model = build_llm(llm)
+        model = build_llm(llm, layers=layers)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if lora is not None:
@@ -117,7 +171,7 @@ class MolarBlock(BlockBase):
             x = torch.stack([x, user], dim=2).reshape(batch, 2 * length, -1)
         llm_dtype = next(self.llm.parameters()).dtype
         with self._autocast(x.device):
-            hidden = self.llm(inputs_embeds=x.to(llm_dtype)).last_hidden_state
+            hidden = self.llm(inputs_embeds=x.to(llm_dtype), use_cache=False).last_hidden_state
         if self.user_token is not None:
             hidden = hidden[:, 1::2]
         return hidden.float()

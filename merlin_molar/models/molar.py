@@ -37,7 +37,14 @@ DEFAULT_ALPHA = {"frozen": 0.0, "joint": 0.1, "none": 0.0}
 class MolarConfig:
     """Everything needed to rebuild a Molar model (saved next to its weights; round-trips through JSON).
 
-    ``llm`` is a HF config dict (with ``model_type``; random init) or a local path / hub id (pretrained).
+    ``llm`` is a HF config dict (with ``model_type``; random init) or a pretrained decoder LLM: ``"smollm2"``
+    (SmolLM2-135M-Instruct, packaged with the install), a GGUF file, or a Hugging Face directory / hub id. Its
+    word embeddings are dropped (the DUEG reads the content item tower's vectors), the rest starts from the
+    pretrained weights, in float32. ``llm_layers`` keeps only the first N decoder layers (None: all; e.g. 2 of
+    SmolLM2's 30 to fit a CPU, a variant to name as such). ``lora`` (peft ``LoraConfig`` kwargs) freezes the
+    LLM's weights and trains low-rank adapters instead. A saved model is self-contained: :func:`saved_config`
+    replaces a pretrained ``llm`` by the architecture it was built with (its weights are in the state dict)
+    and records the name in ``llm_source``, so loading never reads the pretrained file again.
     ``id_branch``: ``"joint"`` (trained with its own next-item loss), ``"frozen"`` (load a pretrained ID
     model's weights with :func:`load_id_branch`, kept fixed) or ``"none"`` (content only, no alignment).
     ``id_model`` names the ID branch's architecture, ``"sasrec"`` or ``"gru4rec"``, built from the config
@@ -58,6 +65,8 @@ class MolarConfig:
     """
 
     llm: Union[str, dict] = field(default_factory=lambda: small_decoder_config().to_dict())
+    llm_layers: Optional[int] = None  # keep the first N decoder layers of the LLM (None: all)
+    llm_source: Optional[str] = None  # the pretrained weights a saved model's DUEG started from (a record only)
     lora: Optional[dict] = None  # peft.LoraConfig kwargs, e.g. {"r": 8, "lora_alpha": 16, "target_modules": [...]}
     user_token: bool = False
     id_branch: Literal["joint", "frozen", "none"] = "joint"
@@ -92,6 +101,9 @@ class MolarConfig:
             raise ValueError(f"llm must be a config dict (with model_type) or a path / hub id, got {type(self.llm)}")
         if isinstance(self.llm, dict):
             self.llm = json.loads(json.dumps(self.llm))  # as saved: JSON keys (HF reads id2label keys back as ints)
+        if self.llm_layers is not None and (isinstance(self.llm_layers, bool) or not isinstance(self.llm_layers, int)
+                                            or self.llm_layers < 1):
+            raise ValueError(f"llm_layers must be a whole number of at least 1 (or None: all), got {self.llm_layers!r}")
         self.id_weight_grid = tuple(float(w) for w in self.id_weight_grid)
         if not all(0.0 <= w <= 1.0 for w in (self.id_weight, *self.id_weight_grid)):
             raise ValueError("id_weight and id_weight_grid values must lie in [0, 1]")
@@ -147,7 +159,7 @@ def molar_model(schema: Schema, item_table: torch.Tensor, config: Optional[Molar
         from peft import LoraConfig
 
         lora = LoraConfig(**config.lora)
-    block = MolarBlock(config.llm, lora=lora, user_token=config.user_token)
+    block = MolarBlock(config.llm, lora=lora, user_token=config.user_token, layers=config.llm_layers)
     inputs = content_item_inputs(
         schema, item_table, block.hidden_size, config.max_length,
         adaptor=config.content_adaptor, experts=config.adaptor_experts, dropout=config.adaptor_dropout,
@@ -175,6 +187,19 @@ def molar_model(schema: Schema, item_table: torch.Tensor, config: Optional[Molar
     if id_body is not None:
         task.attach_id_branch(id_body.inputs, block.hidden_size)
     return tr.Model(head)
+
+
+def saved_config(config: MolarConfig, model: tr.Model) -> MolarConfig:
+    """``config`` as it is saved next to ``model``'s weights: a pretrained ``llm`` (a name or path) becomes the
+    architecture the DUEG was built with (layers kept, as a config dict) and the name moves to ``llm_source``,
+    so the saved model rebuilds without the pretrained file, and its state dict holds the weights."""
+    if not isinstance(config.llm, str):
+        return config
+    llm = model.heads[0].body.content[1].llm
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # under LoRA: the peft-wrapped model
+    architecture = base.config.to_dict()
+    architecture.pop("_name_or_path", None)  # where it was read from: recorded in llm_source
+    return replace(config, llm=architecture, llm_source=config.llm)
 
 
 def load_id_branch(model: tr.Model, id_model: tr.Model) -> None:

@@ -117,3 +117,73 @@ def test_projected_table_is_cached_during_evaluation_and_refreshed_after_an_upda
     assert second is not first and not torch.allclose(second, first)
     emb.train()
     assert emb.weight.requires_grad  # training always projects afresh, with gradients
+
+
+def first_layers_of(model, layers: int):
+    """An independent reference: a fresh model of ``layers`` layers loaded with ``model``'s first ones."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = layers
+    reference = type(model)(config).eval()
+    missing, _ = reference.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    return reference
+
+
+@pytest.mark.parametrize("source", ["gguf", "hf_dir"])
+@pytest.mark.parametrize("layers", [None, 2])
+def test_a_pretrained_dueg_starts_from_the_files_weights(tiny_llama, source, layers):
+    block = MolarBlock(str(getattr(tiny_llama, source)), layers=layers, mixed_precision=False).eval()
+    kept = layers or 3
+    llm = block.llm
+    assert len(llm.layers) == kept and llm.config.num_hidden_layers == kept
+    assert all(p.dtype == torch.float32 for p in llm.parameters())  # a GGUF file is dequantised to float32
+    assert llm.get_input_embeddings().num_embeddings == 1  # the word embedding table is dropped
+    expected = {k: v for k, v in tiny_llama.model.state_dict().items() if k != "embed_tokens.weight"
+                and not any(k.startswith(f"layers.{i}.") for i in range(kept, 3))}
+    got = {k: v for k, v in llm.state_dict().items() if k != "embed_tokens.weight"}
+    assert got.keys() == expected.keys()
+    for key, weight in expected.items():  # q/k come back un-permuted from the GGUF layout
+        torch.testing.assert_close(got[key], weight, rtol=0, atol=0, msg=key)
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = first_layers_of(tiny_llama.model, kept)(inputs_embeds=x).last_hidden_state
+        torch.testing.assert_close(block(x), reference)
+
+
+@pytest.mark.parametrize("layers", [0, 4, True, 1.5])
+def test_llm_layers_must_lie_within_the_llm(tiny_llama, layers):
+    with pytest.raises(ValueError, match=r"llm_layers must be between 1 and 3 \(the LLM's layers\)"):
+        MolarBlock(str(tiny_llama.hf_dir), layers=layers)
+
+
+def test_lora_on_a_pretrained_dueg_freezes_its_weights(tiny_llama):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    block = MolarBlock(str(tiny_llama.gguf), lora=lora, layers=2, mixed_precision=False)
+    trainable = {n for n, p in block.llm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    base = block.llm.get_base_model()
+    assert len(base.layers) == 2
+    torch.testing.assert_close(base.layers[1].self_attn.v_proj.base_layer.weight,
+                               tiny_llama.model.layers[1].self_attn.v_proj.weight, rtol=0, atol=0)
+    x = torch.randn(1, 5, 16)
+    block(x).sum().backward()
+    assert all(p.grad is None for n, p in block.llm.named_parameters() if "lora_" not in n)
+
+
+def test_bad_pretrained_llms_are_told_by_name(tmp_path, tiny_llama):
+    from transformers import BertConfig, BertModel
+
+    from merlin_molar.items.testing import save_tiny_gguf
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_llama.gguf.read_bytes()[:2000])
+    with pytest.raises(MolarDataError, match="cut.gguf: truncated or damaged GGUF file"):
+        MolarBlock(str(cut))
+    with pytest.raises(MolarDataError, match="clip.gguf: architecture 'clip'"):
+        MolarBlock(str(save_tiny_gguf(tmp_path / "clip.gguf", "clip")))
+    BertModel(BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(MolarDataError, match="architecture 'bert' is not a decoder-only LLM"):
+        MolarBlock(str(tmp_path / "bert"))  # bidirectional: the user embedding at t would see the items after t

@@ -167,3 +167,41 @@ def test_alpha_follows_the_id_branch_unless_given():
     saved = MolarConfig(id_branch="frozen").to_dict()
     assert saved["alpha"] == 0.0 and MolarConfig.from_dict(saved).alpha == 0.0  # saved resolved, not as None
     assert MolarConfig.from_dict(MolarConfig(id_branch="joint").to_dict()).alpha == 0.1
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}])
+def test_a_pretrained_dueg_is_saved_self_contained(tiny_prepared, tiny_llama, tmp_path, lora):
+    import shutil
+
+    gguf = tmp_path / "weights" / "tiny-llama.gguf"
+    gguf.parent.mkdir()
+    shutil.copy(tiny_llama.gguf, gguf)
+    torch.manual_seed(0)
+    config = tiny_config(llm=str(gguf), llm_layers=2, lora=lora)
+    table = content_table(tiny_prepared)
+    model = molar_model(tiny_prepared.schema, table, config)
+    llm = model.heads[0].body.content[1].llm
+    before = {n: p.detach().clone() for n, p in llm.named_parameters()}
+    trainer = make_trainer(model, tiny_prepared, tmp_path / "run", TrainConfig(epochs=1, batch_size=64))
+    trainer.train()
+    changed = {n for n, p in llm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and (lora is None or all("lora_" in n for n in changed))
+
+    saved = save_model(trainer.model, tmp_path / "model", "molar", config, tiny_prepared.schema, table)
+    shutil.rmtree(gguf.parent)  # loading must not read the pretrained file again
+    reloaded, _, saved_config, _ = load_model(saved)
+    assert saved_config.llm_source == str(gguf) and saved_config.llm_layers == 2
+    assert saved_config.llm["model_type"] == "llama" and saved_config.llm["num_hidden_layers"] == 2
+    assert config.llm == str(gguf)  # the caller's config is left as it was
+    assert (saved / "adapter").is_dir() == (lora is not None)
+    inputs, _ = first_batch(trainer)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(dict(inputs)), trainer.model(dict(inputs)), rtol=0, atol=0)
+
+
+def test_llm_layers_is_a_positive_whole_number():
+    assert MolarConfig().llm_layers is None
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="llm_layers must be a whole number of at least 1"):
+            MolarConfig(llm_layers=bad)
