@@ -394,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-table", help="item table directory (Molar)")
     p.add_argument("--model-options", help='JSON object of model options, e.g. \'{"alpha": 0.1}\' for the paper\'s '
                    'post-alignment loss (default 0 with --init-id-branch, where it did not help in the quality '
-                   'benchmarks; 0.1 for a jointly trained ID branch)')
+                   'benchmarks; 0.1 for a jointly trained ID branch); \'{"llm": "smollm2", "llm_layers": 2}\' starts '
+                   "Molar's DUEG from the first 2 layers of the packaged SmolLM2 (\"llm\" may also be a GGUF file or a "
+                   'model directory; add \'"lora": {"r": 8}\' to train LoRA adapters on the frozen LLM instead)')
     p.add_argument("--init-id-branch",
                    help="a saved SASRec or GRU4Rec model dir: Molar's ID branch, frozen, with its architecture")
     p.add_argument("--output", required=True, help="run directory")

@@ -216,6 +216,50 @@ def _check_value(key: str, value, default, option: str) -> None:
             raise bad("a string")
 
 
+PACKAGED_LLMS = ("smollm2",)  # the pretrained decoder LLMs among PACKAGED_ENCODERS
+
+
+def check_llm_option(value, option: str = "--model-options") -> None:
+    """Molar's ``llm``: a config object with ``model_type`` (random init), or a pretrained decoder LLM: a packaged
+    name, a GGUF file, a model directory (config.json), or a hub id. Whether a file really is a decoder LLM
+    is told when the model is built (a truncated GGUF, another architecture)."""
+    wanted = "smollm2, a GGUF file, a decoder model directory or hub id, or a config object with model_type"
+    if isinstance(value, dict):
+        if not isinstance(value.get("model_type"), str):
+            raise MolarDataError(option, f"llm: a config object needs model_type (e.g. \"qwen2\"), got {value!r}")
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise MolarDataError(option, f"llm must be {wanted}, got {value!r}")
+    if value in PACKAGED_LLMS:
+        return
+    if value in PACKAGED_ENCODERS:
+        raise MolarDataError(option, f"llm: {value} is an item encoder, not a decoder LLM: use {wanted}")
+    path = Path(os.path.expanduser(value))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MolarDataError(option, f"llm: {value}: file not found")
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise MolarDataError(option, f"llm: {value}: not a model directory (no config.json)")
+    elif not _hub_id_like(value):
+        raise MolarDataError(option, f"llm: {value}: no such file or directory")
+
+
+def check_llm_layers_option(value, option: str = "--model-options") -> None:
+    """Molar's ``llm_layers``: null (all layers) or a whole number of at least 1 (the upper bound, the LLM's
+    layer count, is checked when the model is built)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise MolarDataError(option, f"llm_layers must be null (all layers) or an integer of at least 1, got {value!r}")
+
+
+def check_lora_option(value, option: str = "--model-options") -> None:
+    if value is not None and not isinstance(value, dict):
+        raise MolarDataError(option, f"lora must be null or a JSON object of peft LoraConfig options, got {value!r}")
+
+
+DUEG_OPTIONS = {"llm": check_llm_option, "llm_layers": check_llm_layers_option, "lora": check_lora_option}
+
+
 def check_model_options(kind: str, options: dict, option: str = "--model-options") -> None:
     """Known keys of the model's config, values of the right type and range."""
     cls = _config_class(kind)
@@ -228,6 +272,9 @@ def check_model_options(kind: str, options: dict, option: str = "--model-options
 
     for key, value in options.items():
         default = getattr(defaults, key)
+        if kind == "molar" and key in DUEG_OPTIONS:
+            DUEG_OPTIONS[key](value, option)
+            continue
         if kind == "molar" and key in ID_MODELS:  # the ID branch's own config
             if not isinstance(value, dict):
                 raise MolarDataError(option, f"{key} must be a JSON object, got {value!r}")

@@ -56,14 +56,17 @@ NEW_ITEM = 90001
 
 @pytest.fixture(scope="module")
 def added(good, tmp_path_factory):
-    """``good``'s prepared data with an item table and one item added after the SASRec model was trained."""
+    """``good``'s prepared data with an item table and one item added after the SASRec model was trained;
+    ``embedded``: the same with its item table, before the item was added (what a Molar model trains on)."""
     prepared = tmp_path_factory.mktemp("cli_added") / "prepared"
     shutil.copytree(good.prepared, prepared)
     assert main(["embed-items", "--prepared", str(prepared), "--device", "cpu"]) == 0
+    embedded = prepared.parent / "embedded"
+    shutil.copytree(prepared, embedded)
     new = prepared.parent / "new.csv"
     new.write_text(f"item_id,clean_title,year,genres\n{NEW_ITEM},The new film,2024,Drama\n")
     assert main(["add-items", "--prepared", str(prepared), "--items", str(new)]) == 0
-    return SimpleNamespace(prepared=prepared)
+    return SimpleNamespace(prepared=prepared, embedded=embedded)
 
 
 def tree_checksums(*roots) -> dict:
@@ -215,6 +218,21 @@ def train(*extra, prepared=PREP):
              "--batch-size", "64", "--save-steps", "0", "--output", OUT, *extra)
 
 
+def train_molar(llm=None, llm_layers=None):
+    """``train --model molar`` on ``added.embedded`` (prepared data and item table) with these DUEG options (``llm``: a
+    value or (good, tmp) -> path; None: the default small random LLM)."""
+    import json
+
+    def options(g, t):
+        chosen = {"llm": str(llm(g, t)) if callable(llm) else llm, "llm_layers": llm_layers}
+        options = {"sasrec": {"d_model": 16, "n_layers": 1}, **{k: v for k, v in chosen.items() if v is not None}}
+        return json.dumps(options)
+
+    return P("train", "--prepared", lambda g, t: g.added.embedded, "--model", "molar", "--item-table",
+             lambda g, t: g.added.embedded / "item_table", "--model-options", options, "--epochs", "1",
+             "--batch-size", "64", "--save-steps", "0", "--output", OUT)
+
+
 def with_file(name: str, content: bytes):
     def make(g, t):
         path = t / name
@@ -345,6 +363,17 @@ CASES = [
     Case("train-config-output-not-a-path", lambda g, t: train()(g, t)[:-2] + ["--config", str(with_file(
         "cfg.yaml", b"output: 5\n")(g, t))], "--output"),
     Case("train-molar-without-item-table", train("--model", "molar"), "--item-table"),
+    # train: Molar's DUEG from a pretrained LLM (--model-options llm / llm_layers)
+    Case("train-molar-llm-truncated-gguf", train_molar(llm=gguf_file("cut.gguf", keep=0.6)),
+         "cut.gguf: truncated or damaged GGUF file", rerun=train_molar()),
+    Case("train-molar-llm-gguf-of-another-architecture", train_molar(llm=gguf_file("clip.gguf", "clip")),
+         "clip.gguf: architecture 'clip'"),
+    Case("train-molar-llm-missing-gguf", train_molar(llm=lambda g, t: t / "none.gguf"), "none.gguf: file not found"),
+    Case("train-molar-llm-an-item-encoder", train_molar(llm="minilm"),
+         "--model-options: llm: minilm is an item encoder, not a decoder LLM"),
+    Case("train-molar-llm-layers-0", train_molar(llm_layers=0), "--model-options: llm_layers must be null"),
+    Case("train-molar-llm-layers-beyond-the-llm", train_molar(llm_layers=3),
+         "llm_layers must be between 1 and 2 (the LLM's layers), got 3"),
     Case("train-missing-item-table", train("--model", "molar", "--item-table", lambda g, t: t / "none"),
          "--item-table"),
     Case("train-missing-prepared", train(prepared=lambda g, t: t / "none"), "--prepared"),
