@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import sys
 import time
@@ -66,9 +67,11 @@ def parse_dueg(spec: str) -> dict:
 
 
 class Pretrained:
-    """Each pretrained LLM read once (a GGUF file takes a minute to read and dequantise), copied per variant."""
+    """Each pretrained LLM read once (a GGUF file takes a minute to read and dequantise), copied for each of its
+    variants but the last, which takes the read model itself (one copy less in memory)."""
 
-    def __init__(self):
+    def __init__(self, names):
+        self.uses = {name: list(names).count(name) for name in set(names)}
         self.loaded = {}
 
     def __call__(self, name: str):
@@ -76,7 +79,8 @@ class Pretrained:
             start = time.perf_counter()
             self.loaded[name] = load_pretrained_llm(name)
             print(f"read {name} in {time.perf_counter() - start:.0f} s", flush=True)
-        return copy.deepcopy(self.loaded[name])
+        self.uses[name] -= 1
+        return copy.deepcopy(self.loaded[name]) if self.uses[name] > 0 else self.loaded.pop(name)
 
 
 def build_dueg(dueg: dict, pretrained: Pretrained) -> MolarBlock:
@@ -162,23 +166,26 @@ def main(argv=None):
     duegs = [parse_dueg(d.strip()) for d in duegs.split(",") if d.strip()]
     info = machine()
     peak, peak_source = peak_flops(args.peak_tflops)
-    pretrained = Pretrained()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    pretrained = Pretrained([d["name"] for d in duegs for _ in lengths if d["name"] not in SHAPES])
     columns = ["dueg", "layers", "lora", "length", "batch", "step_s", "seq_per_s", "tflops", "mfu"]
+    reference = {"11": 1170, "51": 580} if any(d["name"] == "qwen2-1.5b" for d in duegs) else None
+    out = Path(args.output or result_path("dueg_throughput", f"dueg_throughput_{args.device}.json"))
     rows = []
     for dueg in duegs:
-        for length in (int(x) for x in args.lengths.split(",")):
+        for length in lengths:
             row = measure(dueg, pretrained, length, args.batch, args.n_items, args.content_dim, args.adaptor,
                           args.steps, args.warmup, args.device)
+            gc.collect()  # the measured model and its optimizer state go before the next one is built
             row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
             rows.append(row)
             print(table([row], columns), flush=True)
-    reference = {"11": 1170, "51": 580} if any(d["name"] == "qwen2-1.5b" for d in duegs) else None
-    out = Path(args.output or result_path("dueg_throughput", f"dueg_throughput_{args.device}.json"))
-    write_result(out, {
-        "benchmark": "dueg_throughput", "command": command_line(), "date": now(), "git_commit": git_commit(),
-        "machine": info, "device": args.device, "peak_flops": peak, "peak_source": peak_source, "lora": LORA,
-        "reference_h100_plain_hf_seq_per_s": reference, "rows": rows,
-    })
+            write_result(out, {  # after every row: a run stopped on the way keeps what it measured
+                "benchmark": "dueg_throughput", "command": command_line(), "date": now(), "git_commit": git_commit(),
+                "machine": info, "device": args.device, "peak_flops": peak, "peak_source": peak_source,
+                "lora": LORA, "reference_h100_plain_hf_seq_per_s": reference, "rows": rows,
+                "complete": len(rows) == len(duegs) * len(lengths),
+            })
     print(table(rows, ["dueg", "layers", "lora", "length", "batch", "llm_params_m", "trainable_params_m", "step_s",
                        "seq_per_s", "tflops", "mfu"]))
     print(f"wrote {out}")
