@@ -171,7 +171,7 @@ class MolarBlock(BlockBase):
             x = torch.stack([x, user], dim=2).reshape(batch, 2 * length, -1)
         llm_dtype = next(self.llm.parameters()).dtype
         with self._autocast(x.device):
-            hidden = self.llm(inputs_embeds=x.to(llm_dtype), use_cache=False).last_hidden_state
+            hidden = self.llm(inputs_embeds=x.to(llm_dtype)).last_hidden_state
         if self.user_token is not None:
             hidden = hidden[:, 1::2]
         return hidden.float()
