@@ -85,6 +85,8 @@ VARIANTS = {
     "molar_images": ("molar", {}, "sasrec"),
     "molar_minilm_images": ("molar", {}, "sasrec"),
     "molar_smollm2_images": ("molar", {}, "sasrec"),
+    # the DUEG started from SmolLM2's weights, its first 2 of 30 layers (the CPU's variant; issue 29, item 3)
+    "molar_dueg_smollm2_l2": ("molar", {"llm": "smollm2", "llm_layers": 2}, "sasrec"),
 }
 # the item table each variant's content tower reads (default "original": the packaged MiniLM's). "stage1" is the
 # MiniLM after MIRM stage 1 (`merlin-molar finetune-items`, as benchmarks/stage1_sentence.py runs it), given with
@@ -96,7 +98,7 @@ VARIANT_TABLES = {"molar_stage1": "stage1", "molar_smollm2": "smollm2", "molar_i
 ENCODER_TABLES = {"smollm2": "smollm2", "images": "efficientnet-lite0", "minilm_images": "minilm+efficientnet-lite0",
                   "smollm2_images": "smollm2+efficientnet-lite0"}
 # a finished run is reused only if its saved model has the variant's value of each of these (and of each option)
-RECIPE_FIELDS = ("content_adaptor", "alpha", "id_weight_grid", "align_positions", "id_branch")
+RECIPE_FIELDS = ("content_adaptor", "alpha", "id_weight_grid", "align_positions", "id_branch", "llm", "llm_layers")
 BASELINE = "sasrec"  # the ratio column: every variant over the SASRec of the same seed
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
 
@@ -206,7 +208,12 @@ def check_finished_run(run_dir: Path, variant: str) -> None:
     expected = MolarConfig(**options, **({"id_branch": "frozen"} if id_from else {}))
     fields = [f for f in (*RECIPE_FIELDS, *options)
               if not (f == "alpha" and expected.id_branch == "none")]  # no ID branch: nothing to align with
-    differ = {f: (getattr(saved, f), getattr(expected, f)) for f in fields if getattr(saved, f) != getattr(expected, f)}
+    def value(config, f):  # a saved pretrained DUEG holds its architecture in llm and the name in llm_source
+        if f == "llm":
+            return config.llm_source or (config.llm if isinstance(config.llm, str) else "random init")
+        return getattr(config, f)
+
+    differ = {f: (value(saved, f), value(expected, f)) for f in fields if value(saved, f) != value(expected, f)}
     if differ:
         raise SystemExit(f"quality.py: error: {run_dir}: the finished run is not variant {variant!r} "
                          f"(saved vs expected: {differ}); move it to the variant it is, or delete it")

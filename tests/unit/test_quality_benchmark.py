@@ -138,3 +138,18 @@ def test_an_encoder_table_is_embedded_once_and_recorded_with_its_join_and_time(q
     assert timing["items"] == record["items_embedded"] and timing["seconds_per_item"] > 0 and not timing["reused"]
     again = quality.encoder_table(prepared, path, "minilm+efficientnet-lite0")  # the same plan: reused, not redone
     assert quality.table_record("minilm_images", again)["embedding"] == timing
+
+
+def test_a_finished_pretrained_dueg_run_is_recognised_by_the_name_it_started_from(quality, tmp_path):
+    """A saved model keeps the DUEG's architecture in ``llm`` and the pretrained name in ``llm_source``."""
+    from merlin_molar.io import write_json
+    from merlin_molar.models.molar import MolarConfig
+
+    options = quality.VARIANTS["molar_dueg_smollm2_l2"][1]
+    saved = MolarConfig(**{**options, "llm": {"model_type": "llama", "num_hidden_layers": 2}}, id_branch="frozen",
+                        llm_source="smollm2")
+    (tmp_path / "model").mkdir()
+    write_json(tmp_path / "model" / "molar_model.json", {"config": saved.to_dict()})
+    quality.check_finished_run(tmp_path, "molar_dueg_smollm2_l2")
+    with pytest.raises(SystemExit, match="is not variant 'molar'.*'llm': \\('smollm2', 'random init'\\)"):
+        quality.check_finished_run(tmp_path, "molar")  # the default DUEG's run is another variant
