@@ -37,7 +37,8 @@ class SASRecConfig:
     # screening_ml100k.md; one seed, 40 epochs), "last" gained nothing: "start" stays the default.
     positions: str = "start"
     # item embeddings x sqrt(d_model) before the positions are added (the reference's scaling); measured slower
-    # to learn in the same screening, so off by default
+    # to learn in the same screening, so off by default. With either option off its default the model serves
+    # through `recommend` only: `export` refuses it (the lean towers run GPT-2 on the embeddings as they are)
     scale_embeddings: bool = False
 
     def __post_init__(self):

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from merlin_molar.errors import MolarDataError
 from merlin_molar.ids import FIRST_ITEM_ID, OOV_ID
 from merlin_molar.models.task import scores_with_new_items
 from merlin_molar.serving.slim import slim_tower
@@ -110,6 +111,23 @@ def _id_tower(layer) -> torch.nn.Module:
     raise NotImplementedError(f"the lean path cannot trace an ID branch of type {type(layer).__name__}")
 
 
+def _unservable_sasrec(kind: str, config) -> Optional[str]:
+    """Why the lean towers would not compute what the model's own SASRec computes, or None. They run GPT-2 on
+    the item embeddings as they are, with GPT-2's positions: the SASRec options ``positions="last"`` and
+    ``scale_embeddings`` (off by default) change both, and serving them as they are would be silently wrong."""
+    if kind == "sasrec":
+        sasrec = config
+    elif kind == "molar" and config.id_branch != "none" and config.id_model == "sasrec":
+        sasrec = config.sasrec
+    else:
+        return None
+    if sasrec.positions == "start" and not sasrec.scale_embeddings:
+        return None
+    return (f"its SASRec was trained with positions={sasrec.positions!r}, scale_embeddings={sasrec.scale_embeddings}, "
+            "which the exported (lean) serving path does not implement: serve it with `merlin-molar recommend`, or "
+            "train with the defaults (positions='start', scale_embeddings=False)")
+
+
 def _model_parts(model, kind: str) -> Dict:
     """The trained pieces of a loaded merlin-molar model that inference needs."""
     from merlin_molar.models.id_models import ID_MODELS
@@ -168,6 +186,9 @@ def export_lean(model_dir, output_dir) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, kind, config, _ = load_model(model_dir)
+    problem = _unservable_sasrec(kind, config)
+    if problem:
+        raise MolarDataError(model_dir, problem)
     max_length = int(config.max_length)
     buckets = length_buckets(max_length)
     tables, meta = {}, {"kind": kind, "max_length": max_length, "buckets": buckets}

@@ -65,8 +65,8 @@ def test_length_buckets():
 
 def _molar(prepared, **overrides):
     torch.manual_seed(0)
-    config = MolarConfig(llm=small_decoder_config("qwen2", hidden_size=16, num_layers=2).to_dict(), sasrec=SASREC,
-                         max_length=20, **overrides)
+    config = MolarConfig(**{"llm": small_decoder_config("qwen2", hidden_size=16, num_layers=2).to_dict(),
+                            "sasrec": SASREC, "max_length": 20, **overrides})
     table = torch.randn(prepared.item_cardinality, 24)
     return molar_model(prepared.schema, table, config).eval(), config, table
 
@@ -139,6 +139,24 @@ def _assert_lean_equals_the_model(lean, model, k=10):
         top_scores, top_ids = lean.top_k(values, offsets, k)
         np.testing.assert_array_equal(top_ids, want_ids.numpy())
         np.testing.assert_allclose(top_scores, want_scores.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", [{"positions": "last"}, {"scale_embeddings": True}])
+@pytest.mark.parametrize("kind", ["sasrec", "molar"])
+def test_lean_refuses_a_sasrec_whose_inputs_it_would_not_reproduce(tiny_prepared, tmp_path, option, kind):
+    """The lean towers run GPT-2 on the embeddings as they are: a SASRec trained with positions counted from
+    the last item or scaled embeddings would be served silently wrong, so the export refuses it."""
+    from merlin_molar.errors import MolarDataError
+
+    if kind == "sasrec":
+        config = SASRecConfig(**SASREC, **option)
+        model, table = sasrec_model(tiny_prepared.schema, config).eval(), None
+    else:
+        model, config, table = _molar(tiny_prepared, sasrec={**SASREC, **option})
+    saved = save_model(model, tmp_path / "model", kind, config, tiny_prepared.schema, table)
+    with pytest.raises(MolarDataError, match="the exported \\(lean\\) serving path does not implement") as error:
+        export_lean(saved, tmp_path / "lean")
+    assert error.value.source == str(saved)
 
 
 def test_lean_falls_back_to_traced_towers(tiny_prepared, tmp_path, monkeypatch):

@@ -1,0 +1,269 @@
+"""SASRec screening (issue 28): one variant, one seed, validation NDCG@10 every 5 epochs and no early stopping, to
+find what makes the project's SASRec trail the plain PyTorch reference (``../shared/reference/ref_sasrec.py``).
+
+Variants, all under the project's own inputs (Transformers4Rec item-id features, causal masking), task (weight-tied
+full softmax) and Trainer, on the project's preparation of the data:
+
+* ``--block gpt2`` (default): the project's SASRec, :func:`merlin_molar.pipeline.build_model` with ``--model``
+  options (``{"positions": "last", "scale_embeddings": true}``, ...);
+* ``--block encoder``: the reference's architecture written as a Transformers4Rec block (PyTorch's pre-norm
+  ``TransformerEncoder`` with GELU and a 4d feed-forward, item embeddings x sqrt(d), learned positions counted
+  back from the read-out item, a final LayerNorm), with PyTorch's initialisation (``--init torch``) or GPT-2's
+  (``--init gpt2``: N(0, 0.02), residual projections 0.02/sqrt(2 layers), zero biases).
+
+``--masking-check RUN_DIR`` evaluates a trained ``encoder`` run under the project's evaluation and under the
+reference's, with the seen items masked over the whole history or only over the model's window.
+
+``--equivalence`` instead checks that the ``encoder`` block under the project's pipeline computes the reference's
+loss: the reference model is given the same weights and the same batch (left-padded, as it pads) and both losses
+are written (dropout off).
+
+Writes ``benchmarks/results/sasrec_screening/<name>.json``. Example::
+
+    python benchmarks/sasrec_screening.py encoder_torch_init --block encoder --epochs 100
+    python benchmarks/sasrec_screening.py equivalence --equivalence
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, data_dir, machine, result_path, write_result  # noqa: E402
+
+REFERENCE = REPO.parent / "shared" / "reference" / "ref_sasrec.py"
+BENCHMARK = "sasrec_screening"
+
+
+def encoder_block_class():
+    import torch
+    from transformers4rec.torch.block.base import BlockBase
+
+    from merlin_molar.models.sasrec import positions_from_last
+
+    class EncoderBlock(BlockBase):
+        """The reference's SASRec layers as a Transformers4Rec block (reads the masking's targets for the
+        positions, as ``SASRecPrepare`` does)."""
+
+        def __init__(self, config, masking, init: str = "torch"):
+            super().__init__()
+            d = config.d_model
+            layer = torch.nn.TransformerEncoderLayer(d, config.n_heads, 4 * d, config.dropout, batch_first=True,
+                                                     norm_first=True, activation="gelu")
+            self.enc = torch.nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
+            if init == "gpt2":
+                for name, p in self.enc.named_parameters():
+                    if p.dim() == 2:
+                        residual = "out_proj" in name or "linear2" in name
+                        torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layers) if residual else 0.02)
+                    elif "norm" not in name:
+                        torch.nn.init.zeros_(p)
+            self.pos = torch.nn.Embedding(config.max_length, d)
+            torch.nn.init.normal_(self.pos.weight, std=0.02)
+            self.norm = torch.nn.LayerNorm(d)
+            self.drop = torch.nn.Dropout(config.dropout)
+            self.scale, self.max_length = math.sqrt(d), config.max_length
+            self.__dict__["masking"] = masking  # the inputs own it: not a submodule here
+
+        def forward(self, inputs_embeds, training=False, testing=False, **kwargs):
+            length = inputs_embeds.shape[1]
+            positions = positions_from_last(self.masking.masked_targets, self.max_length, self.masking.padding_idx)
+            h = inputs_embeds * self.scale + self.pos(positions)
+            causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=h.device), 1)
+            return self.norm(self.enc(self.drop(h), mask=causal, is_causal=True))
+
+        def forward_output_size(self, input_size):
+            return input_size
+
+    return EncoderBlock
+
+
+def build(args, prepared):
+    import torch
+    import transformers4rec.torch as tr
+
+    from merlin_molar.models.sasrec import SASRecConfig, full_ranking_model, item_id_inputs
+    from merlin_molar.pipeline import build_model
+
+    torch.manual_seed(args.seed)
+    options = json.loads(args.model)
+    if args.block == "gpt2":
+        return build_model("sasrec", prepared, options)[0]
+    config = SASRecConfig(max_length=prepared.max_length, **options)
+    inputs = item_id_inputs(prepared.schema, config)
+    block = encoder_block_class()(config, inputs.masking, args.init)
+    return full_ranking_model(tr.SequentialBlock(inputs, block))
+
+
+def equivalence(args, prepared) -> dict:
+    """The ``encoder`` block's loss and the reference's on the same weights and batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from merlin_molar.training import TrainConfig, make_trainer
+
+    spec = importlib.util.spec_from_file_location("ref_sasrec", args.reference)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    args.block = "encoder"
+    model = build(args, prepared)
+    trainer = make_trainer(model, prepared, args.workdir / "equivalence", TrainConfig(seed=args.seed, epochs=1))
+    features, targets = next(iter(trainer.get_train_dataloader()))
+    model(features, targets=targets, training=True)  # builds the task
+    table = model.heads[0].body.inputs.categorical_module.item_embedding_table
+    block = model.heads[0].body[1]
+    d = table.weight.shape[1]
+    ref = reference.SASRec(table.num_embeddings - 1, d, len(block.enc.layers), 1, block.max_length, 0.2)
+    with torch.no_grad():
+        ref.item.weight.copy_(table.weight)
+        ref.pos.weight.copy_(block.pos.weight)
+        ref.enc.load_state_dict(block.enc.state_dict())
+        ref.norm.load_state_dict(block.norm.state_dict())
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        project_loss = float(model(features, targets=targets, training=True)["loss"])
+        rows = [s[s != 0].tolist() for s in features["item_id-list"]]
+        x = reference.left_pad([r[:-1] for r in rows], block.max_length)
+        y = reference.left_pad([r[1:] for r in rows], block.max_length)
+        keep = y > 0
+        reference_loss = float(F.cross_entropy(ref.scores(ref(x)[keep]), y[keep]))
+    return {"project_pipeline_loss": project_loss, "reference_loss": reference_loss, "targets": int(keep.sum()),
+            "abs_difference": abs(project_loss - reference_loss)}
+
+
+def masking_check(args, prepared) -> dict:
+    """Validation NDCG@10 of one trained ``encoder`` block (``--masking-check``: a run directory of this script)
+    under the project's evaluation, and under the reference's evaluation of the same weights (the reference model
+    given them, the item ids mapped) with the seen items masked four ways: the whole history or only the items in
+    the model's window, the window holding ``max_length`` or ``max_length - 1`` history items."""
+    import pandas as pd
+    import torch
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from merlin_molar.training import TrainConfig, evaluate, make_trainer
+
+    spec = importlib.util.spec_from_file_location("ref_sasrec", args.reference)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    checkpoint = Path(get_last_checkpoint(str(args.masking_check)))
+    args.block = "encoder"
+    model = build(args, prepared)
+    trainer = make_trainer(model, prepared, args.workdir / "masking_check", TrainConfig(seed=args.seed, epochs=1))
+    features, targets = next(iter(trainer.get_train_dataloader()))
+    model(features, targets=targets, training=True)  # builds the task
+    state = torch.load(checkpoint / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    project = evaluate(trainer, prepared, "valid")["ndcg@10"]
+
+    seqs, n_items = reference.load(str(args.dataset))
+    raw = pd.read_csv(args.dataset / "interactions.csv")
+    codes = {item: i + 1 for i, item in enumerate(sorted(raw.item_id.unique()))}  # the reference's item codes
+    items = prepared.items()
+    project_id = dict(zip(items["item_id_raw"], items["item_id"]))
+    order = torch.zeros(n_items + 1, dtype=torch.long)
+    for item, code in codes.items():
+        order[code] = int(project_id[item])
+    table = model.heads[0].body.inputs.categorical_module.item_embedding_table
+    block = model.heads[0].body[1]
+    ref = reference.SASRec(n_items, table.weight.shape[1], len(block.enc.layers), 1, block.max_length, 0.2)
+    with torch.no_grad():
+        ref.item.weight.copy_(table.weight[order])
+        ref.item.weight[0].zero_()
+        ref.pos.weight.copy_(block.pos.weight)
+        ref.enc.load_state_dict(block.enc.state_dict())
+        ref.norm.load_state_dict(block.norm.state_dict())
+    ref.eval()
+
+    @torch.no_grad()
+    def ndcg(window: int, mask_all: bool) -> float:
+        total = 0.0
+        for b in range(0, len(seqs), 512):
+            histories = [s[:-2] for s in seqs[b:b + 512]]
+            target = torch.tensor([s[-2] for s in seqs[b:b + 512]])
+            scores = ref.scores(ref(reference.left_pad([h[-window:] for h in histories], block.max_length))[:, -1])
+            scores[:, 0] = -float("inf")
+            for row, history in enumerate(histories):
+                scores[row, torch.as_tensor(history if mask_all else history[-window:])] = -float("inf")
+            rank = (scores > scores.gather(1, target[:, None])).sum(1)
+            total += float(((rank < 10).float() / torch.log2(rank.float() + 2)).sum())
+        return total / len(seqs)
+
+    length = block.max_length
+    return {"checkpoint": str(checkpoint), "project_evaluation": project,
+            "reference_evaluation": {
+                f"window {length}, whole history masked (the reference's)": ndcg(length, True),
+                f"window {length - 1}, whole history masked": ndcg(length - 1, True),
+                f"window {length - 1}, only the window masked (the project's)": ndcg(length - 1, False),
+                f"window {length}, only the window masked": ndcg(length, False)}}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("name", help="the variant's name (its result file and run directory)")
+    p.add_argument("--block", choices=["gpt2", "encoder"], default="gpt2")
+    p.add_argument("--init", choices=["torch", "gpt2"], default="torch", help="initialisation of --block encoder")
+    p.add_argument("--model", default="{}", help="SASRecConfig options as JSON")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", type=Path, default=data_dir("ml-100k"))
+    p.add_argument("--max-length", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workdir", type=Path, default=REPO / "outputs" / BENCHMARK)
+    p.add_argument("--reference", type=Path, default=REFERENCE, help="for --equivalence")
+    p.add_argument("--equivalence", action="store_true", help="check the encoder block against the reference")
+    p.add_argument("--resume", action="store_true", help="continue the variant's run from its last checkpoint")
+    p.add_argument("--masking-check", type=Path, metavar="RUN_DIR",
+                   help="evaluate this encoder-block run's last checkpoint under both masking rules")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import merlin_molar  # noqa: F401  (compat overrides before T4Rec is imported)
+    from sasrec_parity import prepared_data
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from merlin_molar.training import BEST_MODEL_METRIC, TrainConfig, make_trainer
+
+    info = machine()
+    prepared = prepared_data(args.dataset, args.workdir / f"{args.dataset.name}_L{args.max_length}" / "prepared",
+                             args.max_length)
+    if args.masking_check:
+        write_result(result_path(BENCHMARK, f"{args.name}.json"), {"benchmark": BENCHMARK, "machine": info,
+                                                                    "masking": masking_check(args, prepared)})
+        return
+    if args.equivalence:
+        write_result(result_path(BENCHMARK, f"{args.name}.json"), {"benchmark": BENCHMARK, "machine": info,
+                                                                    "equivalence": equivalence(args, prepared)})
+        return
+    model = build(args, prepared)
+    out = args.workdir / "runs" / args.name
+    config = TrainConfig(epochs=args.epochs, early_stopping_patience=100_000, eval_every=5, seed=args.seed,
+                         logging_steps=10**6)
+    trainer = make_trainer(model, prepared, out, config)
+    start = time.time()
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(out)) if args.resume else None)
+    key = "eval_" + BEST_MODEL_METRIC
+    curve = {str(round(h["epoch"])): round(h[key], 4) for h in trainer.state.log_history if key in h}
+    path = write_result(result_path(BENCHMARK, f"{args.name}.json"), {
+        "benchmark": BENCHMARK, "machine": info, "dataset": str(args.dataset), "max_length": args.max_length,
+        "variant": {"block": args.block, "init": args.init if args.block == "encoder" else "gpt2",
+                    "model": json.loads(args.model)},
+        "seed": args.seed, "epochs": args.epochs, "seconds": round(time.time() - start),
+        "valid_ndcg@10_by_epoch": curve})
+    print(json.dumps(curve), f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
