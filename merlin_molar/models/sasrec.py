@@ -22,7 +22,8 @@ from merlin_molar.models.task import FullRankingNextItemTask
 
 POSITIONS = ("last", "start")
 # what a config saved without these fields was trained with
-LEGACY = {"positions": "start", "scale_embeddings": False}
+LEGACY = {"positions": "start", "scale_embeddings": False, "init": "gpt2"}
+INITS = ("gpt2", "torch")
 
 
 @dataclass
@@ -40,10 +41,18 @@ class SASRecConfig:
     # to learn in the same screening, so off by default. With either option off its default the model serves
     # through `recommend` only: `export` refuses it (the lean towers run GPT-2 on the embeddings as they are)
     scale_embeddings: bool = False
+    # the transformer layers' initial weights: "gpt2" (Hugging Face's GPT-2 init: N(0, 0.02), residual projections
+    # 0.02/sqrt(2 n_layers)) or "torch" (what PyTorch's own layers start from, as the reference SASRec built on
+    # nn.TransformerEncoder does: Xavier-uniform query/key/value, Kaiming-uniform feed-forward and output
+    # projections). Only the start of training differs; the model and its serving are the same. Under screening
+    # for issue 28 (benchmarks/results/sasrec_screening/): the default stays "gpt2" until a 3-seed parity run
+    init: str = "gpt2"
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a history and a target), got {self.max_length}")
         if self.d_model % self.n_heads:
@@ -54,8 +63,8 @@ class SASRecConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SASRecConfig":
-        """A saved config; one saved before ``positions`` / ``scale_embeddings`` existed was trained with
-        GPT-2's positions and unscaled embeddings."""
+        """A saved config; one saved before ``positions`` / ``scale_embeddings`` / ``init`` existed was trained
+        with GPT-2's positions, unscaled embeddings and GPT-2's initialisation."""
         return cls(**{**LEGACY, **values})
 
 
@@ -122,6 +131,25 @@ class SASRecPrepare(CausalPrepare):
         return prepared
 
 
+@torch.no_grad()
+def torch_init(gpt2) -> None:
+    """Re-initialise a GPT-2's transformer layers as PyTorch initialises ``nn.TransformerEncoderLayer``: the
+    query/key/value projection Xavier-uniform with zero bias, the attention output projection Kaiming-uniform
+    (bound 1/sqrt(fan_in)) with zero bias, the feed-forward layers Kaiming-uniform with uniform biases. GPT-2's
+    ``Conv1D`` weights are ``[in, out]``, the transpose of ``nn.Linear``'s. Positions and layer norms keep GPT-2's."""
+    for block in gpt2.h:
+        attention, mlp = block.attn, block.mlp
+        torch.nn.init.xavier_uniform_(attention.c_attn.weight.T)
+        torch.nn.init.zeros_(attention.c_attn.bias)
+        for layer, zero_bias in ((attention.c_proj, True), (mlp.c_fc, False), (mlp.c_proj, False)):
+            bound = layer.weight.shape[0] ** -0.5
+            torch.nn.init.uniform_(layer.weight, -bound, bound)
+            if zero_bias:
+                torch.nn.init.zeros_(layer.bias)
+            else:
+                torch.nn.init.uniform_(layer.bias, -bound, bound)
+
+
 def sasrec_transformer(config: SASRecConfig, masking=None) -> tr.TransformerBlock:
     gpt2 = tr.GPT2Config.build(
         d_model=config.d_model,
@@ -135,6 +163,8 @@ def sasrec_transformer(config: SASRecConfig, masking=None) -> tr.TransformerBloc
     scale = math.sqrt(config.d_model) if config.scale_embeddings else 1.0
     prepare = functools.partial(SASRecPrepare, scale=scale, positions=config.positions)
     block = tr.TransformerBlock(gpt2, prepare_module=prepare)
+    if config.init == "torch":
+        torch_init(block.transformer)
     # attached after construction, as before the options existed: given to the constructor, T4Rec also
     # registers the masking under the prepare module, which adds a state-dict key (models saved before would
     # not load) and moves its parameter in the optimizer's order (training no longer reproduces them)

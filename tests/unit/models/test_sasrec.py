@@ -100,9 +100,9 @@ def test_configs_saved_before_the_options_existed_keep_what_they_were_trained_wi
     from merlin_molar.models.molar import MolarConfig
 
     saved = SASRecConfig(**LAST, scale_embeddings=True).to_dict()
-    del saved["positions"], saved["scale_embeddings"]  # as saved by merlin-molar before they existed
+    del saved["positions"], saved["scale_embeddings"], saved["init"]  # as saved before they existed
     old = SASRecConfig.from_dict(saved)
-    assert (old.positions, old.scale_embeddings) == ("start", False)
+    assert (old.positions, old.scale_embeddings, old.init) == ("start", False, "gpt2")
     molar = MolarConfig().to_dict()
     molar["sasrec"] = saved
     assert MolarConfig.from_dict(molar).sasrec == old
@@ -121,9 +121,35 @@ def test_a_saved_sasrec_reloads_with_identical_scores(tiny_prepared, tmp_path):
     assert reloaded_config == config
 
 
-def test_unknown_positions_fail_at_construction():
+def test_unknown_positions_and_init_fail_at_construction():
     with pytest.raises(ValueError, match="positions must be one of"):
         SASRecConfig(positions="end")
+    with pytest.raises(ValueError, match="init must be one of"):
+        SASRecConfig(init="xavier")
+
+
+def test_torch_init_starts_gpt2_where_pytorchs_encoder_layer_starts():
+    """``init="torch"``: each GPT-2 weight drawn from the distribution of its nn.TransformerEncoderLayer
+    counterpart (GPT-2's Conv1D weights are [in, out]); the default keeps GPT-2's N(0, 0.02)."""
+    from merlin_molar.models.sasrec import sasrec_transformer
+
+    torch.manual_seed(0)
+    d, ffn = 64, 256
+    gpt2 = sasrec_transformer(SASRecConfig(d_model=d, init="torch")).transformer
+    reference = torch.nn.TransformerEncoderLayer(d, 1, ffn, 0.2, batch_first=True, norm_first=True)
+    pairs = [(gpt2.h[0].attn.c_attn.weight.T, reference.self_attn.in_proj_weight),
+             (gpt2.h[0].attn.c_proj.weight.T, reference.self_attn.out_proj.weight),
+             (gpt2.h[0].mlp.c_fc.weight.T, reference.linear1.weight),
+             (gpt2.h[0].mlp.c_proj.weight.T, reference.linear2.weight),
+             (gpt2.h[1].mlp.c_fc.bias, reference.linear1.bias)]
+    for ours, theirs in pairs:
+        assert ours.shape == theirs.shape
+        bound = float(theirs.abs().max())  # uniform draws: the bound, as sampled
+        assert float(ours.abs().max()) <= bound * 1.01 and float(ours.std()) == pytest.approx(float(theirs.std()),
+                                                                                                 rel=0.05)
+    assert not gpt2.h[0].attn.c_attn.bias.any() and not gpt2.h[0].attn.c_proj.bias.any()
+    default = sasrec_transformer(SASRecConfig(d_model=d)).transformer
+    assert float(default.h[0].mlp.c_fc.weight.std()) == pytest.approx(0.02, rel=0.05)
 
 
 @pytest.mark.parametrize("mode", [{"testing": True}, {}])
