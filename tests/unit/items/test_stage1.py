@@ -335,3 +335,21 @@ def test_finetune_items_on_a_gguf_then_embed_items(tiny_llama, small_prepared, t
     rows, metadata = read_table_rows(table), read_table_metadata(table)
     assert rows.has_embedding.sum() == small_prepared.items()["has_content"].sum()
     assert metadata["encoder"]["stage1"]["method"] == "lora" and metadata["encoder"]["name_or_path"] == str(out)
+
+
+def test_finetune_items_interrupted_says_how_to_continue_and_continues(tiny_llama, small_prepared, tmp_path,
+                                                                       monkeypatch, capsys):
+    from merlin_molar.cli import main
+
+    out = tmp_path / "stage1"
+    argv = ["finetune-items", "--prepared", str(small_prepared.root), "--base-model", str(tiny_llama["gguf"]),
+            "--output", str(out), "--examples-per-task", "4", "--max-steps", "3", "--batch-size", "2",
+            "--checkpoint-every", "1", "--device", "cpu"]
+    with monkeypatch.context() as m:
+        _interrupt_at_batch(m, 3)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: run the same command again to continue from the last checkpoint" in err
+    assert main(argv) == 0, capsys.readouterr().err
+    meta = json.loads((out / "molar_stage1.json").read_text())
+    assert meta["resumed_from_step"] == 2 and len(meta["losses"]) == 3 and not (out / "checkpoints").exists()
