@@ -12,7 +12,12 @@ what a full stage 1 would cost on this machine (issue 29, item 4).
    steps: after an interruption, the same command continues the run from its last checkpoint.
 3. ``embed-items --encoder OUTPUT`` over the prepared catalogue (``embed_items.encoder_row``, what the CLI
    runs), timed: load time and seconds per item.
-4. The batches the run trained on, replayed and tokenised with the output's tokenizer: real and padded tokens
+4. With ``--compare-pretrained`` (the default): the packaged SmolLM2's own item table (``embed-items --encoder
+   smollm2``, timed the same way, kept in PREPARED/item_table_smollm2 and reused when there), and both tables
+   scored by content kNN as in ``stage1_sentence.py`` (cosine of every item to the user's last history item, full
+   ranking, history masked, valid/test leave-one-out targets), with the paired per-user difference: a cheap
+   signal of what the short stage 1 did to the vectors, not the Molar quality table.
+5. The batches the run trained on, replayed and tokenised with the output's tokenizer: real and padded tokens
    per example, so examples/s becomes tokens/s; the estimated wall time of one epoch over the full mixture
    (``--examples-per-task`` per task, the paper's 10k) on this CPU with one thread.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +73,29 @@ def replayed_tokens(examples, tokenizer, steps: int, batch_size: int, seed: int)
             "padded_tokens_per_example": padded / examples_seen}
 
 
+def compare_content_knn(prepared, tables: dict) -> dict:
+    """Content-kNN metrics of each item table on valid and test, and the paired per-user difference
+    (``smollm2_stage1`` - ``smollm2``) with its standard error."""
+    from stage1_sentence import per_user_metrics, split_histories
+
+    from merlin_molar.cold_start import content_knn_scorer
+    from merlin_molar.items import load_item_table
+
+    out = {}
+    for split in ("valid", "test"):
+        histories, targets = split_histories(prepared, split)
+        per_user = {name: per_user_metrics(content_knn_scorer(load_item_table(path, prepared)), histories, targets)
+                    for name, path in tables.items()}
+        out[split] = {name: {**{k: float(v.mean()) for k, v in sorted(m.items())}, "users": len(m["ndcg@10"])}
+                      for name, m in per_user.items()}
+        out[split]["stage1_minus_pretrained"] = {}
+        for key in ("ndcg@10", "recall@10", "ndcg@20", "recall@20"):
+            diff = per_user["smollm2_stage1"][key] - per_user["smollm2"][key]
+            out[split]["stage1_minus_pretrained"][key] = {"mean": float(diff.mean()),
+                                                          "std_error": float(diff.std() / math.sqrt(len(diff)))}
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(data_dir("ml-1m")))
@@ -79,6 +108,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--embed-batch-size", type=int, default=32, help="embed-items batch (as the pretrained rows)")
     p.add_argument("--skip-embed", action="store_true", help="stage 1 only")
+    p.add_argument("--no-compare-pretrained", dest="compare_pretrained", action="store_false",
+                   help="do not embed with (and compare against) the packaged SmolLM2 as it is")
     p.add_argument("--workdir", default=str(REPO / "outputs" / "stage1_llm"))
     p.add_argument("--name", default="stage1_smollm2_ml1m")
     args = p.parse_args(argv)
@@ -134,11 +165,16 @@ def main(argv=None):
                  "poster task (the paper's third 10k) is not readable by SmolLM2",
     }
 
-    embed = None
+    embed, content_knn = [], None
     if not args.skip_embed:
         from embed_items import encoder_row
 
-        embed = encoder_row(str(output), prepared, args.embed_batch_size, "cpu")
+        embed.append(encoder_row(str(output), prepared, args.embed_batch_size, "cpu"))
+        tables = {"smollm2": prepared.root / "item_table_smollm2", "smollm2_stage1": Path(embed[0]["table"])}
+        if args.compare_pretrained:
+            if not (tables["smollm2"] / "metadata.json").is_file():
+                embed.append(encoder_row("smollm2", prepared, args.embed_batch_size, "cpu"))
+            content_knn = compare_content_knn(prepared, tables)
 
     path = write_result(result_path("stage1_llm", f"{args.name}.json"), {
         "benchmark": "stage1_llm", "command": command_line(), "git_commit": git_commit(), "date": now(),
@@ -154,12 +190,20 @@ def main(argv=None):
         "stage1": {**throughput, "losses": stage1["losses"]},
         "full_stage1_estimate": estimate,
         "embed_items": embed,
+        "content_knn": content_knn,
     })
     print(table([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in throughput.items()}],
                 ["steps", "batch_size", "train_loop_s", "s_per_step", "examples_per_s", "real_tokens_per_s",
                  "padded_tokens_per_s", "loss_first_10_steps", "loss_last_10_steps"]))
-    if embed is not None:
-        print(table([embed], ["row", "items", "load_seconds", "seconds", "seconds_per_item", "dim"]))
+    if embed:
+        print(table(embed, ["row", "items", "load_seconds", "seconds", "seconds_per_item", "dim"]))
+    if content_knn:
+        print(table([{"split": split, "item table": name, **{k: round(v, 4) for k, v in m.items() if k != "users"}}
+                     for split, by_table in content_knn.items() for name, m in by_table.items()
+                     if name != "stage1_minus_pretrained"], ["split", "item table", "ndcg@10", "recall@10"]))
+        for split in content_knn:
+            d = content_knn[split]["stage1_minus_pretrained"]["ndcg@10"]
+            print(f"{split}: stage 1 - pretrained NDCG@10 {d['mean']:+.4f} ± {d['std_error']:.4f}")
     print(f"one epoch over the {full_epoch_examples} examples: {estimate['one_epoch_hours']:.1f} h on this CPU "
           f"(one thread); wrote {path}")
 
