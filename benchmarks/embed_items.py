@@ -126,11 +126,13 @@ def vlm_row(name, path, items, batch_size, device, image_size, peak=None):
 
 
 def encoder_row(name: str, prepared, batch_size: int, device: str) -> dict:
-    """One ``embed-items --encoder NAME`` over ``prepared``'s catalogue, timed."""
+    """One ``embed-items --encoder NAME`` over ``prepared``'s catalogue, timed (a model directory, e.g. a stage-1
+    output, is named by its last path component)."""
     from merlin_molar.items import read_table_metadata
     from merlin_molar.pipeline import embed_item_table
 
-    output = prepared.root / f"item_table_{name}"
+    label = Path(name).name if Path(name).is_dir() else name
+    output = prepared.root / f"item_table_{label}"
     details = {}
     start = time.perf_counter()
     embed_item_table(prepared, output, encoder=name, details=details, batch_size=batch_size, device=device,
@@ -139,7 +141,7 @@ def encoder_row(name: str, prepared, batch_size: int, device: str) -> dict:
     result = details["result"]
     meta = read_table_metadata(output)
     return {
-        "row": f"{name}_item_table", "encoder": name, "device": device, "items": result.items_encoded,
+        "row": f"{label}_item_table", "encoder": name, "device": device, "items": result.items_encoded,
         "batch_size": batch_size, "load_seconds": round(total - result.seconds, 1),
         "seconds": round(result.seconds, 1), "seconds_per_item": round(result.seconds / result.items_encoded, 4),
         "items_per_s": round(result.items_encoded / result.seconds, 2), "dim": meta["dim"],

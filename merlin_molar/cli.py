@@ -176,6 +176,9 @@ def cmd_evaluate_cold_start(args):
         print(f"wrote {args.output}")
 
 
+LLM_CHECKPOINT_EVERY = 50  # finetune-items: steps between checkpoints of an LLM/VLM stage 1
+
+
 def cmd_finetune_items(args):
     from merlin_molar.data import load_prepared
     from merlin_molar.items.encoders import detect_kind
@@ -188,15 +191,20 @@ def cmd_finetune_items(args):
     if kind == "sentence":
         _finetune_sentence(args, data)
         return
-    from merlin_molar.items import Stage1Config, build_stage1_mixture, finetune
+    from merlin_molar.items import STAGE1_TASKS, Stage1Config, build_stage1_mixture, finetune
 
     defaults = Stage1Config()
+    checkpoint_every = LLM_CHECKPOINT_EVERY if args.checkpoint_every is None else args.checkpoint_every
+    args.checkpointed = checkpoint_every > 0  # an interruption from here on is told how to continue (see main)
     mixture_options = {} if args.history_length is None else {"history_length": args.history_length}
+    if kind != "vlm":  # a text-only backbone cannot read the image task: do not open every poster for nothing
+        mixture_options["tasks"] = tuple(t for t in STAGE1_TASKS if t != "image_description")
     examples = build_stage1_mixture(data, examples_per_task=args.examples_per_task, seed=args.seed, **mixture_options)
     out = finetune(
         args.base_model, examples, args.output, method=args.method or defaults.method, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size or defaults.batch_size,
         learning_rate=args.lr or defaults.learning_rate, device=args.device, seed=args.seed,
+        checkpoint_every=checkpoint_every, resume=True if args.resume else (False if args.restart else None),
     )
     print(f"wrote fine-tuned item encoder {out} (use it with: merlin-molar embed-items --encoder {out})")
 
@@ -368,10 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
             "or full; sentence encoder, the default: contrastive history -> next item)")
     p.add_argument("--prepared", required=True)
     p.add_argument("--base-model", help="local path or hub id of a VLM, a text LLM or a sentence-transformers "
-                   "model (default: the packaged all-MiniLM-L6-v2); a sentence encoder is trained contrastively: "
+                   "model, a decoder LLM's GGUF file, or smollm2 (the packaged SmolLM2-135M-Instruct GGUF; a GGUF "
+                   "file is dequantised to float32 and the output is a LoRA adapter on it) (default: the packaged "
+                   "all-MiniLM-L6-v2); a sentence encoder is trained contrastively: "
                    "the text of a user's last --history-length training items (newest last) against the next "
                    "item's text, in-batch negatives, every weight trained")
-    p.add_argument("--output", required=True, help="model directory to write (then `embed-items --encoder` it)")
+    p.add_argument("--output", required=True, help="model directory to write (then `embed-items --encoder` it); an "
+                   "LLM/VLM run keeps its checkpoints in OUTPUT/checkpoints until it finishes")
     p.add_argument("--method", choices=["lora", "full"],
                    help="LLM/VLM: lora (default) or full; a sentence encoder is always trained fully")
     p.add_argument("--examples-per-task", type=int, default=10_000,
@@ -384,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "other examples of a batch are its negatives)")
     p.add_argument("--lr", type=float, help="default: 1e-4 for an LLM, 5e-5 for a sentence encoder")
     p.add_argument("--temperature", type=float, help="sentence encoder: InfoNCE temperature (default 0.05)")
+    p.add_argument("--checkpoint-every", type=int, help=f"LLM/VLM: steps between checkpoints (default "
+                   f"{LLM_CHECKPOINT_EVERY}; 0: none); an interrupted run, run again, continues from the last one")
+    restart = p.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true",
+                         help="LLM/VLM: continue from the last checkpoint in --output (the default anyway when it "
+                              "holds checkpoints of this same run: same base model, examples and options; this flag "
+                              "also says so when there is none)")
+    restart.add_argument("--restart", action="store_true",
+                         help="LLM/VLM: start from scratch, removing the checkpoints an earlier run left in --output")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -516,7 +536,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         return _error(args.command, f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
-        if args.command == "train":
+        if args.command == "train" or (args.command == "finetune-items" and getattr(args, "checkpointed", False)):
             return _error(args.command, "interrupted: run the same command again to continue from the last "
                                         "checkpoint (--restart starts over)", 130)
         return _error(args.command, "interrupted (outputs written so far are complete; rerun to continue)", 130)

@@ -38,6 +38,7 @@ RULES = {
     "top_k": ("--top-k", lambda v: v >= 1, "must be at least 1"),
     "k_core": ("--k-core", lambda v: v >= 0, "must be 0 (no filter) or more"),
     "save_steps": ("--save-steps", lambda v: v >= 0, "must be 0 (no checkpoints) or more"),
+    "checkpoint_every": ("--checkpoint-every", lambda v: v >= 0, "must be 0 (no checkpoints) or more"),
     "patience": ("--patience", lambda v: v >= 0, "must be 0 (no early stopping) or more"),
     "eval_every": ("--eval-every", lambda v: v >= 1, "must be at least 1"),
     "lr": ("--lr", lambda v: _finite(v) and v > 0, "must be greater than 0"),
@@ -403,17 +404,29 @@ def check_command(args) -> None:
 
 
 def check_stage1_base_model(value: str) -> None:
-    """Stage 1 fine-tunes a model directory or hub id; the packaged GGUF / image encoders and joins are refused."""
+    """Stage 1 fine-tunes a model directory, hub id, decoder LLM GGUF file or the packaged SmolLM2; image encoders
+    and joins are refused, and so is a GGUF file transformers cannot load as a decoder LLM."""
     if value == "minilm":
         raise MolarDataError("--base-model", "minilm: leave --base-model out to fine-tune the packaged MiniLM")
-    if value in PACKAGED_ENCODERS or "+" in value or Path(value).suffix in MODEL_FILE_SUFFIXES:
-        raise MolarDataError("--base-model", f"{value}: stage 1 fine-tunes a model directory or hub id (a sentence "
-                                             "encoder, text LLM or VLM), not a GGUF file, image encoder or join")
+    if Path(value).suffix == ".gguf":
+        from merlin_molar.items.encoders import check_gguf
+
+        check_gguf(Path(os.path.expanduser(value)))
+        return
+    if value in PACKAGED_ENCODERS and value != "smollm2" or "+" in value or Path(value).suffix in MODEL_FILE_SUFFIXES:
+        raise MolarDataError("--base-model", f"{value}: stage 1 fine-tunes a model directory, hub id, decoder LLM "
+                                             "GGUF file or smollm2 (a sentence encoder, text LLM or VLM), not an "
+                                             "image encoder or join")
 
 
 def check_stage1_options(args, kind: str) -> None:
     """``finetune-items`` options that only one kind of base model takes."""
     if kind == "sentence":
+        for dest, option in (("checkpoint_every", "--checkpoint-every"), ("resume", "--resume"),
+                             ("restart", "--restart")):
+            if getattr(args, dest, None) not in (None, False):
+                raise MolarDataError(option, "applies to an LLM/VLM base model only; a sentence encoder's stage 1 "
+                                             "is short and not checkpointed")
         if args.method == "lora":
             raise MolarDataError("--method", "lora is for LLM/VLM backbones; a sentence encoder is trained fully")
         if args.batch_size is not None and args.batch_size < 2:

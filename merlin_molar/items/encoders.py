@@ -334,6 +334,13 @@ def _gguf_location(path) -> Dict[str, str]:
     return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
 
 
+def pretrained_location(name_or_path) -> Dict[str, str]:
+    """``from_pretrained`` arguments for a model directory or hub id, or for a GGUF file."""
+    if is_gguf(name_or_path):
+        return _gguf_location(name_or_path)
+    return {"pretrained_model_name_or_path": str(name_or_path)}
+
+
 def check_gguf(path) -> None:
     """A GGUF file that transformers can load as a decoder LLM; otherwise one :class:`MolarDataError`
     naming the file and the problem (not found, not GGUF, truncated or damaged, another architecture)."""
@@ -408,7 +415,10 @@ def load_backbone(name_or_path, kind: str, device: str, dtype, attn_implementati
     if meta is not None and meta["method"] == "lora":
         from peft import PeftModel
 
-        model = task_model_class(kind).from_pretrained(meta["base_model"], **load_kwargs)
+        base = resolve_encoder_name(meta["base_model"])  # a packaged name, a GGUF file or a model directory
+        if is_gguf(base):
+            check_gguf(base)
+        model = task_model_class(kind).from_pretrained(**pretrained_location(base), **load_kwargs)
         cur_id = add_cur_item_token(tokenizer, model)
         model = PeftModel.from_pretrained(model, str(name_or_path)).merge_and_unload()
         model = model.base_model

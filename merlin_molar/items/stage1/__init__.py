@@ -13,10 +13,12 @@ genres from the poster, and the attribute task is a verbalisation of the fields.
 with ``[Cur_Item]`` so the description is generated from that token's state — the same token whose
 hidden state becomes the item embedding, which trains it (as a LoRA trainable token) to carry the item.
 
-:func:`finetune` (:mod:`.generative`) trains the backbone on the mixture with the causal-LM loss on the target
-tokens only, with LoRA (peft) or fully, bf16 autocast on GPU, in a small plain loop with a progress bar; the
-output directory is a peft adapter (or full model) plus the processor/tokenizer, and :func:`build_encoder`
-accepts it. The task mixtures are :mod:`.tasks`; the sentence-encoder stage 1 is :mod:`.sentence`.
+:func:`finetune` (:mod:`.generative`) trains the backbone (a VLM, or a decoder LLM: a model directory, a GGUF
+file dequantised to float32, or the packaged ``smollm2``) on the mixture with the causal-LM loss on the target
+tokens only, with LoRA (peft) or fully, bf16 autocast on GPU, in a small plain loop with a progress bar and
+resumable checkpoints (``checkpoint_every``); the output directory is a peft adapter (or full model) plus the
+processor/tokenizer, and :func:`build_encoder` accepts it. The task mixtures are :mod:`.tasks`; the
+sentence-encoder stage 1 is :mod:`.sentence`.
 
     >>> from merlin_molar.items import build_stage1_mixture, finetune, build_encoder
     >>> examples = build_stage1_mixture(prepared, examples_per_task=10_000)             # doctest: +SKIP
