@@ -171,7 +171,7 @@ def save_tiny_gguf(path, architecture: str = "llama", context_length: int = 64) 
     return path
 
 
-def _llama_cpp_permute(weight, n_head: int):
+def llama_cpp_permute(weight, n_head: int):
     """llama.cpp's row order for a llama q/k projection (transformers undoes it when it loads a GGUF file)."""
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
         weight.shape
@@ -226,9 +226,9 @@ def save_llama_gguf(hf_dir, path) -> Path:
             continue
         weight = tensor.float().numpy()
         if name.endswith("self_attn.q_proj.weight"):
-            weight = _llama_cpp_permute(weight, config.num_attention_heads)
+            weight = llama_cpp_permute(weight, config.num_attention_heads)
         elif name.endswith("self_attn.k_proj.weight"):
-            weight = _llama_cpp_permute(weight, config.num_key_value_heads)
+            weight = llama_cpp_permute(weight, config.num_key_value_heads)
         writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(weight))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -5,16 +5,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from merlin_molar.items.testing import llama_cpp_permute
+
 # Hugging Face Llama module -> llama.cpp GGUF tensor name (what transformers' GGUF loader maps back)
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def _llama_cpp_permute(weight, heads: int):
-    """llama.cpp stores the q/k projections with the rotary halves interleaved; transformers undoes it on load."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def save_llama_gguf(path, model) -> None:
@@ -44,9 +40,9 @@ def save_llama_gguf(path, model) -> None:
             module = ".".join(module)
             name = f"blk.{index}.{GGUF_NAMES[module]}.{leaf}"
             if module == "self_attn.q_proj":
-                array = _llama_cpp_permute(array, config.num_attention_heads)
+                array = llama_cpp_permute(array, config.num_attention_heads)
             elif module == "self_attn.k_proj":
-                array = _llama_cpp_permute(array, config.num_key_value_heads)
+                array = llama_cpp_permute(array, config.num_key_value_heads)
         writer.add_tensor(name, array.copy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
