@@ -101,6 +101,33 @@ def build(args, prepared):
     return full_ranking_model(tr.SequentialBlock(inputs, block))
 
 
+def load_reference(path: Path):
+    """The reference script as a module (run as an external yardstick; nothing of it is copied)."""
+    spec = importlib.util.spec_from_file_location("ref_sasrec", path)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    return reference
+
+
+def reference_with_weights(reference, model, order=None):
+    """The reference's SASRec holding the weights of ``model`` (an ``encoder``-block model): its item table
+    (rows reordered by ``order``, the reference's code -> project id, when given), positions and layers."""
+    import torch
+
+    table = model.heads[0].body.inputs.categorical_module.item_embedding_table
+    block = model.heads[0].body[1]
+    items = table.weight if order is None else table.weight[order]
+    ref = reference.SASRec(len(items) - 1, items.shape[1], len(block.enc.layers), 1, block.max_length, 0.2)
+    with torch.no_grad():
+        ref.item.weight.copy_(items)
+        if order is not None:
+            ref.item.weight[0].zero_()
+        ref.pos.weight.copy_(block.pos.weight)
+        ref.enc.load_state_dict(block.enc.state_dict())
+        ref.norm.load_state_dict(block.norm.state_dict())
+    return ref.eval(), block
+
+
 def equivalence(args, prepared) -> dict:
     """The ``encoder`` block's loss and the reference's on the same weights and batch."""
     import torch
@@ -108,25 +135,14 @@ def equivalence(args, prepared) -> dict:
 
     from merlin_molar.training import TrainConfig, make_trainer
 
-    spec = importlib.util.spec_from_file_location("ref_sasrec", args.reference)
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
+    reference = load_reference(args.reference)
     args.block = "encoder"
     model = build(args, prepared)
     trainer = make_trainer(model, prepared, args.workdir / "equivalence", TrainConfig(seed=args.seed, epochs=1))
     features, targets = next(iter(trainer.get_train_dataloader()))
     model(features, targets=targets, training=True)  # builds the task
-    table = model.heads[0].body.inputs.categorical_module.item_embedding_table
-    block = model.heads[0].body[1]
-    d = table.weight.shape[1]
-    ref = reference.SASRec(table.num_embeddings - 1, d, len(block.enc.layers), 1, block.max_length, 0.2)
-    with torch.no_grad():
-        ref.item.weight.copy_(table.weight)
-        ref.pos.weight.copy_(block.pos.weight)
-        ref.enc.load_state_dict(block.enc.state_dict())
-        ref.norm.load_state_dict(block.norm.state_dict())
+    ref, block = reference_with_weights(reference, model)
     model.eval()
-    ref.eval()
     with torch.no_grad():
         project_loss = float(model(features, targets=targets, training=True)["loss"])
         rows = [s[s != 0].tolist() for s in features["item_id-list"]]
@@ -149,9 +165,7 @@ def masking_check(args, prepared) -> dict:
 
     from merlin_molar.training import TrainConfig, evaluate, make_trainer
 
-    spec = importlib.util.spec_from_file_location("ref_sasrec", args.reference)
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
+    reference = load_reference(args.reference)
     checkpoint = Path(get_last_checkpoint(str(args.masking_check)))
     args.block = "encoder"
     model = build(args, prepared)
@@ -170,16 +184,7 @@ def masking_check(args, prepared) -> dict:
     order = torch.zeros(n_items + 1, dtype=torch.long)
     for item, code in codes.items():
         order[code] = int(project_id[item])
-    table = model.heads[0].body.inputs.categorical_module.item_embedding_table
-    block = model.heads[0].body[1]
-    ref = reference.SASRec(n_items, table.weight.shape[1], len(block.enc.layers), 1, block.max_length, 0.2)
-    with torch.no_grad():
-        ref.item.weight.copy_(table.weight[order])
-        ref.item.weight[0].zero_()
-        ref.pos.weight.copy_(block.pos.weight)
-        ref.enc.load_state_dict(block.enc.state_dict())
-        ref.norm.load_state_dict(block.norm.state_dict())
-    ref.eval()
+    ref, block = reference_with_weights(reference, model, order)
 
     @torch.no_grad()
     def ndcg(window: int, mask_all: bool) -> float:
