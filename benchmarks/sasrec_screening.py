@@ -51,11 +51,13 @@ def encoder_block_class():
         """The reference's SASRec layers as a Transformers4Rec block (reads the masking's targets for the
         positions, as ``SASRecPrepare`` does)."""
 
-        def __init__(self, config, masking, init: str = "torch"):
+        def __init__(self, config, masking, init: str = "torch", ff_dropout=None):
             super().__init__()
             d = config.d_model
             layer = torch.nn.TransformerEncoderLayer(d, config.n_heads, 4 * d, config.dropout, batch_first=True,
                                                      norm_first=True, activation="gelu")
+            if ff_dropout is not None:  # the dropout after the feed-forward activation (GPT-2's MLP has none)
+                layer.dropout.p = ff_dropout
             self.enc = torch.nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
             if init == "gpt2":
                 for name, p in self.enc.named_parameters():
@@ -97,7 +99,7 @@ def build(args, prepared):
         return build_model("sasrec", prepared, options)[0]
     config = SASRecConfig(max_length=prepared.max_length, **options)
     inputs = item_id_inputs(prepared.schema, config)
-    block = encoder_block_class()(config, inputs.masking, args.init)
+    block = encoder_block_class()(config, inputs.masking, args.init, args.ff_dropout)
     return full_ranking_model(tr.SequentialBlock(inputs, block))
 
 
@@ -216,6 +218,8 @@ def parse_args(argv=None):
     p.add_argument("--block", choices=["gpt2", "encoder"], default="gpt2")
     p.add_argument("--init", choices=["torch", "gpt2"], default="torch", help="initialisation of --block encoder")
     p.add_argument("--model", default="{}", help="SASRecConfig options as JSON")
+    p.add_argument("--ff-dropout", type=float, default=None,
+                   help="--block encoder: dropout after the feed-forward activation (default: the model's dropout)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", type=Path, default=data_dir("ml-100k"))
@@ -264,6 +268,7 @@ def main(argv=None):
     path = write_result(result_path(BENCHMARK, f"{args.name}.json"), {
         "benchmark": BENCHMARK, "machine": info, "dataset": str(args.dataset), "max_length": args.max_length,
         "variant": {"block": args.block, "init": args.init if args.block == "encoder" else "gpt2",
+                    "ff_dropout": args.ff_dropout,
                     "model": json.loads(args.model)},
         "seed": args.seed, "epochs": args.epochs, "seconds": round(time.time() - start),
         "valid_ndcg@10_by_epoch": curve})

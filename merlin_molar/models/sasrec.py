@@ -38,8 +38,8 @@ class SASRecConfig:
     # screening_ml100k.md; one seed, 40 epochs), "last" gained nothing: "start" stays the default.
     positions: str = "start"
     # item embeddings x sqrt(d_model) before the positions are added (the reference's scaling); measured slower
-    # to learn in the same screening, so off by default. With either option off its default the model serves
-    # through `recommend` only: `export` refuses it (the lean towers run GPT-2 on the embeddings as they are)
+    # to learn in the same screening, so off by default. Both options are served by `export` (the slim GPT-2
+    # tower prepares its inputs the same way)
     scale_embeddings: bool = False
     # the transformer layers' initial weights: "gpt2" (Hugging Face's GPT-2 init: N(0, 0.02), residual projections
     # 0.02/sqrt(2 n_layers)) or "torch" (what PyTorch's own layers start from, as the reference SASRec built on

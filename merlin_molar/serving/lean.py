@@ -62,14 +62,17 @@ def length_buckets(max_length: int) -> List[int]:
 
 
 class _HiddenStates(torch.nn.Module):
-    """A Hugging Face base model as ``inputs_embeds -> last_hidden_state`` (GPT-2 of the SASRec branch)."""
+    """A Hugging Face base model as ``inputs_embeds -> last_hidden_state`` (GPT-2 of the SASRec branch), with
+    the ``scale`` and ``positions`` its prepare module applied in training (``SASRecPrepare``)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, scale: float = 1.0, positions: str = "start"):
         super().__init__()
-        self.model = model
+        self.model, self.scale, self.positions = model, float(scale), positions
 
     def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs_embeds=inputs_embeds).last_hidden_state
+        if self.positions != "start":  # they depend on each row's length, which a traced bucket does not see
+            raise NotImplementedError(f"a traced tower cannot count positions from {self.positions!r}")
+        return self.model(inputs_embeds=inputs_embeds * self.scale).last_hidden_state
 
 
 class _Bucketed(torch.nn.Module):
@@ -105,27 +108,11 @@ def _id_tower(layer) -> torch.nn.Module:
     from merlin_molar.models.gru4rec import GRULayers
 
     if isinstance(layer, tr.TransformerBlock):
-        return _HiddenStates(layer.transformer)
+        prepare = layer.prepare_module
+        return _HiddenStates(layer.transformer, getattr(prepare, "scale", 1.0), getattr(prepare, "positions", "start"))
     if isinstance(layer, tr.Block) and isinstance(layer.module, GRULayers):
         return layer.module
     raise NotImplementedError(f"the lean path cannot trace an ID branch of type {type(layer).__name__}")
-
-
-def _unservable_sasrec(kind: str, config) -> Optional[str]:
-    """Why the lean towers would not compute what the model's own SASRec computes, or None. They run GPT-2 on
-    the item embeddings as they are, with GPT-2's positions: the SASRec options ``positions="last"`` and
-    ``scale_embeddings`` (off by default) change both, and serving them as they are would be silently wrong."""
-    if kind == "sasrec":
-        sasrec = config
-    elif kind == "molar" and config.id_branch != "none" and config.id_model == "sasrec":
-        sasrec = config.sasrec
-    else:
-        return None
-    if sasrec.positions == "start" and not sasrec.scale_embeddings:
-        return None
-    return (f"its SASRec was trained with positions={sasrec.positions!r}, scale_embeddings={sasrec.scale_embeddings}, "
-            "which the exported (lean) serving path does not implement: serve it with `merlin-molar recommend`, or "
-            "train with the defaults (positions='start', scale_embeddings=False)")
 
 
 def _model_parts(model, kind: str) -> Dict:
@@ -186,9 +173,6 @@ def export_lean(model_dir, output_dir) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, kind, config, _ = load_model(model_dir)
-    problem = _unservable_sasrec(kind, config)
-    if problem:
-        raise MolarDataError(model_dir, problem)
     max_length = int(config.max_length)
     buckets = length_buckets(max_length)
     tables, meta = {}, {"kind": kind, "max_length": max_length, "buckets": buckets}
@@ -236,7 +220,16 @@ def export_lean(model_dir, output_dir) -> Path:
                 width = tables[f"{name}_inputs"].size(1)
                 tower = parts[f"{name}_tower"]
                 hf = _hf_module(tower)
-                slim = None if hf is None else slim_tower("dueg" if name == "content" else "gpt2", hf, max_length)
+                if hf is None:
+                    slim = None
+                elif isinstance(tower, _HiddenStates):
+                    slim = slim_tower("gpt2", hf, max_length, tower.scale, tower.positions)
+                else:
+                    slim = slim_tower("dueg", hf, max_length)
+                if slim is None and getattr(tower, "positions", "start") != "start":
+                    raise MolarDataError(model_dir, f"its SASRec counts positions from {tower.positions!r}, which "
+                                                    "only the slim GPT-2 tower implements, and it does not cover "
+                                                    "this GPT-2 configuration: serve it with `merlin-molar recommend`")
                 if slim is not None:
                     torch.jit.script(slim).save(str(output_dir / TOWER_FILES[name]))
                     meta["towers"][name] = "slim"

@@ -122,11 +122,16 @@ class _GPT2Layer(torch.nn.Module):
 
 
 class SlimGPT2(torch.nn.Module):
-    """``GPT2Model(inputs_embeds=x).last_hidden_state`` at each row's last position."""
+    """``GPT2Model(inputs_embeds=x).last_hidden_state`` at each row's last position, the inputs prepared as
+    SASRec's prepare module prepares them (:class:`merlin_molar.models.sasrec.SASRecPrepare`): multiplied by
+    ``scale``, and with ``positions="last"`` given positions counted back from each row's last position (which
+    gets the table's final one)."""
 
-    def __init__(self, model):
+    def __init__(self, model, scale: float = 1.0, positions: str = "start"):
         super().__init__()
         config = model.config
+        self.inputs_scale = float(scale)
+        self.from_last = positions == "last"
         activation = ACTIVATIONS[config.activation_function]
         layers = []
         for index, block in enumerate(model.h):
@@ -143,7 +148,16 @@ class SlimGPT2(torch.nn.Module):
         self.eps = float(model.ln_f.eps)
 
     def forward(self, x: torch.Tensor, last: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = x + self.positions[: x.size(1)]
+        if self.inputs_scale != 1.0:
+            x = x * self.inputs_scale
+        length = x.size(1)
+        if self.from_last:
+            end = torch.full((x.size(0),), length - 1, dtype=torch.long, device=x.device) if last is None else last
+            index = torch.arange(length, device=x.device).view(1, -1) + (self.positions.size(0) - 1 - end.view(-1, 1))
+            # positions after a row's last one are never attended to (causal): any valid index does
+            h = x + self.positions[index.clamp(0, self.positions.size(0) - 1)]
+        else:
+            h = x + self.positions[:length]
         for layer in self.body:
             h = layer(h)
         h = self.final.last(h, last)
@@ -295,16 +309,18 @@ def _merged(llm):
     return llm
 
 
-def slim_tower(kind: str, tower, max_length: int) -> Optional[torch.nn.Module]:
+def slim_tower(kind: str, tower, max_length: int, scale: float = 1.0,
+               positions: str = "start") -> Optional[torch.nn.Module]:
     """A slim TorchScript-compatible forward of a user tower, or ``None`` where the architecture is not covered.
 
-    ``kind``: ``"gpt2"`` for ``tower`` a ``GPT2Model`` (the SASRec branch), ``"dueg"`` for ``tower`` a
+    ``kind``: ``"gpt2"`` for ``tower`` a ``GPT2Model`` (the SASRec branch; ``scale`` and ``positions``: its
+    prepare module's, see :class:`SlimGPT2`), ``"dueg"`` for ``tower`` a
     :class:`~merlin_molar.models.dueg.MolarBlock`."""
     if kind == "gpt2":
         config = tower.config
         if config.activation_function not in ACTIVATIONS or config.reorder_and_upcast_attn or len(tower.h) < 1:
             return None
-        return SlimGPT2(tower).eval()
+        return SlimGPT2(tower, scale, positions).eval()
     llm = _merged(tower.llm)
     if next(llm.parameters()).dtype != torch.float32 or _unsupported_decoder(llm) is not None:
         return None

@@ -141,20 +141,42 @@ def _assert_lean_equals_the_model(lean, model, k=10):
         np.testing.assert_allclose(top_scores, want_scores.numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("option", [{"positions": "last"}, {"scale_embeddings": True}])
+SASREC_OPTIONS = [{"positions": "last"}, {"scale_embeddings": True}, {"positions": "last", "scale_embeddings": True}]
+
+
+def _sasrec_with(prepared, kind, option):
+    if kind == "sasrec":
+        torch.manual_seed(0)
+        config = SASRecConfig(**SASREC, **option)
+        return sasrec_model(prepared.schema, config).eval(), config, None
+    return _molar(prepared, sasrec={**SASREC, **option})
+
+
+@pytest.mark.parametrize("option", SASREC_OPTIONS)
 @pytest.mark.parametrize("kind", ["sasrec", "molar"])
-def test_lean_refuses_a_sasrec_whose_inputs_it_would_not_reproduce(tiny_prepared, tmp_path, option, kind):
-    """The lean towers run GPT-2 on the embeddings as they are: a SASRec trained with positions counted from
-    the last item or scaled embeddings would be served silently wrong, so the export refuses it."""
+def test_lean_serves_a_sasrec_with_scaled_inputs_or_positions_from_the_last_item(tiny_prepared, tmp_path, option,
+                                                                                  kind):
+    """The slim GPT-2 tower prepares its inputs as SASRecPrepare does: ragged histories get the positions the
+    model's own forward gives them."""
+    model, config, table = _sasrec_with(tiny_prepared, kind, option)
+    saved = save_model(model, tmp_path / "model", kind, config, tiny_prepared.schema, table)
+    lean = LeanModel.load(export_lean(saved, tmp_path / "lean"))
+    assert lean.kinds["id"] == "slim"
+    _assert_lean_equals_the_model(lean, model)
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "molar"])
+def test_lean_refuses_positions_from_the_last_item_without_the_slim_tower(tiny_prepared, tmp_path, kind,
+                                                                          monkeypatch):
+    """A traced bucket does not see each row's length, so it cannot count positions from the last item: with no
+    slim tower, the export refuses such a SASRec instead of serving it silently wrong."""
+    import merlin_molar.serving.lean as lean_module
     from merlin_molar.errors import MolarDataError
 
-    if kind == "sasrec":
-        config = SASRecConfig(**SASREC, **option)
-        model, table = sasrec_model(tiny_prepared.schema, config).eval(), None
-    else:
-        model, config, table = _molar(tiny_prepared, sasrec={**SASREC, **option})
+    monkeypatch.setattr(lean_module, "slim_tower", lambda *args, **kwargs: None)
+    model, config, table = _sasrec_with(tiny_prepared, kind, {"positions": "last"})
     saved = save_model(model, tmp_path / "model", kind, config, tiny_prepared.schema, table)
-    with pytest.raises(MolarDataError, match="the exported \\(lean\\) serving path does not implement") as error:
+    with pytest.raises(MolarDataError, match="only the slim GPT-2 tower implements") as error:
         export_lean(saved, tmp_path / "lean")
     assert error.value.source == str(saved)
 
@@ -163,8 +185,8 @@ def test_lean_falls_back_to_traced_towers(tiny_prepared, tmp_path, monkeypatch):
     """An architecture the slim forwards do not cover is traced as it is, with the same scores."""
     import merlin_molar.serving.lean as lean_module
 
-    monkeypatch.setattr(lean_module, "slim_tower", lambda *args: None)
-    model, config, table = _molar(tiny_prepared)
+    monkeypatch.setattr(lean_module, "slim_tower", lambda *args, **kwargs: None)
+    model, config, table = _molar(tiny_prepared, sasrec={**SASREC, "scale_embeddings": True})
     saved = save_model(model, tmp_path / "model", "molar", config, tiny_prepared.schema, table)
     lean = LeanModel.load(export_lean(saved, tmp_path / "lean"))
     assert lean.kinds == {"content": "traced", "id": "traced"}
