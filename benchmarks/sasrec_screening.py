@@ -6,10 +6,13 @@ full softmax) and Trainer, on the project's preparation of the data:
 
 * ``--block gpt2`` (default): the project's SASRec, :func:`merlin_molar.pipeline.build_model` with ``--model``
   options (``{"positions": "last", "scale_embeddings": true}``, ...);
-* ``--block encoder``: the reference's architecture written as a Transformers4Rec block (PyTorch's pre-norm
-  ``TransformerEncoder`` with GELU and a 4d feed-forward, item embeddings x sqrt(d), learned positions counted
-  back from the read-out item, a final LayerNorm), with PyTorch's initialisation (``--init torch``) or GPT-2's
-  (``--init gpt2``: N(0, 0.02), residual projections 0.02/sqrt(2 layers), zero biases).
+* ``--block encoder``: the reference's architecture as a Transformers4Rec block, ``SASRecConfig(block="encoder")``
+  (:class:`merlin_molar.models.sasrec.SASRecEncoder`: PyTorch's pre-norm ``TransformerEncoder`` with GELU and a
+  4d feed-forward, item embeddings x sqrt(d), learned positions counted back from the read-out item, a final
+  LayerNorm), with PyTorch's initialisation (``--init torch``) or GPT-2's (``--init gpt2``: N(0, 0.02), residual
+  projections 0.02/sqrt(2 layers), zero biases), and ``--ff-dropout`` after the feed-forward activation.
+  (The first encoder runs used this script's own copy of the block, with the same layers; its checkpoints name
+  the modules ``enc``/``pos`` and do not load into the project's block.)
 
 ``--masking-check RUN_DIR`` evaluates a trained ``encoder`` run under the project's evaluation and under the
 reference's, with the seen items masked over the whole history or only over the model's window.
@@ -41,66 +44,34 @@ REFERENCE = REPO.parent / "shared" / "reference" / "ref_sasrec.py"
 BENCHMARK = "sasrec_screening"
 
 
-def encoder_block_class():
-    import torch
-    from transformers4rec.torch.block.base import BlockBase
-
-    from merlin_molar.models.sasrec import positions_from_last
-
-    class EncoderBlock(BlockBase):
-        """The reference's SASRec layers as a Transformers4Rec block (reads the masking's targets for the
-        positions, as ``SASRecPrepare`` does)."""
-
-        def __init__(self, config, masking, init: str = "torch", ff_dropout=None):
-            super().__init__()
-            d = config.d_model
-            layer = torch.nn.TransformerEncoderLayer(d, config.n_heads, 4 * d, config.dropout, batch_first=True,
-                                                     norm_first=True, activation="gelu")
-            if ff_dropout is not None:  # the dropout after the feed-forward activation (GPT-2's MLP has none)
-                layer.dropout.p = ff_dropout
-            self.enc = torch.nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
-            if init == "gpt2":
-                for name, p in self.enc.named_parameters():
-                    if p.dim() == 2:
-                        residual = "out_proj" in name or "linear2" in name
-                        torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layers) if residual else 0.02)
-                    elif "norm" not in name:
-                        torch.nn.init.zeros_(p)
-            self.pos = torch.nn.Embedding(config.max_length, d)
-            torch.nn.init.normal_(self.pos.weight, std=0.02)
-            self.norm = torch.nn.LayerNorm(d)
-            self.drop = torch.nn.Dropout(config.dropout)
-            self.scale, self.max_length = math.sqrt(d), config.max_length
-            self.__dict__["masking"] = masking  # the inputs own it: not a submodule here
-
-        def forward(self, inputs_embeds, training=False, testing=False, **kwargs):
-            length = inputs_embeds.shape[1]
-            positions = positions_from_last(self.masking.masked_targets, self.max_length, self.masking.padding_idx)
-            h = inputs_embeds * self.scale + self.pos(positions)
-            causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=h.device), 1)
-            return self.norm(self.enc(self.drop(h), mask=causal, is_causal=True))
-
-        def forward_output_size(self, input_size):
-            return input_size
-
-    return EncoderBlock
-
-
 def build(args, prepared):
+    """The variant's model: ``--block gpt2`` with the ``--model`` options, or ``--block encoder``
+    (``SASRecConfig(block="encoder")``, the reference's layers) started from ``--init`` with ``--ff-dropout``."""
     import torch
-    import transformers4rec.torch as tr
 
-    from merlin_molar.models.sasrec import SASRecConfig, full_ranking_model, item_id_inputs
     from merlin_molar.pipeline import build_model
 
     torch.manual_seed(args.seed)
     options = json.loads(args.model)
+    if args.block == "encoder":
+        options["block"] = "encoder"
+    model = build_model("sasrec", prepared, options)[0]
     if args.block == "gpt2":
-        return build_model("sasrec", prepared, options)[0]
-    config = SASRecConfig(max_length=prepared.max_length, **options)
-    inputs = item_id_inputs(prepared.schema, config)
-    block = encoder_block_class()(config, inputs.masking, args.init, args.ff_dropout)
-    return full_ranking_model(tr.SequentialBlock(inputs, block))
+        return model
+    block = model.heads[0].body[1]
+    for layer in block.encoder.layers:
+        if args.ff_dropout is not None:  # the dropout after the feed-forward activation (GPT-2's MLP has none)
+            layer.dropout.p = args.ff_dropout
+        if args.init == "gpt2":  # N(0, 0.02), residual projections 0.02/sqrt(2 layers), zero biases
+            with torch.no_grad():
+                for name, p in layer.named_parameters():
+                    if p.dim() == 2:
+                        residual = "out_proj" in name or "linear2" in name
+                        torch.nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * len(block.encoder.layers)) if residual
+                                              else 0.02)
+                    elif "norm" not in name:
+                        torch.nn.init.zeros_(p)
+    return model
 
 
 def load_reference(path: Path):
@@ -119,13 +90,14 @@ def reference_with_weights(reference, model, order=None):
     table = model.heads[0].body.inputs.categorical_module.item_embedding_table
     block = model.heads[0].body[1]
     items = table.weight if order is None else table.weight[order]
-    ref = reference.SASRec(len(items) - 1, items.shape[1], len(block.enc.layers), 1, block.max_length, 0.2)
+    ref = reference.SASRec(len(items) - 1, items.shape[1], len(block.encoder.layers), 1,
+                           block.positions.num_embeddings, 0.2)
     with torch.no_grad():
         ref.item.weight.copy_(items)
         if order is not None:
             ref.item.weight[0].zero_()
-        ref.pos.weight.copy_(block.pos.weight)
-        ref.enc.load_state_dict(block.enc.state_dict())
+        ref.pos.weight.copy_(block.positions.weight)
+        ref.enc.load_state_dict(block.encoder.state_dict())
         ref.norm.load_state_dict(block.norm.state_dict())
     return ref.eval(), block
 
@@ -148,8 +120,8 @@ def equivalence(args, prepared) -> dict:
     with torch.no_grad():
         project_loss = float(model(features, targets=targets, training=True)["loss"])
         rows = [s[s != 0].tolist() for s in features["item_id-list"]]
-        x = reference.left_pad([r[:-1] for r in rows], block.max_length)
-        y = reference.left_pad([r[1:] for r in rows], block.max_length)
+        x = reference.left_pad([r[:-1] for r in rows], block.positions.num_embeddings)
+        y = reference.left_pad([r[1:] for r in rows], block.positions.num_embeddings)
         keep = y > 0
         reference_loss = float(F.cross_entropy(ref.scores(ref(x)[keep]), y[keep]))
     return {"project_pipeline_loss": project_loss, "reference_loss": reference_loss, "targets": int(keep.sum()),
@@ -194,7 +166,8 @@ def masking_check(args, prepared) -> dict:
         for b in range(0, len(seqs), 512):
             histories = [s[:-2] for s in seqs[b:b + 512]]
             target = torch.tensor([s[-2] for s in seqs[b:b + 512]])
-            scores = ref.scores(ref(reference.left_pad([h[-window:] for h in histories], block.max_length))[:, -1])
+            window_ids = reference.left_pad([h[-window:] for h in histories], block.positions.num_embeddings)
+            scores = ref.scores(ref(window_ids)[:, -1])
             scores[:, 0] = -float("inf")
             for row, history in enumerate(histories):
                 scores[row, torch.as_tensor(history if mask_all else history[-window:])] = -float("inf")
@@ -202,7 +175,7 @@ def masking_check(args, prepared) -> dict:
             total += float(((rank < 10).float() / torch.log2(rank.float() + 2)).sum())
         return total / len(seqs)
 
-    length = block.max_length
+    length = block.positions.num_embeddings
     return {"checkpoint": str(checkpoint), "project_evaluation": project,
             "reference_evaluation": {
                 f"window {length}, whole history masked (the reference's)": ndcg(length, True),

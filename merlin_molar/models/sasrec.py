@@ -2,9 +2,11 @@
 
 SASRec (Kang & McAuley, 2018) is a causal, pre-norm transformer over item-id embeddings trained to
 predict the next item at every position. In Transformers4Rec terms it is a ``TabularSequenceFeatures``
-input with causal (``clm``) masking, a GPT-2 ``TransformerBlock`` (pre-norm, learned positions; its inputs
-prepared by :class:`SASRecPrepare`) and a weight-tied next-item head. :func:`sasrec_body` returns the body so
-it can serve as the ID branch of Molar's post-alignment; :func:`sasrec_model` adds the full-ranking next-item task.
+input with causal (``clm``) masking, a sequence block and a weight-tied next-item head. The sequence block is
+either a GPT-2 ``TransformerBlock`` (pre-norm, learned positions; its inputs prepared by :class:`SASRecPrepare`)
+or :class:`SASRecEncoder`, SASRec's own layers on PyTorch's ``nn.TransformerEncoder``. :func:`sasrec_body`
+returns the body so it can serve as the ID branch of Molar's post-alignment; :func:`sasrec_model` adds the
+full-ranking next-item task.
 """
 from __future__ import annotations
 
@@ -16,14 +18,16 @@ from typing import Optional
 import torch
 import transformers4rec.torch as tr
 from merlin.schema import Schema, Tags
+from transformers4rec.torch.block.base import BlockBase
 from transformers4rec.torch.block.transformer import TransformerPrepare
 
 from merlin_molar.models.task import FullRankingNextItemTask
 
 POSITIONS = ("last", "start")
 # what a config saved without these fields was trained with
-LEGACY = {"positions": "start", "scale_embeddings": False, "init": "gpt2"}
+LEGACY = {"positions": "start", "scale_embeddings": False, "init": "gpt2", "block": "gpt2"}
 INITS = ("gpt2", "torch")
+BLOCKS = ("gpt2", "encoder")
 
 
 @dataclass
@@ -48,8 +52,21 @@ class SASRecConfig:
     # issue 28 (benchmarks/results/sasrec_screening/, one seed): faster early, no better by epoch 100 (0.0987
     # against the default's 0.1016), so the default stays "gpt2"
     init: str = "gpt2"
+    # the sequence block: "encoder" (:class:`SASRecEncoder`: SASRec's own layers, which fix what the three options
+    # above choose: positions from the read-out item, embeddings x sqrt(d_model), PyTorch's initialisation;
+    # unlike GPT-2's MLP they also drop out after the feed-forward activation) or "gpt2" (T4Rec's GPT-2 block,
+    # the default before issue 28, to which the options above apply). On ML-100K at length 200 (seed 0) the
+    # encoder tracks the plain PyTorch reference SASRec, while GPT-2 trails it from epoch 40 on
+    # (benchmarks/results/sasrec_screening/); benchmarks/sasrec_parity.py measures it against the reference
+    block: str = "encoder"
 
     def __post_init__(self):
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+        gpt2_options = {k: getattr(self, k) for k in ("positions", "scale_embeddings", "init")
+                        if getattr(self, k) != LEGACY[k]}
+        if self.block == "encoder" and gpt2_options:
+            raise ValueError(f"{', '.join(gpt2_options)} apply to block='gpt2' only; block='encoder' fixes them")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.init not in INITS:
@@ -64,8 +81,8 @@ class SASRecConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SASRecConfig":
-        """A saved config; one saved before ``positions`` / ``scale_embeddings`` / ``init`` existed was trained
-        with GPT-2's positions, unscaled embeddings and GPT-2's initialisation."""
+        """A saved config; one saved before ``positions`` / ``scale_embeddings`` / ``init`` / ``block`` existed
+        was trained with GPT-2, its positions, unscaled embeddings and its initialisation."""
         return cls(**{**LEGACY, **values})
 
 
@@ -175,10 +192,50 @@ def sasrec_transformer(config: SASRecConfig, masking=None) -> tr.TransformerBloc
     return block
 
 
+class SASRecEncoder(BlockBase):
+    """SASRec's own layers as a Transformers4Rec block: the item embeddings times ``sqrt(d_model)`` plus learned
+    positions counted back from the read-out item (:func:`positions_from_last`), dropout, PyTorch's pre-norm
+    ``nn.TransformerEncoder`` (GELU, a ``4 d_model`` feed-forward with dropout after its activation and after its
+    output, causal attention) and a final LayerNorm, with PyTorch's initialisation. These are the layers of the
+    plain PyTorch SASRec that issue 28 measures the project against (``benchmarks/sasrec_parity.py``).
+
+    It reads the targets of the item-id inputs' causal masking for the positions (training: every position with
+    a next item; evaluation: the history's last item; inference: the last item)."""
+
+    def __init__(self, config: SASRecConfig, masking):
+        super().__init__()
+        d = config.d_model
+        layer = torch.nn.TransformerEncoderLayer(d, config.n_heads, 4 * d, config.dropout, activation="gelu",
+                                                 batch_first=True, norm_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
+        self.positions = torch.nn.Embedding(config.max_length, d)
+        torch.nn.init.normal_(self.positions.weight, std=0.02)
+        self.norm = torch.nn.LayerNorm(d)
+        self.dropout = torch.nn.Dropout(config.dropout)
+        self.scale = math.sqrt(d)
+        # the inputs own the masking: held here without registering it again as a submodule (state dict)
+        self.__dict__["masking"] = masking
+
+    def forward(self, inputs_embeds, training=False, testing=False, **kwargs):
+        targets = self.masking.masked_targets if self.masking is not None else None
+        if targets is None:
+            raise ValueError("SASRecEncoder needs the causal masking of the item-id inputs")
+        positions = positions_from_last(targets, self.positions.num_embeddings, self.masking.padding_idx)
+        h = self.dropout(inputs_embeds * self.scale + self.positions(positions))
+        length = h.size(1)
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=h.device), diagonal=1)
+        return self.norm(self.encoder(h, mask=causal, is_causal=True))
+
+    def forward_output_size(self, input_size):
+        return input_size
+
+
 def sasrec_body(schema: Schema, config: Optional[SASRecConfig] = None) -> tr.SequentialBlock:
     """Item-id inputs >> causal transformer: per-position ID user embeddings ``[batch, length, d_model]``."""
     config = config or SASRecConfig()
     inputs = item_id_inputs(schema, config)
+    if config.block == "encoder":
+        return tr.SequentialBlock(inputs, SASRecEncoder(config, inputs.masking))
     transformer = sasrec_transformer(config, inputs.masking)
     return tr.SequentialBlock(inputs, transformer)
 

@@ -106,7 +106,10 @@ def _id_tower(layer) -> torch.nn.Module:
     import transformers4rec.torch as tr
 
     from merlin_molar.models.gru4rec import GRULayers
+    from merlin_molar.models.sasrec import SASRecEncoder
 
+    if isinstance(layer, SASRecEncoder):
+        return layer
     if isinstance(layer, tr.TransformerBlock):
         prepare = layer.prepare_module
         return _HiddenStates(layer.transformer, getattr(prepare, "scale", 1.0), getattr(prepare, "positions", "start"))
@@ -145,8 +148,16 @@ def _hf_module(tower: torch.nn.Module) -> Optional[torch.nn.Module]:
     if isinstance(tower, _HiddenStates):
         return tower.model
     from merlin_molar.models.dueg import MolarBlock
+    from merlin_molar.models.sasrec import SASRecEncoder
 
-    return tower if isinstance(tower, MolarBlock) else None
+    return tower if isinstance(tower, (MolarBlock, SASRecEncoder)) else None
+
+
+def _positions_from_last(tower: torch.nn.Module) -> bool:
+    """Whether the tower's positions depend on each row's length (a traced bucket cannot see it)."""
+    from merlin_molar.models.sasrec import SASRecEncoder
+
+    return isinstance(tower, SASRecEncoder) or getattr(tower, "positions", "start") == "last"
 
 
 def _item_column(inputs) -> str:
@@ -225,11 +236,11 @@ def export_lean(model_dir, output_dir) -> Path:
                 elif isinstance(tower, _HiddenStates):
                     slim = slim_tower("gpt2", hf, max_length, tower.scale, tower.positions)
                 else:
-                    slim = slim_tower("dueg", hf, max_length)
-                if slim is None and getattr(tower, "positions", "start") != "start":
-                    raise MolarDataError(model_dir, f"its SASRec counts positions from {tower.positions!r}, which "
-                                                    "only the slim GPT-2 tower implements, and it does not cover "
-                                                    "this GPT-2 configuration: serve it with `merlin-molar recommend`")
+                    slim = slim_tower("dueg" if name == "content" else "encoder", hf, max_length)
+                if slim is None and _positions_from_last(tower):
+                    raise MolarDataError(model_dir, "its SASRec counts positions back from the last item, which "
+                                                    "only the slim tower implements, and it does not cover this "
+                                                    "configuration: serve it with `merlin-molar recommend`")
                 if slim is not None:
                     torch.jit.script(slim).save(str(output_dir / TOWER_FILES[name]))
                     meta["towers"][name] = "slim"

@@ -17,14 +17,15 @@ width], last [batch]) -> [batch, width]``: ``last`` is each row's last history p
 right-padded and the towers causal, so whatever follows ``last`` never changes the answer.
 
 :func:`slim_tower` builds one from a tower, or returns ``None`` for an architecture it does not cover (the
-lean path then traces the Hugging Face module as it is). Covered: GPT-2 (the SASRec branch) and the
-Qwen2 / Llama / Mistral / Qwen3 decoder families (the DUEG), with full causal attention, optionally with
+lean path then traces the Hugging Face module as it is). Covered: the SASRec branch (GPT-2, or the
+PyTorch ``TransformerEncoder`` of ``SASRecConfig(block="encoder")``) and the Qwen2 / Llama / Mistral / Qwen3
+decoder families (the DUEG), with full causal attention, optionally with
 Molar's ``[User]`` token and with LoRA adapters (merged into a copy of the weights).
 """
 from __future__ import annotations
 
 import copy
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,23 +78,18 @@ def _attend_last(
     return a, _last_rows(h, last)
 
 
-class _GPT2Layer(torch.nn.Module):
-    """A pre-norm GPT-2 block (LayerNorm, fused QKV, causal attention, LayerNorm, MLP)."""
+class _PreNormLayer(torch.nn.Module):
+    """A pre-norm transformer layer (LayerNorm, fused QKV, causal attention, LayerNorm, MLP): GPT-2's block and
+    PyTorch's ``nn.TransformerEncoderLayer(norm_first=True)`` alike. ``weights`` are in ``F.linear``'s layout."""
 
-    def __init__(self, block, scale: float, activation: str):
+    def __init__(self, weights: Dict[str, torch.Tensor], heads: int, scale: float, activation: str, eps1: float,
+                 eps2: float):
         super().__init__()
-        attn, mlp = block.attn, block.mlp
-        self.heads = int(attn.num_heads)
+        self.heads = int(heads)
         self.scale = float(scale)
         self.activation = activation
-        self.eps1, self.eps2 = float(block.ln_1.eps), float(block.ln_2.eps)
-        for name, value in {
-            "ln1_w": block.ln_1.weight, "ln1_b": block.ln_1.bias, "ln2_w": block.ln_2.weight, "ln2_b": block.ln_2.bias,
-            # Conv1D holds [in, out]; F.linear wants [out, in]
-            "qkv_w": attn.c_attn.weight.t(), "qkv_b": attn.c_attn.bias, "o_w": attn.c_proj.weight.t(),
-            "o_b": attn.c_proj.bias, "fc_w": mlp.c_fc.weight.t(), "fc_b": mlp.c_fc.bias,
-            "proj_w": mlp.c_proj.weight.t(), "proj_b": mlp.c_proj.bias,
-        }.items():
+        self.eps1, self.eps2 = float(eps1), float(eps2)
+        for name, value in weights.items():
             self.register_buffer(name, value.detach().float().contiguous().clone())
 
     def _qkv(self, x: torch.Tensor):
@@ -121,31 +117,49 @@ class _GPT2Layer(torch.nn.Module):
         return self._mlp(h + F.linear(a.reshape(batch, width), self.o_w, self.o_b))
 
 
-class SlimGPT2(torch.nn.Module):
-    """``GPT2Model(inputs_embeds=x).last_hidden_state`` at each row's last position, the inputs prepared as
-    SASRec's prepare module prepares them (:class:`merlin_molar.models.sasrec.SASRecPrepare`): multiplied by
-    ``scale``, and with ``positions="last"`` given positions counted back from each row's last position (which
-    gets the table's final one)."""
+def _gpt2_layer(block, scale: float, activation: str) -> _PreNormLayer:
+    attn, mlp = block.attn, block.mlp
+    weights = {
+        "ln1_w": block.ln_1.weight, "ln1_b": block.ln_1.bias, "ln2_w": block.ln_2.weight, "ln2_b": block.ln_2.bias,
+        # Conv1D holds [in, out]; F.linear wants [out, in]
+        "qkv_w": attn.c_attn.weight.t(), "qkv_b": attn.c_attn.bias, "o_w": attn.c_proj.weight.t(),
+        "o_b": attn.c_proj.bias, "fc_w": mlp.c_fc.weight.t(), "fc_b": mlp.c_fc.bias,
+        "proj_w": mlp.c_proj.weight.t(), "proj_b": mlp.c_proj.bias,
+    }
+    return _PreNormLayer(weights, attn.num_heads, scale, activation, block.ln_1.eps, block.ln_2.eps)
 
-    def __init__(self, model, scale: float = 1.0, positions: str = "start"):
+
+def _encoder_layer(layer) -> _PreNormLayer:
+    """``nn.TransformerEncoderLayer(norm_first=True, activation="gelu")``: its in-projection is already fused."""
+    attn = layer.self_attn
+    weights = {
+        "ln1_w": layer.norm1.weight, "ln1_b": layer.norm1.bias, "ln2_w": layer.norm2.weight, "ln2_b": layer.norm2.bias,
+        "qkv_w": attn.in_proj_weight, "qkv_b": attn.in_proj_bias, "o_w": attn.out_proj.weight,
+        "o_b": attn.out_proj.bias, "fc_w": layer.linear1.weight, "fc_b": layer.linear1.bias,
+        "proj_w": layer.linear2.weight, "proj_b": layer.linear2.bias,
+    }
+    return _PreNormLayer(weights, attn.num_heads, attn.head_dim**-0.5, "gelu", layer.norm1.eps, layer.norm2.eps)
+
+
+class SlimPreNorm(torch.nn.Module):
+    """A pre-norm transformer tower's output at each row's last position: learned positions added to the inputs
+    (multiplied by ``scale``), the layers, a final LayerNorm. With ``positions="last"`` the positions count back
+    from each row's last position (which gets the table's final one), as
+    :func:`merlin_molar.models.sasrec.positions_from_last` gives them in training; else from the first.
+
+    Built by :func:`slim_gpt2` (``GPT2Model``: SASRec's GPT-2 block) and :func:`slim_encoder`
+    (:class:`~merlin_molar.models.sasrec.SASRecEncoder`)."""
+
+    def __init__(self, layers, positions_table: torch.Tensor, norm, scale: float = 1.0, positions: str = "start"):
         super().__init__()
-        config = model.config
-        self.inputs_scale = float(scale)
-        self.from_last = positions == "last"
-        activation = ACTIVATIONS[config.activation_function]
-        layers = []
-        for index, block in enumerate(model.h):
-            head_dim = block.attn.head_dim
-            scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
-            if config.scale_attn_by_inverse_layer_idx:
-                scale /= index + 1
-            layers.append(_GPT2Layer(block, scale, activation))
         self.body = torch.nn.ModuleList(layers[:-1])
         self.final = layers[-1]
-        self.register_buffer("positions", model.wpe.weight.detach().float().contiguous().clone())
-        self.register_buffer("lnf_w", model.ln_f.weight.detach().float().clone())
-        self.register_buffer("lnf_b", model.ln_f.bias.detach().float().clone())
-        self.eps = float(model.ln_f.eps)
+        self.inputs_scale = float(scale)
+        self.from_last = positions == "last"
+        self.register_buffer("positions", positions_table.detach().float().contiguous().clone())
+        self.register_buffer("lnf_w", norm.weight.detach().float().clone())
+        self.register_buffer("lnf_b", norm.bias.detach().float().clone())
+        self.eps = float(norm.eps)
 
     def forward(self, x: torch.Tensor, last: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.inputs_scale != 1.0:
@@ -162,6 +176,25 @@ class SlimGPT2(torch.nn.Module):
             h = layer(h)
         h = self.final.last(h, last)
         return F.layer_norm(h, [h.size(-1)], self.lnf_w, self.lnf_b, self.eps)
+
+
+def slim_gpt2(model, scale: float = 1.0, positions: str = "start") -> SlimPreNorm:
+    """``GPT2Model(inputs_embeds=x * scale, position_ids=...)`` as SASRec's prepare module calls it."""
+    config = model.config
+    activation = ACTIVATIONS[config.activation_function]
+    layers = []
+    for index, block in enumerate(model.h):
+        attention_scale = block.attn.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            attention_scale /= index + 1
+        layers.append(_gpt2_layer(block, attention_scale, activation))
+    return SlimPreNorm(layers, model.wpe.weight, model.ln_f, scale, positions)
+
+
+def slim_encoder(block) -> SlimPreNorm:
+    """:class:`~merlin_molar.models.sasrec.SASRecEncoder` (eval mode: no dropout)."""
+    layers = [_encoder_layer(layer) for layer in block.encoder.layers]
+    return SlimPreNorm(layers, block.positions.weight, block.norm, block.scale, "last")
 
 
 def _rotated_half(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -314,13 +347,16 @@ def slim_tower(kind: str, tower, max_length: int, scale: float = 1.0,
     """A slim TorchScript-compatible forward of a user tower, or ``None`` where the architecture is not covered.
 
     ``kind``: ``"gpt2"`` for ``tower`` a ``GPT2Model`` (the SASRec branch; ``scale`` and ``positions``: its
-    prepare module's, see :class:`SlimGPT2`), ``"dueg"`` for ``tower`` a
+    prepare module's, see :class:`SlimPreNorm`), ``"encoder"`` for a
+    :class:`~merlin_molar.models.sasrec.SASRecEncoder`, ``"dueg"`` for a
     :class:`~merlin_molar.models.dueg.MolarBlock`."""
     if kind == "gpt2":
         config = tower.config
         if config.activation_function not in ACTIVATIONS or config.reorder_and_upcast_attn or len(tower.h) < 1:
             return None
-        return SlimGPT2(tower, scale, positions).eval()
+        return slim_gpt2(tower, scale, positions).eval()
+    if kind == "encoder":
+        return slim_encoder(tower).eval()
     llm = _merged(tower.llm)
     if next(llm.parameters()).dtype != torch.float32 or _unsupported_decoder(llm) is not None:
         return None

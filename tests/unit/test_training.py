@@ -13,7 +13,7 @@ def trained(tiny_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("sasrec")
     model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=32))
     untrained = evaluate(make_trainer(model, tiny_prepared, out / "untrained", TrainConfig()), tiny_prepared, "valid")
-    trainer = make_trainer(model, tiny_prepared, out, TrainConfig(epochs=3, save_steps=20, batch_size=64))
+    trainer = make_trainer(model, tiny_prepared, out, TrainConfig(epochs=6, save_steps=20, batch_size=64))
     trainer.train()
     return trainer, untrained, out
 

@@ -14,7 +14,7 @@ from merlin_molar.persistence import save_model
 from merlin_molar.serving.lean import LeanModel, export_lean, length_buckets
 from merlin_molar.serving.ops import ItemCodec, MolarRequestError, as_bytes, check_histories
 
-SASREC = dict(d_model=16, n_layers=2, n_heads=1, dropout=0.1, max_length=20)
+SASREC = dict(d_model=16, n_layers=2, n_heads=1, dropout=0.1, max_length=20, block="gpt2")
 GRU4REC = dict(d_model=12, n_layers=2, dropout=0.1, max_length=20)  # narrower than the DUEG (16)
 
 
@@ -141,13 +141,14 @@ def _assert_lean_equals_the_model(lean, model, k=10):
         np.testing.assert_allclose(top_scores, want_scores.numpy(), rtol=1e-5, atol=1e-5)
 
 
-SASREC_OPTIONS = [{"positions": "last"}, {"scale_embeddings": True}, {"positions": "last", "scale_embeddings": True}]
+SASREC_OPTIONS = [{"positions": "last"}, {"scale_embeddings": True}, {"positions": "last", "scale_embeddings": True},
+                  {"block": "encoder"}]
 
 
 def _sasrec_with(prepared, kind, option):
     if kind == "sasrec":
         torch.manual_seed(0)
-        config = SASRecConfig(**SASREC, **option)
+        config = SASRecConfig(**{**SASREC, **option})
         return sasrec_model(prepared.schema, config).eval(), config, None
     return _molar(prepared, sasrec={**SASREC, **option})
 
@@ -165,8 +166,9 @@ def test_lean_serves_a_sasrec_with_scaled_inputs_or_positions_from_the_last_item
     _assert_lean_equals_the_model(lean, model)
 
 
+@pytest.mark.parametrize("option", [{"positions": "last"}, {"block": "encoder"}])
 @pytest.mark.parametrize("kind", ["sasrec", "molar"])
-def test_lean_refuses_positions_from_the_last_item_without_the_slim_tower(tiny_prepared, tmp_path, kind,
+def test_lean_refuses_positions_from_the_last_item_without_the_slim_tower(tiny_prepared, tmp_path, kind, option,
                                                                           monkeypatch):
     """A traced bucket does not see each row's length, so it cannot count positions from the last item: with no
     slim tower, the export refuses such a SASRec instead of serving it silently wrong."""
@@ -174,9 +176,9 @@ def test_lean_refuses_positions_from_the_last_item_without_the_slim_tower(tiny_p
     from merlin_molar.errors import MolarDataError
 
     monkeypatch.setattr(lean_module, "slim_tower", lambda *args, **kwargs: None)
-    model, config, table = _sasrec_with(tiny_prepared, kind, {"positions": "last"})
+    model, config, table = _sasrec_with(tiny_prepared, kind, option)
     saved = save_model(model, tmp_path / "model", kind, config, tiny_prepared.schema, table)
-    with pytest.raises(MolarDataError, match="only the slim GPT-2 tower implements") as error:
+    with pytest.raises(MolarDataError, match="only the slim tower implements") as error:
         export_lean(saved, tmp_path / "lean")
     assert error.value.source == str(saved)
 

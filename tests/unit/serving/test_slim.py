@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModel, GPT2Config, GPT2Model
 
 from merlin_molar.models.dueg import MolarBlock
-from merlin_molar.serving.slim import SlimDecoder, SlimGPT2, slim_tower
+from merlin_molar.serving.slim import SlimDecoder, SlimPreNorm, slim_tower
 
 LENGTH = 12
 
@@ -37,7 +37,7 @@ def test_slim_gpt2_equals_the_hugging_face_module(options):
     config = GPT2Config(**{"n_embd": 16, "n_layer": 2, "n_positions": LENGTH, "vocab_size": 1, **options})
     model = GPT2Model(config).eval()
     slim = slim_tower("gpt2", model, LENGTH)
-    assert isinstance(slim, SlimGPT2)
+    assert isinstance(slim, SlimPreNorm)
     _check(slim, lambda x: model(inputs_embeds=x).last_hidden_state, 16)
 
 
