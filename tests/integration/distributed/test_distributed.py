@@ -158,10 +158,20 @@ def runs(ml100k_prepared, tmp_path_factory):
     return root, results
 
 
+def _without_key_bias(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The attention's key bias (the middle third of ``in_proj_bias``) shifts every score of a query by the same
+    amount, which the softmax cancels: its gradient is zero up to float noise, which Adam's normalised steps
+    turn into ~1e-4 moves (6e-4 apart after 21 steps here) that change no output. Left out of the comparison."""
+    if not name.endswith("self_attn.in_proj_bias"):
+        return weight
+    width = weight.numel() // 3
+    return torch.cat([weight[:width], weight[2 * width:]])
+
+
 def _max_weight_difference(a: Path, b: Path) -> float:
     wa, wb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert wa.keys() == wb.keys()
-    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    return max((_without_key_bias(k, wa[k]) - _without_key_bias(k, wb[k])).abs().max().item() for k in wa)
 
 
 def _close_steps(a, b, steps=None):
