@@ -34,6 +34,7 @@ _PUBLIC = {
             "MolarConfig",
             "MolarTask",
             "SASRecConfig",
+            "SASRecEncoder",
             "build_llm",
             "content_item_inputs",
             "gru4rec_body",

@@ -3,7 +3,7 @@ composition, its prediction task and losses. All are Transformers4Rec blocks, he
 
     item_tower.py  frozen MIRM table -> trainable projection (the content item tower)
     dueg.py        MolarBlock: an LLM over a history of content item embeddings (the content user tower)
-    sasrec.py      ID-based sequence bodies (SASRec) and the SASRec baseline model
+    sasrec.py      ID-based sequence bodies (SASRec: SASRecEncoder or GPT-2) and the SASRec baseline model
     gru4rec.py     GRU4Rec: the same inputs and task as SASRec, a GRU instead of the transformer
     id_models.py   ID_MODELS: the ID models by name (``train --model``, ``MolarConfig.id_model``)
     molar.py       MolarConfig, MolarBody and molar_model: content + ID branch in one tr.Model
@@ -15,7 +15,7 @@ from merlin_molar.models.gru4rec import GRU4RecConfig, gru4rec_body, gru4rec_mod
 from merlin_molar.models.id_models import ID_MODELS
 from merlin_molar.models.item_tower import ContentItemEmbedding, content_item_inputs
 from merlin_molar.models.molar import MolarBody, MolarConfig, load_id_branch, molar_model
-from merlin_molar.models.sasrec import SASRecConfig, sasrec_body, sasrec_model
+from merlin_molar.models.sasrec import SASRecConfig, SASRecEncoder, sasrec_body, sasrec_model
 from merlin_molar.models.task import FullRankingNextItemTask, MolarTask
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "MolarConfig",
     "MolarTask",
     "SASRecConfig",
+    "SASRecEncoder",
     "build_llm",
     "content_item_inputs",
     "gru4rec_body",
