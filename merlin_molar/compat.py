@@ -215,6 +215,7 @@ def apply() -> None:
     _patch_trainer()
     _patch_dataloader_global_rank()
     _patch_cpu_ddp_optimizer_resume()
+    _patch_dataloader_remainder_shuffle()
     _APPLIED = True
 
 
@@ -303,3 +304,36 @@ def _patch_cpu_ddp_optimizer_resume() -> None:
 
     _load_optimizer_and_scheduler._merlin_molar_compat = True
     T4RecTrainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
+
+
+def _remainder_left_unshuffled(chunk_logic) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(chunk_logic)
+    except (OSError, TypeError):
+        return False
+    split, shuffle = source.find("get_batch_div_chunk("), source.find("shuffle_df(")
+    return 0 <= split < shuffle
+
+
+def _patch_dataloader_remainder_shuffle() -> None:
+    # merlin-dataloader 23.08's ChunkQueue.chunk_logic splits each loaded chunk into whole batches and a remainder
+    # (the rows after the last whole batch) and shuffles only the whole batches. The last chunk's remainder
+    # becomes the epoch's final batch unshuffled: with a training split that fits in one chunk (MovieLens-100K:
+    # 943 users, batch 128) the final batch of every epoch holds the same 47 users (the file's last rows), so one
+    # optimizer step in eight trains on them alone for the whole run. Shuffle the chunk before the split.
+    from merlin.dataloader.loader_base import ChunkQueue
+    from merlin.io import shuffle_df
+
+    original = ChunkQueue.get_batch_div_chunk
+    if getattr(original, "_merlin_molar_compat", False) or not _remainder_left_unshuffled(ChunkQueue.chunk_logic):
+        return
+
+    def get_batch_div_chunk(self, chunks, batch_size):
+        if self.shuffle and len(chunks) > batch_size:
+            chunks = shuffle_df(chunks)
+        return original(self, chunks, batch_size)
+
+    get_batch_div_chunk._merlin_molar_compat = True
+    ChunkQueue.get_batch_div_chunk = get_batch_div_chunk

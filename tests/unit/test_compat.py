@@ -107,3 +107,25 @@ def test_overrides_apply_at_the_first_import_of_transformers4rec_whoever_imports
 def test_a_dask_imported_before_merlin_molar_is_patched_at_once():
     out = run_python("import dask, merlin_molar\nprint(dask.config.get('dataframe.convert-string'))")
     assert out.strip() == "False"
+
+
+def test_the_rows_left_after_the_last_whole_batch_are_shuffled_too(tiny_prepared, tmp_path):
+    """merlin-dataloader 23.08 shuffles only the whole batches of a chunk: the final, smaller batch of every
+    epoch held the same rows (the file's last ones). Now each epoch's final batch is drawn like the others,
+    and every row is still read exactly once per epoch."""
+    from merlin_molar.models.sasrec import SASRecConfig, sasrec_model
+    from merlin_molar.training import TrainConfig, make_trainer
+
+    model = sasrec_model(tiny_prepared.schema, SASRecConfig(max_length=20, d_model=16))
+    trainer = make_trainer(model, tiny_prepared, tmp_path, TrainConfig(epochs=3, batch_size=128))
+    loader = trainer.get_train_dataloader()
+    users = tiny_prepared.manifest["users"]
+    final_batches = []
+    for epoch in range(3):
+        trainer.state.epoch = epoch
+        batches = [tuple(map(tuple, features["item_id-list"].tolist())) for features, _ in loader]
+        assert [len(b) for b in batches] == [128] * (users // 128) + [users % 128]
+        rows = [row for batch in batches for row in batch]
+        assert len(set(rows)) == len(rows) == users  # every row once (the synthetic sequences are distinct)
+        final_batches.append(frozenset(batches[-1]))
+    assert len(set(final_batches)) == 3
