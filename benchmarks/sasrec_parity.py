@@ -10,7 +10,10 @@ runs) on the project's own preparation of the same raw data (chronological leave
 3 interactions; the reference does the same split itself).
 
 Time per epoch is each run's training wall time (its periodic validations included, its final evaluations not)
-over the epochs it trained. Runs go one after the other, so the two never share the CPU.
+over the epochs it trained. One invocation runs its runs one after the other; to save wall time the two models
+can be run by two invocations side by side, one thread each (``--models project`` and ``--models reference``,
+same ``--workdir``), and ``--summary-only`` then writes the result from the finished runs (the times are then
+measured under that shared load, the same for both).
 
 Writes ``benchmarks/results/sasrec_parity/sasrec_parity_<dataset>_L<length>.json`` (``summary``: mean and std
 over seeds of each model's test metrics and time per epoch, and the ratio project / reference) and prints a
@@ -209,6 +212,10 @@ def parse_args(argv=None):
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / BENCHMARK)
     p.add_argument("--resume", action="store_true",
                    help="keep and skip finished runs, continue an interrupted project run from its checkpoint")
+    p.add_argument("--summary-only", action="store_true",
+                   help="train nothing: write the result from the runs already finished under --workdir (e.g. by "
+                        "invocations that ran the models side by side)")
+    p.add_argument("--suffix", default="", help="appended to the result file's name")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.models = args.models.split(",")
@@ -230,22 +237,27 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    name = result_name(args.dataset.name, args.max_length)
+    name = result_name(args.dataset.name, args.max_length) + args.suffix
     workdir = args.workdir / f"{args.dataset.name}_L{args.max_length}"
     finished = [run_path(workdir, m, s) for m in args.models for s in args.seeds if run_path(workdir, m, s).exists()]
-    if finished and not args.resume:
+    if args.summary_only and not finished:
+        raise SystemExit(f"sasrec_parity.py: error: --workdir: {workdir} holds no finished run of {args.models}")
+    if finished and not (args.resume or args.summary_only):
         raise SystemExit(f"sasrec_parity.py: error: --workdir: {workdir} holds {len(finished)} finished run(s): pass "
                          "--resume to keep them, or remove them")
     import merlin_molar  # noqa: F401  (compat overrides before T4Rec is imported)
 
     info = machine()
-    prepared = prepared_data(args.dataset, workdir / "prepared", args.max_length) if "project" in args.models else None
+    train_project = "project" in args.models and not args.summary_only
+    prepared = prepared_data(args.dataset, workdir / "prepared", args.max_length) if train_project else None
     runs = {m: {} for m in args.models}
     for seed in args.seeds:
         for model in args.models:
             path = run_path(workdir, model, seed)
             if path.exists():
                 runs[model][seed] = json.loads(path.read_text())
+                continue
+            if args.summary_only:
                 continue
             print(f"{name}: {model} seed {seed}: training", flush=True)
             start = time.perf_counter()

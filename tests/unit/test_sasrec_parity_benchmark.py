@@ -91,3 +91,33 @@ def test_finished_runs_are_kept_only_with_resume(parity, tmp_path, monkeypatch):
     written = json.loads((tmp_path / "results" / "sasrec_parity" / "sasrec_parity_ml-tiny_L20.json").read_text())
     assert written["summary"]["project_over_reference"]["test_ndcg@10"] == pytest.approx(1.0)
     assert {"command", "git_commit", "machine", "date"} <= set(written)
+
+
+def test_summary_only_gathers_finished_runs_and_trains_nothing(parity, tmp_path, monkeypatch):
+    """Two invocations ran the models side by side; --summary-only writes the result from what they finished
+    (here: both seeds of the reference, seed 0 of the project) and never starts the missing run."""
+    data = tmp_path / "ml-tiny"
+    data.mkdir()
+    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n")
+    workdir = tmp_path / "work"
+    for model, seed in (("project", 0), ("reference", 0), ("reference", 1)):
+        path = parity.run_path(workdir / "ml-tiny_L20", model, seed)
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(record(0.1, 1.0)))
+
+    def no_training(*args):
+        raise AssertionError("--summary-only trained a run")
+
+    monkeypatch.setattr(parity, "run_project", no_training)
+    monkeypatch.setattr(parity, "run_reference", no_training)
+    monkeypatch.setattr(parity, "prepared_data", no_training)
+    monkeypatch.setattr(parity, "result_path", lambda benchmark, name: tmp_path / "results" / benchmark / name)
+    argv = ["--dataset", str(data), "--max-length", "20", "--seeds", "0,1", "--workdir", str(workdir),
+            "--reference", str(data / "interactions.csv"), "--summary-only", "--suffix", "_partial"]
+    parity.main(argv)
+    result = tmp_path / "results" / "sasrec_parity" / "sasrec_parity_ml-tiny_L20_partial.json"
+    written = json.loads(result.read_text())
+    assert (written["summary"]["project"]["seeds"], written["summary"]["reference"]["seeds"]) == ([0], [0, 1])
+    assert written["summary"]["project_over_reference"]["seeds"] == [0]
+    with pytest.raises(SystemExit, match="holds no finished run"):
+        parity.main([*argv[:7], str(tmp_path / "empty"), *argv[8:]])
