@@ -70,8 +70,7 @@ class _HiddenStates(torch.nn.Module):
         self.model, self.scale, self.positions = model, float(scale), positions
 
     def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        if self.positions != "start":  # they depend on each row's length, which a traced bucket does not see
-            raise NotImplementedError(f"a traced tower cannot count positions from {self.positions!r}")
+        # positions="last" is never traced: export_lean refuses it without a slim tower (_positions_from_last)
         return self.model(inputs_embeds=inputs_embeds * self.scale).last_hidden_state
 
 
