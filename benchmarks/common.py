@@ -123,3 +123,21 @@ def peak_flops(override_tflops):
         if key in name:
             return value, f"bf16 dense peak of {key} (datasheet)"
     return None, f"unknown peak for {name}: pass --peak-tflops"
+
+
+def finished_prepare(root: Path, raw, max_length: int):
+    """``root`` as :class:`PreparedData` when a finished ``prepare`` of this very data and length is there (same
+    interactions and item ids: the manifest's fingerprint; no k-core, no cold items) that writes the
+    earlier-items tables the evaluation masks whole histories with, else None (prepare it again)."""
+    from merlin_molar.data import load_prepared
+    from merlin_molar.data.workflow import EVALUATED_SPLITS, dataset_fingerprint
+    from merlin_molar.errors import MolarDataError
+
+    try:
+        prepared = load_prepared(root)
+    except MolarDataError:
+        return None
+    m = prepared.manifest
+    same = (m.get("fingerprint"), m.get("max_length"), m.get("k_core"), m.get("cold_items"))
+    whole_histories = all(prepared.earlier_items_path(split).is_file() for split in EVALUATED_SPLITS)
+    return prepared if same == (dataset_fingerprint(raw), max_length, 0, None) and whole_histories else None

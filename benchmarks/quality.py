@@ -37,11 +37,11 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import merlin_molar  # noqa: E402,F401  (compat overrides before T4Rec is imported)
-from common import command_line, git_commit, machine, now, table, result_path, write_result  # noqa: E402
+from common import (  # noqa: E402
+    command_line, finished_prepare, git_commit, machine, now, result_path, table, write_result,
+)
 
-from merlin_molar.data import load_prepared, prepare, read_dataset  # noqa: E402
-from merlin_molar.data.workflow import dataset_fingerprint  # noqa: E402
-from merlin_molar.errors import MolarDataError  # noqa: E402
+from merlin_molar.data import prepare, read_dataset  # noqa: E402
 from merlin_molar.data.readers import RawDataset  # noqa: E402
 from merlin_molar.io import read_json, write_json  # noqa: E402
 from merlin_molar.models.molar import MolarConfig  # noqa: E402
@@ -169,18 +169,6 @@ def table_record(name: str, path: Path) -> dict:
             "fusion": meta["encoder"].get("fusion"), "dim": meta["dim"], "items_embedded": meta["items_embedded"],
             "items_with_image": meta["items_with_image"],
             **({"embedding": read_json(timing)} if timing.exists() else {})}
-
-
-def finished_prepare(root: Path, raw, max_length: int):
-    """``root`` as :class:`PreparedData` when a finished ``prepare`` of this very data and length is there (same
-    interactions and item ids: the manifest's fingerprint), else None."""
-    try:
-        prepared = load_prepared(root)
-    except MolarDataError:
-        return None
-    m = prepared.manifest
-    same = (m.get("fingerprint"), m.get("max_length"), m.get("k_core"), m.get("cold_items"))
-    return prepared if same == (dataset_fingerprint(raw), max_length, 0, None) else None
 
 
 def run_one(prepared, table, variant: str, seed: int, run_dir: Path, config: TrainConfig) -> dict:

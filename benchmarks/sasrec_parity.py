@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, data_dir, machine, result_path, table, write_result  # noqa: E402
+from common import REPO, data_dir, finished_prepare, machine, result_path, table, write_result  # noqa: E402
 
 MODELS = ("project", "reference")
 METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
@@ -177,19 +177,10 @@ def run_project(args, prepared, seed: int, workdir: Path) -> dict:
 
 def prepared_data(data: Path, root: Path, max_length: int):
     """The project's preparation of ``data`` at ``max_length`` under ``root``, made once and then reused."""
-    from merlin_molar.data import load_prepared, prepare, read_dataset
-    from merlin_molar.data.workflow import dataset_fingerprint
-    from merlin_molar.errors import MolarDataError
+    from merlin_molar.data import prepare, read_dataset
 
     raw = read_dataset(data)
-    try:
-        prepared = load_prepared(root)
-        manifest = prepared.manifest
-        if (manifest.get("fingerprint"), manifest.get("max_length")) == (dataset_fingerprint(raw), max_length):
-            return prepared
-    except MolarDataError:
-        pass
-    return prepare(raw, root, max_length=max_length)
+    return finished_prepare(root, raw, max_length) or prepare(raw, root, max_length=max_length)
 
 
 def parse_args(argv=None):

@@ -34,6 +34,7 @@ from distributed import WorkerPlugin
 from merlin.core.utils import Distributed
 
 from merlin_molar.errors import MolarDataError
+from merlin_molar.ids import USER_INDEX
 
 LOG = logging.getLogger(__name__)
 
@@ -222,7 +223,9 @@ def gathered_evaluation_loop(trainer, dataloader, metric_key_prefix: str = "eval
     rows of all processes in file order, as in one process, so the means are bit-identical.
     Transformers4Rec's own loop gathers labels and losses after every batch, which fails as soon as the
     processes' last batches differ in size, and keeps every [users x items] score matrix on the host;
-    this loop does neither. The loss is the row-weighted mean of the batch losses.
+    this loop does neither. The loss is the row-weighted mean of the batch losses. A loader that carries
+    ``earlier_items`` (:meth:`merlin_molar.training.Trainer.get_eval_dataloader`) also reads each row's
+    ``user_index``, and the users' items older than the window are masked before the metrics see the scores.
     """
     from transformers.trainer_pt_utils import find_batch_size
     from transformers.trainer_utils import EvalLoopOutput
@@ -235,9 +238,13 @@ def gathered_evaluation_loop(trainer, dataloader, metric_key_prefix: str = "eval
     device = trainer.args.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     rows = 0
+    earlier = getattr(dataloader, "earlier_items", None)
     for inputs in dataloader:
         batch = find_batch_size(inputs)
+        user_index = inputs[0].pop(USER_INDEX) if earlier is not None else None
         loss, predictions, labels, _ = trainer.prediction_step(model, inputs, prediction_loss_only=False, testing=True)
+        if earlier is not None:
+            predictions = earlier.mask(predictions, user_index, labels)
         model.calculate_metrics(predictions, labels)
         loss_sum += loss.double() * batch
         rows += batch

@@ -8,16 +8,20 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 import transformers4rec.torch as tr
+from merlin.io import Dataset
+from merlin.schema import Schema, Tags
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 from transformers4rec.config.trainer import T4RecTrainingArguments
 
-from merlin_molar.data.workflow import PreparedData
+from merlin_molar.data.workflow import EVALUATED_SPLITS, PreparedData
 from merlin_molar.distributed import GatheredEvaluation, check_launch
-from merlin_molar.evaluation import summarise
+from merlin_molar.evaluation import EarlierItems, summarise
+from merlin_molar.ids import USER_INDEX
 from merlin_molar.progress import SparseProgressCallback, interactive
 
 LOG = logging.getLogger(__name__)
@@ -162,12 +166,38 @@ class EpochSeed:
 
 class Trainer(GatheredEvaluation, tr.Trainer):
     """Transformers4Rec's Trainer with a training data order that depends only on (seed, epoch), and
-    evaluation gathered across processes (:func:`merlin_molar.distributed.gathered_evaluation_loop`)."""
+    evaluation gathered across processes (:func:`merlin_molar.distributed.gathered_evaluation_loop`) that
+    masks each user's whole history: ``earlier_items`` maps an evaluation split's path to its
+    earlier-items table (:class:`merlin_molar.evaluation.EarlierItems`), whose key column the evaluation
+    loader then reads too."""
+
+    earlier_items: Dict[str, Path] = {}
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
         if self.train_dataloader is None:
             loader.dataset.seed_fn = EpochSeed(self, self.args.seed)
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        # Transformers4Rec's loader reads eval_dataset_or_path whatever eval_dataset says
+        table_path = self.earlier_items.get(str(self.eval_dataset_or_path))
+        if self.eval_dataloader is not None or table_path is None:
+            return super().get_eval_dataloader(eval_dataset)
+        if not Path(table_path).is_file():
+            LOG.warning("%s: missing, so the evaluation masks only the last max_length items of each history "
+                        "(the directory was prepared before evaluations masked whole histories): run `merlin-molar "
+                        "prepare` again to mask the whole history", table_path)
+            return super().get_eval_dataloader(eval_dataset)
+        split_schema = Dataset(str(self.eval_dataset_or_path), engine="parquet").schema
+        key = split_schema[USER_INDEX].with_tags([Tags.CATEGORICAL])  # the loader reads tagged columns only
+        model_schema = self.schema
+        self.schema = model_schema + Schema([key])
+        try:
+            loader = super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.schema = model_schema
+        loader.earlier_items = EarlierItems.read(table_path)
         return loader
 
 
@@ -189,6 +219,7 @@ def make_trainer(model: tr.Model, data: PreparedData, output_dir, config: TrainC
         trainer.add_callback(EarlyStoppingAfter(config.early_stopping_patience))
         if config.eval_every > 1:
             trainer.add_callback(EvaluateEveryEpochs(config.eval_every))
+    trainer.earlier_items = {str(data.split_path(s)): data.earlier_items_path(s) for s in EVALUATED_SPLITS}
     check_launch(trainer)
     return trainer
 

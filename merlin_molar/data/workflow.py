@@ -7,14 +7,19 @@ project's tests run it in CPU mode. On a cluster (:func:`merlin_molar.distribute
 Output directory layout written by :func:`prepare`::
 
     workflow/          fitted NVTabular workflow (Categorify mapping reused by serving and the item table)
-    train/ valid/ test/  parquet + schema.pbtxt, column ``item_id-list`` (ITEM_ID/LIST/CATEGORICAL)
+    train/ valid/ test/  parquet + schema.pbtxt, column ``item_id-list`` (ITEM_ID/LIST/CATEGORICAL), plus
+                       ``user_id`` and ``user_index`` (the user's row number, untagged: no model input)
+    earlier/valid.parquet earlier/test.parquet
+                       per ``user_index``, column ``item_id-earlier``: the user's items older than the split
+                       row's window, masked by the evaluation together with the window
     items.parquet      item content table in Categorify id order (column ``item_id`` = encoded id)
     molar_manifest.json  what this directory was made from (a different dataset is refused), and the sha256
                        of every file above (verified by :func:`load_prepared`)
 
 Leave-one-out (chronological): for a user history ``s``, ``test`` holds ``s`` (the model predicts its last
 item from the rest), ``valid`` holds ``s[:-1]`` and ``train`` holds ``s[:-2]``, each truncated to its
-last ``max_length`` items.
+last ``max_length`` items. The evaluation masks the user's whole history, as the paper's protocol and the
+plain reference SASRec do, not only the window the model reads: ``earlier/<split>.parquet`` holds the rest.
 """
 from __future__ import annotations
 
@@ -29,17 +34,20 @@ import numpy as np
 import nvtabular as nvt
 import pandas as pd
 from merlin.io import Dataset
-from merlin.schema import Schema, Tags
+from merlin.schema import ColumnSchema, Schema, Tags
 
 from merlin_molar.data.holdout import hold_out_items, write_cold_files
 from merlin_molar.data.readers import RawDataset
 from merlin_molar.errors import MolarDataError
-from merlin_molar.ids import FIRST_ITEM_ID, ITEM_SEQUENCE
+from merlin_molar.ids import EARLIER_ITEMS, FIRST_ITEM_ID, ITEM_SEQUENCE, USER_INDEX
 from merlin_molar.io import atomic_path, claim_output_dir, file_checksums, read_json, verify_checksums, write_json
 
 LOG = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+EVALUATED_SPLITS = ("valid", "test")
+# how many of the history's last items each split leaves out (leave-one-out)
+DROPPED_LAST = {"train": 2, "valid": 1, "test": 0}
 MIN_HISTORY = 3  # one train item + one validation target + one test target
 # Position of each interaction in the raw table: interactions with equal timestamps keep that order, whatever
 # the partitioning (a plain sort by time leaves ties in an order that depends on each partition's contents).
@@ -63,12 +71,21 @@ def sequence_workflow(
 
 def split_workflow(split: str, max_length: int) -> nvt.Workflow:
     """Leave-one-out slice of the grouped histories for one split, truncated to ``max_length``."""
-    drop_last = {"train": 2, "valid": 1, "test": 0}[split]
+    drop_last = DROPPED_LAST[split]
     if drop_last:
         sliced = [ITEM_SEQUENCE] >> nvt.ops.ListSlice(-(max_length + drop_last), -drop_last)
     else:
         sliced = [ITEM_SEQUENCE] >> nvt.ops.ListSlice(-max_length)
-    return nvt.Workflow(sliced + ["user_id"])
+    return nvt.Workflow(sliced + ["user_id", USER_INDEX])
+
+
+def earlier_items(grouped: pd.DataFrame, split: str, max_length: int) -> pd.DataFrame:
+    """Per ``user_index``, the items of the user's history older than the ``split`` row's window: the part of
+    the history the model does not read but the evaluation masks. (NVTabular's ListSlice cannot express it:
+    its output schema needs a positive maximum length.)"""
+    keep = DROPPED_LAST[split] + max_length
+    earlier = [np.asarray(s, dtype=np.int64)[: max(len(s) - keep, 0)] for s in grouped[ITEM_SEQUENCE]]
+    return pd.DataFrame({USER_INDEX: np.asarray(grouped[USER_INDEX], dtype=np.int64), EARLIER_ITEMS: earlier})
 
 
 def k_core(interactions: pd.DataFrame, k: int, cat_path: Optional[str] = None) -> pd.DataFrame:
@@ -155,6 +172,9 @@ class PreparedData:
     @property
     def items_path(self) -> Path:
         return self.root / "items.parquet"
+
+    def earlier_items_path(self, split: str) -> Path:
+        return self.root / "earlier" / f"{split}.parquet"
 
     @property
     def manifest(self) -> dict:
@@ -252,13 +272,20 @@ def prepare(
     grouped = wf.transform(dataset).to_ddf().compute().sort_values("user_id", ignore_index=True)
     if grouped.empty:
         raise MolarDataError(raw.source, f"no user has at least {MIN_HISTORY} interactions")
+    grouped[USER_INDEX] = np.arange(len(grouped), dtype=np.int64)
     with atomic_path(output_dir / "workflow", is_dir=True) as tmp:
         wf.save(str(tmp))
 
+    grouped_schema = wf.output_schema + Schema([ColumnSchema(USER_INDEX, dtype=np.int64)])
     for split in SPLITS:
-        out = split_workflow(split, max_length).fit_transform(Dataset(grouped, schema=wf.output_schema))
+        out = split_workflow(split, max_length).fit_transform(Dataset(grouped, schema=grouped_schema))
         with atomic_path(output_dir / split, is_dir=True) as tmp:
             out.to_parquet(str(tmp), output_files=1)
+    (output_dir / "earlier").mkdir(exist_ok=True)
+    host_grouped = grouped.to_pandas() if hasattr(grouped, "to_pandas") else grouped  # cuDF on a GPU
+    for split in EVALUATED_SPLITS:
+        with atomic_path(output_dir / "earlier" / f"{split}.parquet") as tmp:
+            earlier_items(host_grouped, split, max_length).to_parquet(tmp, index=False)
 
     mapping = item_id_mapping(wf)
     items = encode_items(raw.items, mapping, raw.source)
@@ -276,7 +303,7 @@ def prepare(
         "item_cardinality": int(mapping.max() + 1),
         "items_with_content": int(items["has_content"].sum()),
         "text_columns": raw.text_columns,
-        "sha256": file_checksums(output_dir, ["workflow", *SPLITS, "items.parquet"]),
+        "sha256": file_checksums(output_dir, ["workflow", *SPLITS, "earlier", "items.parquet"]),
     }
     if cold is not None:
         manifest["cold_start"] = {"fraction": cold_items, **write_cold_files(output_dir, raw.items, cold, grouped,

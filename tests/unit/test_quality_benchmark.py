@@ -70,6 +70,19 @@ def test_a_finished_prepare_is_reused_only_for_the_same_data_and_length(quality,
     fewer = quality.RawDataset(raw.interactions.iloc[1:], raw.items, raw.source, list(raw.text_columns))
     assert quality.finished_prepare(tiny_prepared.root, fewer, 20) is None  # other interactions
     assert quality.finished_prepare(tmp_path / "nothing", raw, 20) is None
+    import shutil
+
+    from merlin_molar.data import load_prepared
+    from merlin_molar.io import read_json, write_json
+
+    old = tmp_path / "before_earlier_items"  # prepared before the evaluation masked whole histories
+    shutil.copytree(tiny_prepared.root, old)
+    shutil.rmtree(old / "earlier")
+    manifest = read_json(old / "molar_manifest.json")
+    manifest["sha256"] = {k: v for k, v in manifest["sha256"].items() if not k.startswith("earlier/")}
+    write_json(old / "molar_manifest.json", manifest)
+    assert load_prepared(old).root == old
+    assert quality.finished_prepare(old, raw, 20) is None
 
 
 def test_bf16_runs_are_paired_with_the_fp32_run_of_the_same_variant_and_seed(quality, tmp_path):

@@ -233,3 +233,78 @@ def test_a_run_validating_every_few_epochs_resumes_from_its_last_validation(tiny
     assert epochs == [2, 4, 6, 8]
     (stopper,) = [c for c in resumed.callback_handler.callbacks if isinstance(c, EarlyStoppingAfter)]
     assert stopper.early_stopping_patience_counter == 3  # lr 0: validations at epochs 4, 6 and 8 bring nothing
+
+
+@pytest.fixture(scope="module")
+def short_window(tiny_dir, tmp_path_factory):
+    """The synthetic data (histories of 6-12 items) prepared with windows of 5: most users have older items."""
+    from merlin_molar.data import prepare, read_dataset
+
+    return prepare(read_dataset(tiny_dir), tmp_path_factory.mktemp("short") / "prepared", max_length=5)
+
+
+def captured_evaluation(trainer, prepared, split, monkeypatch):
+    """``(metrics, [(scores, targets)] per batch in file order)`` of one evaluation through the Trainer."""
+    batches = []
+    calculate = trainer.model.calculate_metrics
+    monkeypatch.setattr(trainer.model, "calculate_metrics",
+                        lambda scores, labels: (batches.append((scores, labels)), calculate(scores, labels))[1])
+    metrics = evaluate(trainer, prepared, split)
+    monkeypatch.undo()
+    return metrics, batches
+
+
+@pytest.mark.parametrize("split, cut", [("valid", -2), ("test", -1)])
+def test_evaluation_masks_the_whole_history_not_only_the_window(short_window, tiny_dir, tmp_path, monkeypatch,
+                                                                 split, cut):
+    from merlin_molar.data import read_dataset
+    from merlin_molar.data.workflow import item_id_mapping
+    from merlin_molar.ids import FIRST_ITEM_ID
+
+    torch.manual_seed(0)
+    model = sasrec_model(short_window.schema, SASRecConfig(max_length=5, d_model=16, n_layers=1))
+    trainer = make_trainer(model, short_window, tmp_path / "run", TrainConfig())
+    whole, batches = captured_evaluation(trainer, short_window, split, monkeypatch)
+
+    raw = read_dataset(tiny_dir).interactions.sort_values("timestamp", kind="stable")
+    encode = item_id_mapping(short_window.load_workflow())
+    histories = raw.groupby("user_id")["item_id"].apply(lambda s: [int(encode[i]) for i in s])
+    users = short_window.split_frame(split)["user_id"].tolist()  # the evaluation reads the file in this order
+    scores = torch.cat([s for s, _ in batches])
+    targets = torch.cat([t for _, t in batches])
+    assert len(users) == len(scores) == short_window.manifest["users"]
+    older = 0
+    for row, target, user in zip(scores, targets, users):
+        history = histories[user]
+        assert int(target) == history[cut]
+        masked = set(torch.nonzero(torch.isinf(row)).flatten().tolist()) - set(range(FIRST_ITEM_ID))
+        assert masked == set(history[:cut]) - {history[cut]}, user
+        older += len(history[:cut]) > 4
+    assert older > len(users) / 2  # most rows had items older than the window to mask
+
+    trainer.earlier_items = {}  # a Trainer that knows no earlier-items table masks the window alone
+    window, window_batches = captured_evaluation(trainer, short_window, split, monkeypatch)
+    window_scores = torch.cat([s for s, _ in window_batches])
+    finite = torch.isfinite(scores)
+    assert torch.equal(scores[finite], window_scores[finite])  # the extra masking changes nothing else
+    assert torch.isinf(scores).sum() > torch.isinf(window_scores).sum()
+    assert whole["ndcg@10"] >= window["ndcg@10"] and whole["recall@50"] >= window["recall@50"]
+
+
+def test_a_directory_prepared_before_the_earlier_items_table_masks_the_window_and_says_so(
+        short_window, tmp_path, caplog):
+    import shutil
+
+    from merlin_molar.data import load_prepared
+
+    root = tmp_path / "old"
+    shutil.copytree(short_window.root, root)
+    old = load_prepared(root)
+    shutil.rmtree(root / "earlier")
+    torch.manual_seed(0)
+    model = sasrec_model(old.schema, SASRecConfig(max_length=5, d_model=16, n_layers=1))
+    trainer = make_trainer(model, old, tmp_path / "run", TrainConfig())
+    with caplog.at_level("WARNING"):
+        metrics = evaluate(trainer, old, "test")
+    assert "masks only the last max_length items" in caplog.text
+    assert 0 <= metrics["ndcg@10"] <= 1

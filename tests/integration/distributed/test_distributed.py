@@ -251,6 +251,7 @@ def test_gathered_loop_equals_transformers4rec_loop_in_one_process(runs, ml100k_
     model = sasrec_model(ml100k_prepared.schema, SASRecConfig(max_length=20, d_model=32, dropout=0.0))
     model.load_state_dict(torch.load(root / "one.pt", weights_only=True))
     trainer = make_trainer(model, ml100k_prepared, tmp_path, TrainConfig(eval_batch_size=100))
+    trainer.earlier_items = {}  # upstream's loop knows no earlier-items table: both mask the window alone
     loader = trainer.get_eval_dataloader()
     ours = gathered_evaluation_loop(trainer, loader, "valid")
     upstream = type(trainer).__mro__[2].evaluation_loop(trainer, loader, "valid", metric_key_prefix="valid")

@@ -7,7 +7,7 @@ from merlin_molar.data import load_prepared, prepare
 from merlin_molar.data.readers import RawDataset
 from merlin_molar.data.workflow import k_core
 from merlin_molar.errors import MolarDataError
-from merlin_molar.ids import FIRST_ITEM_ID, ITEM_SEQUENCE
+from merlin_molar.ids import EARLIER_ITEMS, FIRST_ITEM_ID, ITEM_SEQUENCE, USER_INDEX
 
 
 def toy_raw(n_users=6, seed=0):
@@ -50,6 +50,23 @@ def test_leave_one_out_splits_match_a_plain_reference(toy_prepared):
         assert list(frame.index) == list(expected.index), split
         got = frame[ITEM_SEQUENCE].map(lambda s: [decode[int(i)] for i in s])
         assert got.tolist() == expected.tolist(), split
+
+
+def test_earlier_items_hold_the_history_older_than_each_evaluated_window(toy_prepared):
+    raw, data = toy_prepared
+    items = data.items()
+    decode = dict(zip(items["item_id"], items["item_id_raw"]))
+    inter = raw.interactions.sort_values(["user_id", "timestamp"])
+    histories = inter.groupby("user_id")["item_id"].apply(list)
+    for split, cut in (("valid", -2), ("test", -1)):
+        frame = data.split_frame(split).sort_values("user_id")
+        earlier = pd.read_parquet(data.earlier_items_path(split)).set_index(USER_INDEX)[EARLIER_ITEMS]
+        assert sorted(frame[USER_INDEX]) == list(range(len(frame))) == sorted(earlier.index)
+        for user, key, window in zip(frame["user_id"], frame[USER_INDEX], frame[ITEM_SEQUENCE]):
+            seen = histories[user][:cut]  # what the reference masks: the whole history before the target
+            got = [decode[int(i)] for i in earlier[key]] + [decode[int(i)] for i in window[:-1]]
+            assert got == seen, (split, user)
+    assert any(len(v) for v in pd.read_parquet(data.earlier_items_path("test"))[EARLIER_ITEMS])
 
 
 def test_list_column_is_not_stringified_by_dask(toy_prepared):
