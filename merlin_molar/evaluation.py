@@ -56,7 +56,7 @@ class EarlierItems:
     directory (:func:`merlin_molar.data.workflow.prepare`)."""
 
     def __init__(self, user_index: Sequence[int], items: Sequence[Sequence[int]]):
-        user_index = torch.as_tensor(np.asarray(user_index, dtype=np.int64))
+        user_index = torch.from_numpy(np.array(user_index, dtype=np.int64))  # a copy: arrow arrays are read-only
         lengths = torch.tensor([len(v) for v in items], dtype=torch.long)
         rows = int(user_index.max()) + 1 if len(user_index) else 0
         self.lengths = torch.zeros(rows, dtype=torch.long)

@@ -164,9 +164,11 @@ class PreparedData:
         if not local.is_file():
             raise MolarDataError(self.workflow_path, f"its item vocabulary {local} is missing (an incomplete copy of "
                                                      "the prepared directory?)")
-        if local != recorded:
-            op.categories[column] = str(local)
-            workflow.fit_schema(workflow.input_schema)  # the output schema's cat_path follows
+        op.categories[column] = str(local)
+        # NVTabular's load points the operator at the workflow's own copy of the vocabulary but leaves the
+        # output schema's cat_path as it was saved, relative to prepare's working directory: refit it
+        if workflow.output_schema[ITEM_SEQUENCE].properties.get("cat_path") != str(local):
+            workflow.fit_schema(workflow.input_schema)
         return workflow
 
     @property

@@ -53,6 +53,20 @@ def test_cold_hold_out_does_not_depend_on_partitioning(cold_base, tiny_dir, tmp_
                                   pd.read_parquet(cold_base.root / COLD_TARGETS_FILE))
 
 
+def test_a_directory_prepared_at_a_relative_path_is_read_from_another_working_directory(tiny_dir, tmp_path,
+                                                                                          monkeypatch):
+    from merlin_molar.data import prepare, read_dataset
+
+    monkeypatch.chdir(tmp_path)
+    prepare(read_dataset(tiny_dir), "prepared", max_length=5)
+    want = item_id_mapping(load_prepared(Path("prepared")).load_workflow())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    workflow = load_prepared(tmp_path / "prepared").load_workflow()
+    assert Path(workflow.output_schema[ITEM_SEQUENCE].properties["cat_path"]).is_file()
+    pd.testing.assert_series_equal(item_id_mapping(workflow), want)
+
+
 def test_a_prepared_directory_reads_its_own_vocabulary_from_anywhere(cold_base, tmp_path, monkeypatch):
     """The saved workflow records the vocabulary path prepare/add-items were given (here relative to their
     working directory): the prepared directory still works from another one, and after a move."""
