@@ -7,7 +7,10 @@ Adam 1e-3 betas (0.9, 0.98), batch 128) and the project's early-stopping rule (v
 epochs, stop after ``--patience`` validations without a better NDCG@10, keep the best). Nothing of it is
 imported. The project's run is ``merlin_molar.pipeline.train`` (what ``merlin-molar train --model sasrec``
 runs) on the project's own preparation of the same raw data (chronological leave-one-out, users with at least
-3 interactions; the reference does the same split itself).
+3 interactions; the reference does the same split itself). Both evaluations mask each user's whole history (the
+project's since its ``earlier/<split>.parquet`` tables; runs before that masked only the window). One difference
+stays: the project's window of ``--max-length`` items holds the target, so its model reads one item fewer than
+the reference's, at evaluation (49 against 50 at length 50) and in training (49 targets per window against 50).
 
 Time per epoch is each run's training wall time (its periodic validations included, its final evaluations not)
 over the epochs it trained. One invocation runs its runs one after the other; to save wall time the two models

@@ -204,9 +204,24 @@ def cmd_finetune_items(args):
         args.base_model, examples, args.output, method=args.method or defaults.method, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size or defaults.batch_size,
         learning_rate=args.lr or defaults.learning_rate, device=args.device, seed=args.seed,
-        checkpoint_every=checkpoint_every, resume=True if args.resume else (False if args.restart else None),
+        checkpoint_every=checkpoint_every, resume=_resume_choice(args),
     )
     print(f"wrote fine-tuned item encoder {out} (use it with: merlin-molar embed-items --encoder {out})")
+
+
+def _add_resume_options(p, same_run: str, scope: str = "") -> None:
+    """--resume / --restart of a command whose --output keeps checkpoints."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help=f"{scope}continue from the last checkpoint in --output (the default anyway when it holds "
+                            f"checkpoints of this same run: {same_run}; this flag also says so when there is none)")
+    group.add_argument("--restart", action="store_true",
+                       help=f"{scope}start from scratch, removing the checkpoints an earlier run left in --output")
+
+
+def _resume_choice(args):
+    """``resume`` for :func:`merlin_molar.pipeline.train` / ``finetune``: True, False (restart) or None (automatic)."""
+    return True if args.resume else (False if args.restart else None)
 
 
 def _finetune_sentence(args, data):
@@ -233,7 +248,7 @@ def cmd_train(args):
     data = load_prepared(args.prepared)
     result = train(
         data, args.model, args.output, parse_model_options(args.model_options), _train_config(args),
-        item_table_path=args.item_table, resume=True if args.resume else (False if args.restart else None),
+        item_table_path=args.item_table, resume=_resume_choice(args),
         init_id_branch_from=args.init_id_branch,
     )
     print(metrics_table({args.model: result}, "valid").replace("model", "valid", 1))
@@ -397,13 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="sentence encoder: InfoNCE temperature (default 0.05)")
     p.add_argument("--checkpoint-every", type=int, help=f"LLM/VLM: steps between checkpoints (default "
                    f"{LLM_CHECKPOINT_EVERY}; 0: none); an interrupted run, run again, continues from the last one")
-    restart = p.add_mutually_exclusive_group()
-    restart.add_argument("--resume", action="store_true",
-                         help="LLM/VLM: continue from the last checkpoint in --output (the default anyway when it "
-                              "holds checkpoints of this same run: same base model, examples and options; this flag "
-                              "also says so when there is none)")
-    restart.add_argument("--restart", action="store_true",
-                         help="LLM/VLM: start from scratch, removing the checkpoints an earlier run left in --output")
+    _add_resume_options(p, "same base model, examples and options", scope="LLM/VLM: ")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -420,14 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-id-branch",
                    help="a saved SASRec or GRU4Rec model dir: Molar's ID branch, frozen, with its architecture")
     p.add_argument("--output", required=True, help="run directory")
-    restart = p.add_mutually_exclusive_group()
-    restart.add_argument("--resume", action="store_true",
-                         help="continue from the last checkpoint in --output (the default anyway when --output holds "
-                              "checkpoints of this same run: same data and options; this flag also says so when "
-                              "there is none)")
-    restart.add_argument("--restart", action="store_true",
-                         help="start from scratch, removing the checkpoints an earlier run of these options left in "
-                              "--output")
+    _add_resume_options(p, "same data and options")
     _add_train_options(p)
 
     p = add("evaluate", cmd_evaluate, "full-ranking Recall/NDCG@10/20/50 of a saved model")

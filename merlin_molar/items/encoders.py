@@ -386,9 +386,7 @@ def load_preprocessor(name_or_path, kind: str):
 
     if kind == "vlm":
         return load_processor(name_or_path)
-    if is_gguf(name_or_path):
-        return AutoTokenizer.from_pretrained(**_gguf_location(name_or_path))
-    return AutoTokenizer.from_pretrained(str(name_or_path))
+    return AutoTokenizer.from_pretrained(**pretrained_location(name_or_path))
 
 
 def tokenizer_of(preprocessor):
@@ -423,8 +421,8 @@ def load_backbone(name_or_path, kind: str, device: str, dtype, attn_implementati
         model = PeftModel.from_pretrained(model, str(name_or_path)).merge_and_unload()
         model = model.base_model
     else:
-        location = _gguf_location(name_or_path) if gguf else {"pretrained_model_name_or_path": str(name_or_path)}
-        model = AutoModel.from_pretrained(**location, **load_kwargs)  # a GGUF file is dequantised to ``dtype``
+        # a GGUF file is dequantised to ``dtype``
+        model = AutoModel.from_pretrained(**pretrained_location(name_or_path), **load_kwargs)
         cur_id = add_cur_item_token(tokenizer, model)
     model.requires_grad_(False)
     return model.to(device).eval(), preprocessor, cur_id, meta

@@ -180,56 +180,62 @@ def llama_cpp_permute(weight, n_head: int):
 
 def save_llama_gguf(hf_dir, path) -> Path:
     """Write the llama model and byte-level BPE tokenizer saved in ``hf_dir`` (e.g. by
-    :func:`save_random_backbone` with ``model_type="llama"``) as one float32 GGUF file, the way llama.cpp's
-    converter lays it out, so that ``from_pretrained(..., gguf_file=...)`` reads back the same model and
-    tokenizer: a small stand-in for a packaged GGUF LLM such as SmolLM2."""
+    :func:`save_random_backbone` with ``model_type="llama"``) as one float32 GGUF file (:func:`write_llama_gguf`),
+    so that ``from_pretrained(..., gguf_file=...)`` reads back the same model and tokenizer: a small stand-in for
+    a packaged GGUF LLM such as SmolLM2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = Path(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+    if model.config.model_type != "llama":
+        raise ValueError(f"{hf_dir} holds a {model.config.model_type!r} model, not a llama")
+    return write_llama_gguf(path, model, AutoTokenizer.from_pretrained(str(hf_dir)), name="tiny-llama")
+
+
+def write_llama_gguf(path, model, tokenizer=None, name: str = None) -> Path:
+    """Write a llama ``model`` (``LlamaModel`` or ``LlamaForCausalLM``): its config, float32 weights and, when
+    given, its byte-level BPE ``tokenizer``, as one GGUF file laid out the way llama.cpp's converter does it."""
     import json
 
     import gguf
     import numpy as np
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_dir, path = Path(hf_dir), Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    config = model.config
-    if config.model_type != "llama":
-        raise ValueError(f"{hf_dir} holds a {config.model_type!r} model, not a llama")
-    state = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    vocab = sorted(state["vocab"].items(), key=lambda kv: kv[1])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
-    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    head_dim = config.hidden_size // config.num_attention_heads
-
+    path, config = Path(path), model.config
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
+    if name:
+        writer.add_name(name)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_rope_freq_base(float(config.rope_theta))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([token for token, _ in vocab])
-    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t, _ in vocab])
-    writer.add_token_merges(merges)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_bos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer is not None:
+        state = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+        vocab = [token for token, _ in sorted(state["vocab"].items(), key=lambda kv: kv[1])]
+        special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(vocab)
+        writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in vocab])
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in state["merges"]])
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+        writer.add_bos_token_id(tokenizer.eos_token_id)
+        writer.add_pad_token_id(tokenizer.pad_token_id)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+    prefix = "" if hasattr(model, "lm_head") else "model."  # the map knows the causal-LM's parameter names
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        weight = tensor.float().numpy()
-        if name.endswith("self_attn.q_proj.weight"):
+        weight = tensor.detach().float().numpy()
+        if key.endswith("self_attn.q_proj.weight"):
             weight = llama_cpp_permute(weight, config.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
+        elif key.endswith("self_attn.k_proj.weight"):
             weight = llama_cpp_permute(weight, config.num_key_value_heads)
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(weight))
+        writer.add_tensor(names.get_name(prefix + key, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(weight))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -39,20 +39,18 @@ def load_pretrained_llm(name, attn_implementation: str = "sdpa", dtype=torch.flo
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    from merlin_molar.items.encoders import _gguf_location, check_gguf, is_gguf, resolve_encoder_name
+    from merlin_molar.items.encoders import check_gguf, is_gguf, pretrained_location, resolve_encoder_name
 
     path = str(Path(resolve_encoder_name(name)).expanduser())
     if is_gguf(path):
         check_gguf(path)
-        location = _gguf_location(path)
     else:
-        location = {"pretrained_model_name_or_path": path}
         config = AutoConfig.from_pretrained(path)
         if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.model_type in
                 MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False)):
             raise MolarDataError(name, f"architecture {config.model_type!r} is not a decoder-only LLM (e.g. llama, "
                                        "qwen2): the DUEG needs causal attention")
-    return AutoModel.from_pretrained(**location, dtype=dtype, attn_implementation=attn_implementation)
+    return AutoModel.from_pretrained(**pretrained_location(path), dtype=dtype, attn_implementation=attn_implementation)
 
 
 def keep_first_layers(model: PreTrainedModel, layers: int) -> PreTrainedModel:
