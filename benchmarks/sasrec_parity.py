@@ -210,6 +210,7 @@ def parse_args(argv=None):
                    help="train nothing: write the result from the runs already finished under --workdir (e.g. by "
                         "invocations that ran the models side by side)")
     p.add_argument("--suffix", default="", help="appended to the result file's name")
+    p.add_argument("--note", help="recorded in the result: what else shared the CPU with the runs, and when")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.models = args.models.split(",")
@@ -274,6 +275,7 @@ def main(argv=None):
         "rule": {"epochs": args.epochs, "eval_every": args.eval_every, "patience": args.patience,
                  "threads": args.threads},
         "summary": summary,
+        **({"note": args.note} if args.note else {}),
         "runs": {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in runs.items()},
     })
     print(table(rows(summary), ["model", "seeds", "test N@10", "std", "test R@10", "s/epoch", "epochs", "best"]))

@@ -114,9 +114,10 @@ def test_summary_only_gathers_finished_runs_and_trains_nothing(parity, tmp_path,
     monkeypatch.setattr(parity, "result_path", lambda benchmark, name: tmp_path / "results" / benchmark / name)
     argv = ["--dataset", str(data), "--max-length", "20", "--seeds", "0,1", "--workdir", str(workdir),
             "--reference", str(data / "interactions.csv"), "--summary-only", "--suffix", "_partial"]
-    parity.main(argv)
+    parity.main([*argv, "--note", "ran beside one other job"])
     result = tmp_path / "results" / "sasrec_parity" / "sasrec_parity_ml-tiny_L20_partial.json"
     written = json.loads(result.read_text())
+    assert written["note"] == "ran beside one other job"
     assert (written["summary"]["project"]["seeds"], written["summary"]["reference"]["seeds"]) == ([0], [0, 1])
     assert written["summary"]["project_over_reference"]["seeds"] == [0]
     with pytest.raises(SystemExit, match="holds no finished run"):
