@@ -55,18 +55,36 @@ class EarlierItems:
     masking the window alone would leave rankable. Read from ``earlier/<split>.parquet`` of a prepared
     directory (:func:`merlin_molar.data.workflow.prepare`)."""
 
-    def __init__(self, user_index: Sequence[int], items: Sequence[Sequence[int]]):
-        user_index = torch.from_numpy(np.array(user_index, dtype=np.int64))  # a copy: arrow arrays are read-only
-        lengths = torch.tensor([len(v) for v in items], dtype=torch.long)
+    def __init__(self, user_index: Sequence[int], items):
+        """``items``: one list of item ids per entry of ``user_index`` (a sequence, or an arrow list array)."""
+        import pyarrow as pa
+
+        user_index = np.array(user_index, dtype=np.int64)  # a copy: arrow's arrays are read-only
+        if isinstance(items, pa.ChunkedArray):
+            items = items.combine_chunks()
+        if not isinstance(items, pa.Array):
+            items = pa.array(list(items), type=pa.list_(pa.int64()))
+        if len(items) != len(user_index):
+            raise ValueError(f"{len(user_index)} user indices for {len(items)} item lists")
+        if len(np.unique(user_index)) != len(user_index):
+            raise ValueError("the earlier-items table holds a user_index more than once")
+        if len(user_index) and user_index.min() < 0:
+            raise ValueError("the earlier-items table holds a negative user_index")
+        lengths = items.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = items.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         rows = int(user_index.max()) + 1 if len(user_index) else 0
         self.lengths = torch.zeros(rows, dtype=torch.long)
-        self.lengths[user_index] = lengths
+        self.lengths[torch.from_numpy(user_index)] = torch.from_numpy(lengths)
         self.offsets = torch.zeros(rows + 1, dtype=torch.long)
         self.offsets[1:] = torch.cumsum(self.lengths, 0)
-        self.values = torch.zeros(int(self.offsets[-1]), dtype=torch.long)
-        starts = self.offsets[user_index]
-        for start, length, values in zip(starts.tolist(), lengths.tolist(), items):
-            self.values[start : start + length] = torch.as_tensor(np.asarray(values, dtype=np.int64))
+        # each flat value goes to its user's slot, whatever order the table's rows come in
+        row_of_value = np.repeat(np.arange(len(lengths)), lengths)
+        start_in_flat = np.cumsum(lengths) - lengths
+        within_row = np.arange(len(flat)) - start_in_flat[row_of_value]
+        destination = self.offsets.numpy()[user_index][row_of_value] + within_row
+        values = np.zeros(len(flat), dtype=np.int64)
+        values[destination] = flat
+        self.values = torch.from_numpy(values)
 
     @classmethod
     def read(cls, path) -> "EarlierItems":
@@ -75,7 +93,7 @@ class EarlierItems:
         from merlin_molar.ids import EARLIER_ITEMS, USER_INDEX
 
         table = pq.read_table(str(path), columns=[USER_INDEX, EARLIER_ITEMS])
-        return cls(table.column(USER_INDEX).to_numpy(), table.column(EARLIER_ITEMS).to_pylist())
+        return cls(table.column(USER_INDEX).to_numpy(), table.column(EARLIER_ITEMS))
 
     def __len__(self) -> int:
         return self.lengths.numel()

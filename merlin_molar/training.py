@@ -171,7 +171,10 @@ class Trainer(GatheredEvaluation, tr.Trainer):
     earlier-items table (:class:`merlin_molar.evaluation.EarlierItems`), whose key column the evaluation
     loader then reads too."""
 
-    earlier_items: Dict[str, Path] = {}
+    def __init__(self, *args, earlier_items: Optional[Dict[str, Path]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.earlier_items = dict(earlier_items or {})
+        self._earlier_tables: Dict[Path, EarlierItems] = {}  # read once, not at every validation
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
@@ -197,7 +200,9 @@ class Trainer(GatheredEvaluation, tr.Trainer):
             loader = super().get_eval_dataloader(eval_dataset)
         finally:
             self.schema = model_schema
-        loader.earlier_items = EarlierItems.read(table_path)
+        if table_path not in self._earlier_tables:
+            self._earlier_tables[table_path] = EarlierItems.read(table_path)
+        loader.earlier_items = self._earlier_tables[table_path]
         return loader
 
 
@@ -211,6 +216,7 @@ def make_trainer(model: tr.Model, data: PreparedData, output_dir, config: TrainC
         eval_dataset_or_path=str(data.split_path("valid")),
         test_dataset_or_path=str(data.split_path("test")),
         compute_metrics=True,
+        earlier_items={str(data.split_path(s)): data.earlier_items_path(s) for s in EVALUATED_SPLITS},
     )
     if args.disable_tqdm:
         trainer.remove_callback(PrinterCallback)
@@ -219,7 +225,6 @@ def make_trainer(model: tr.Model, data: PreparedData, output_dir, config: TrainC
         trainer.add_callback(EarlyStoppingAfter(config.early_stopping_patience))
         if config.eval_every > 1:
             trainer.add_callback(EvaluateEveryEpochs(config.eval_every))
-    trainer.earlier_items = {str(data.split_path(s)): data.earlier_items_path(s) for s in EVALUATED_SPLITS}
     check_launch(trainer)
     return trainer
 

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from merlin_molar.evaluation import (
     TOP_KS,
+    EarlierItems,
     history_without_last,
     mask_seen_items,
     ranking_metrics,
@@ -56,3 +58,39 @@ def test_a_sequence_without_a_target_is_reported_not_silently_misaligned():
     require_one_target_per_row(4, 4)
     with pytest.raises(MolarDataError, match="1 rows have fewer"):
         require_one_target_per_row(3, 4)
+
+
+def test_earlier_items_are_found_by_user_index_whatever_the_row_order():
+    earlier = EarlierItems(user_index=[3, 0, 2], items=[[7, 8, 9], [5], []])
+    assert len(earlier) == 4
+    assert earlier.padded(torch.tensor([0, 1, 2, 3])).tolist() == [[5, 0, 0], [0, 0, 0], [0, 0, 0], [7, 8, 9]]
+    assert earlier.padded(torch.tensor([3, 0])).tolist() == [[7, 8, 9], [5, 0, 0]]
+
+
+def test_earlier_items_read_from_arrow_equal_those_from_lists(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from merlin_molar.ids import EARLIER_ITEMS, USER_INDEX
+
+    table = pa.table({USER_INDEX: [1, 0], EARLIER_ITEMS: [[4, 6], [9]]})
+    pq.write_table(table, tmp_path / "earlier.parquet")
+    read = EarlierItems.read(tmp_path / "earlier.parquet")
+    from_lists = EarlierItems([1, 0], [[4, 6], [9]])
+    users = torch.tensor([0, 1])
+    assert torch.equal(read.padded(users), from_lists.padded(users))
+
+
+def test_an_earlier_items_table_with_a_user_twice_is_refused():
+    with pytest.raises(ValueError, match="more than once"):
+        EarlierItems([0, 1, 0], [[4], [5], [6]])
+
+
+def test_earlier_items_mask_older_items_but_keep_the_target():
+    earlier = EarlierItems([0, 1], [[4, 5], [6]])
+    scores = torch.arange(16, dtype=torch.float).repeat(2, 1)
+    masked = earlier.mask(scores, user_index=torch.tensor([0, 1]), targets=torch.tensor([5, 7]))
+    assert torch.isinf(masked[0, 4]) and masked[0, 5] == 5 and masked[0, 6] == 6
+    assert torch.isinf(masked[1, 6]) and masked[1, 4] == 4
+    with pytest.raises(ValueError, match="outside"):
+        earlier.padded(torch.tensor([2]))

@@ -308,3 +308,19 @@ def test_a_directory_prepared_before_the_earlier_items_table_masks_the_window_an
         metrics = evaluate(trainer, old, "test")
     assert "masks only the last max_length items" in caplog.text
     assert 0 <= metrics["ndcg@10"] <= 1
+
+
+def test_each_earlier_items_table_is_read_once_however_often_the_trainer_evaluates(short_window, tmp_path,
+                                                                                   monkeypatch):
+    from merlin_molar import training
+
+    reads = []
+    read = training.EarlierItems.read
+    monkeypatch.setattr(training.EarlierItems, "read", lambda path: (reads.append(path), read(path))[1])
+    torch.manual_seed(0)
+    model = sasrec_model(short_window.schema, SASRecConfig(max_length=5, d_model=16, n_layers=1))
+    trainer = make_trainer(model, short_window, tmp_path / "run", TrainConfig())
+    first = evaluate(trainer, short_window, "valid")
+    assert evaluate(trainer, short_window, "valid") == first
+    evaluate(trainer, short_window, "test")
+    assert sorted(reads) == sorted(short_window.earlier_items_path(s) for s in ("valid", "test"))
