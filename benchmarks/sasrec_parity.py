@@ -18,6 +18,12 @@ can be run by two invocations side by side, one thread each (``--models project`
 same ``--workdir``), and ``--summary-only`` then writes the result from the finished runs (the times are then
 measured under that shared load, the same for both).
 
+``--timing-epochs N`` measures time per epoch alone, on a machine left to it: each model trains a fresh run of
+exactly N epochs (validating every ``--eval-every``, never stopping early), ``--timing-rounds`` times, the order
+alternating A B B A so that a drift in the machine's speed falls on both alike; it writes
+``sasrec_parity_<dataset>_L<length>_timing.json`` with each run's seconds per epoch and the 1-minute load average
+when it started.
+
 Writes ``benchmarks/results/sasrec_parity/sasrec_parity_<dataset>_L<length>.json`` (``summary``: mean and std
 over seeds of each model's test metrics and time per epoch, and the ratio project / reference) and prints a
 table. Each finished run is kept under ``--workdir``; ``--resume`` skips finished runs and continues an
@@ -26,6 +32,7 @@ interrupted project run from its last checkpoint (a reference run restarts).
 Example::
 
     python benchmarks/sasrec_parity.py --dataset ../shared/data/ml-100k --max-length 200 --seeds 0,1,2 --resume
+    python benchmarks/sasrec_parity.py --dataset ../shared/data/ml-100k --max-length 200 --timing-epochs 10
 """
 from __future__ import annotations
 
@@ -186,6 +193,62 @@ def prepared_data(data: Path, root: Path, max_length: int):
     return finished_prepare(root, raw, max_length) or prepare(raw, root, max_length=max_length)
 
 
+def timing_order(rounds: int) -> list:
+    """``[(round, model)]``: A B, B A, A B, ... so that each model runs first in half the rounds."""
+    return [(r, m) for r in range(rounds) for m in (MODELS if r % 2 == 0 else MODELS[::-1])]
+
+
+def summarise_timing(runs: list) -> dict:
+    """Mean and std of each model's seconds per epoch over the rounds, and the ratio project / reference."""
+    by_model = {m: [r["seconds_per_epoch"] for r in runs if r["model"] == m] for m in MODELS}
+    out = {m: {"rounds": len(v), "seconds_per_epoch": mean_std(v)} for m, v in by_model.items() if v}
+    if all(by_model.values()):
+        ratio = statistics.fmean(by_model["project"]) / statistics.fmean(by_model["reference"])
+        out["project_over_reference"] = {"seconds_per_epoch": ratio, "target_met": ratio <= 1}
+    return out
+
+
+def run_timing(args, name: str, workdir: Path) -> None:
+    import shutil
+
+    timing = argparse.Namespace(**{**vars(args), "epochs": args.timing_epochs,
+                                   "patience": args.timing_epochs // args.eval_every + 1})
+    prepared = prepared_data(args.dataset, workdir / "prepared", args.max_length)
+    seed, runs = args.seeds[0], []
+    for round_, model in timing_order(args.timing_rounds):
+        round_dir = workdir / "timing" / f"round{round_}"
+        shutil.rmtree(round_dir / model, ignore_errors=True)  # always a fresh run of exactly N epochs
+        load = os.getloadavg()[0]
+        print(f"{name}: timing round {round_ + 1}/{args.timing_rounds}: {model}, {args.timing_epochs} epochs "
+              f"(load average {load:.2f})", flush=True)
+        record = run_project(timing, prepared, seed, round_dir) if model == "project" else \
+            run_reference(timing, args.dataset, seed, round_dir)
+        if record["epochs"] != args.timing_epochs:
+            raise SystemExit(f"sasrec_parity.py: error: {model} trained {record['epochs']} epochs, not "
+                             f"{args.timing_epochs}")
+        runs.append({"round": round_, "model": model, "seconds_per_epoch": record["seconds_per_epoch"],
+                     "load_average_before": load})
+        print(f"{name}: timing {model}: {record['seconds_per_epoch']:.2f} s/epoch", flush=True)
+    summary = summarise_timing(runs)
+    write_result(result_path(BENCHMARK, f"{name}_timing.json"), {
+        "benchmark": f"{name}_timing",
+        "machine": machine(),
+        "dataset": str(args.dataset),
+        "max_length": args.max_length,
+        "rule": {"epochs": args.timing_epochs, "eval_every": args.eval_every, "threads": args.threads,
+                 "rounds": args.timing_rounds, "seed": seed},
+        "summary": summary,
+        **({"note": args.note} if args.note else {}),
+        "runs": runs,
+    })
+    print(table([{"model": m, "rounds": e["rounds"], "s/epoch": e["seconds_per_epoch"]["mean"],
+                  "std": e["seconds_per_epoch"]["std"]} for m, e in summary.items() if m in MODELS],
+                ["model", "rounds", "s/epoch", "std"]))
+    if "project_over_reference" in summary:
+        print(f"project / reference: s/epoch {summary['project_over_reference']['seconds_per_epoch']:.3f} "
+              "(target <= 1)")
+
+
 def parse_args(argv=None):
     from merlin_molar.training import TrainConfig
 
@@ -211,6 +274,10 @@ def parse_args(argv=None):
                         "invocations that ran the models side by side)")
     p.add_argument("--suffix", default="", help="appended to the result file's name")
     p.add_argument("--note", help="recorded in the result: what else shared the CPU with the runs, and when")
+    p.add_argument("--timing-epochs", type=int, default=0,
+                   help="measure time per epoch only: fresh runs of exactly N epochs each, the models alternating "
+                        "(0: train to early stopping and measure quality)")
+    p.add_argument("--timing-rounds", type=int, default=2, help="with --timing-epochs: runs of each model")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.models = args.models.split(",")
@@ -223,6 +290,14 @@ def parse_args(argv=None):
         p.error(f"--reference: {args.reference}: file not found")
     if min(args.threads, args.eval_every, args.patience, args.epochs, args.max_length - 1) < 1:
         p.error("--threads, --eval-every, --patience and --epochs must be at least 1, --max-length at least 2")
+    if args.timing_epochs < 0 or args.timing_rounds < 1:
+        p.error("--timing-epochs must be at least 0, --timing-rounds at least 1")
+    if args.timing_epochs % args.eval_every:
+        p.error("--timing-epochs: a multiple of --eval-every, so that both models validate as often")
+    if args.timing_epochs and (args.summary_only or set(args.models) != set(MODELS)):
+        p.error("--timing-epochs: runs both models itself; not with --summary-only or --models")
+    if args.timing_epochs and not args.reference.is_file():
+        p.error(f"--reference: {args.reference}: file not found")
     return args
 
 
@@ -234,6 +309,10 @@ def main(argv=None):
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     name = result_name(args.dataset.name, args.max_length) + args.suffix
     workdir = args.workdir / f"{args.dataset.name}_L{args.max_length}"
+    if args.timing_epochs:
+        import merlin_molar  # noqa: F401  (compat overrides before T4Rec is imported)
+
+        return run_timing(args, name, workdir)
     finished = [run_path(workdir, m, s) for m in args.models for s in args.seeds if run_path(workdir, m, s).exists()]
     if args.summary_only and not finished:
         raise SystemExit(f"sasrec_parity.py: error: --workdir: {workdir} holds no finished run of {args.models}")

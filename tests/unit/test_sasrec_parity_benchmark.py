@@ -122,3 +122,46 @@ def test_summary_only_gathers_finished_runs_and_trains_nothing(parity, tmp_path,
     assert written["summary"]["project_over_reference"]["seeds"] == [0]
     with pytest.raises(SystemExit, match="holds no finished run"):
         parity.main([*argv[:7], str(tmp_path / "empty"), *argv[8:]])
+
+
+def test_timing_alternates_which_model_runs_first(parity):
+    assert parity.timing_order(3) == [(0, "project"), (0, "reference"), (1, "reference"), (1, "project"),
+                                      (2, "project"), (2, "reference")]
+
+
+def test_timing_runs_each_model_for_exactly_the_epochs_asked_and_writes_the_ratio(parity, tmp_path, monkeypatch,
+                                                                                  capsys):
+    data = tmp_path / "ml-tiny"
+    data.mkdir()
+    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n")
+    calls = []
+
+    def fake_run(model, seconds):
+        def run(args, _data, seed, round_dir):
+            calls.append((model, args.epochs, args.patience, seed, round_dir.name))
+            return {"epochs": args.epochs, "seconds_per_epoch": seconds}
+        return run
+
+    monkeypatch.setattr(parity, "prepared_data", lambda *a: None)
+    monkeypatch.setattr(parity, "run_project", fake_run("project", 9.0))
+    monkeypatch.setattr(parity, "run_reference", fake_run("reference", 10.0))
+    monkeypatch.setattr(parity, "result_path", lambda benchmark, name: tmp_path / "results" / benchmark / name)
+    argv = ["--dataset", str(data), "--max-length", "20", "--seeds", "3", "--workdir", str(tmp_path / "work"),
+            "--reference", str(data / "interactions.csv"), "--timing-epochs", "10", "--eval-every", "5"]
+    parity.main(argv)
+    # never stopped early: patience outlasts the 2 validations of 10 epochs
+    assert calls == [("project", 10, 3, 3, "round0"), ("reference", 10, 3, 3, "round0"),
+                     ("reference", 10, 3, 3, "round1"), ("project", 10, 3, 3, "round1")]
+    written = json.loads((tmp_path / "results" / "sasrec_parity" / "sasrec_parity_ml-tiny_L20_timing.json").read_text())
+    assert written["summary"]["project_over_reference"] == {"seconds_per_epoch": pytest.approx(0.9), "target_met": True}
+    assert [r["model"] for r in written["runs"]] == ["project", "reference", "reference", "project"]
+    assert all("load_average_before" in r for r in written["runs"])
+
+    monkeypatch.setattr(parity, "run_project", lambda *a: {"epochs": 7, "seconds_per_epoch": 1.0})
+    with pytest.raises(SystemExit, match="trained 7 epochs, not 10"):
+        parity.main(argv)
+    for bad, message in ((["--timing-epochs", "7"], "multiple of --eval-every"),
+                         (["--timing-epochs", "10", "--models", "project"], "runs both models")):
+        with pytest.raises(SystemExit):
+            parity.parse_args([*argv[:10], *bad])
+        assert message in capsys.readouterr().err
