@@ -18,6 +18,12 @@ Example::
 
     python benchmarks/quality.py --datasets ml-100k --seeds 0,1,2
 
+The SASRec runs of ``benchmarks/sasrec_parity.py`` are the ``sasrec`` variant's runs (same function, data and
+settings): ``--sasrec-runs-from`` takes them in after checking that, instead of training them again::
+
+    python benchmarks/quality.py --datasets ml-100k --max-length 200 --variants sasrec,molar --seeds 0,1,2 \
+        --suffix _L200 --sasrec-runs-from outputs/sasrec_parity_whole/ml-100k_L200/project
+
 Pretrained encoders and the posters (issue 29; ML-1M, the dataset with images)::
 
     python benchmarks/quality.py --datasets ml-1m --seeds 0,1,2 --suffix _encoders \
@@ -45,8 +51,9 @@ from merlin_molar.data import prepare, read_dataset  # noqa: E402
 from merlin_molar.data.readers import RawDataset  # noqa: E402
 from merlin_molar.io import read_json, write_json  # noqa: E402
 from merlin_molar.models.molar import MolarConfig  # noqa: E402
-from merlin_molar.pipeline import embed_item_table, train  # noqa: E402
+from merlin_molar.pipeline import embed_item_table, run_identity, train  # noqa: E402
 from merlin_molar.training import TrainConfig  # noqa: E402
+from merlin_molar.validation import check_model_matches  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {
@@ -186,6 +193,42 @@ def run_one(prepared, table, variant: str, seed: int, run_dir: Path, config: Tra
     return {k: v for k, v in result.items() if k != "log_history"}
 
 
+def import_run(source: Path, run_dir: Path, prepared, variant: str, config: TrainConfig) -> bool:
+    """Take in ``source``, a finished run of another benchmark, as ``run_dir`` when it is the run this benchmark
+    would make (same data fingerprint, length, model and training settings: :func:`run_identity`; a model that
+    maps item ids as ``prepared`` does); False when ``source`` is not finished. Its checkpoints stay behind."""
+    import shutil
+
+    if not (source / "metrics.json").is_file():
+        return False
+    kind, options, id_from = VARIANTS[variant]
+    if id_from is not None or kind == "molar":
+        raise SystemExit(f"quality.py: error: {variant}: only an ID model's runs can be taken in")
+    recorded = read_json(source / "molar_manifest.json")
+    expected = run_identity(prepared, kind, dict(options), config)
+    if recorded != expected:
+        raise SystemExit(f"quality.py: error: {source}: not the run {variant}-seed{config.seed} would be here "
+                         f"(recorded {recorded}, expected {expected})")
+    check_model_matches(source / "model", prepared, str(source))
+    staging = run_dir.with_name(run_dir.name + ".importing")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted import
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+    write_json(staging / "imported_from.json", {"source": str(source.resolve()), "date": now()})
+    staging.rename(run_dir)
+    return True
+
+
+def imported_source(run_dir: Path) -> Optional[str]:
+    path = run_dir / "imported_from.json"
+    return read_json(path)["source"] if path.is_file() else None
+
+
+def train_config(args, seed: int) -> TrainConfig:
+    # an integral --max-epochs is hashed as an int, as the CLI and sasrec_parity.py give it (run_identity)
+    epochs = int(args.max_epochs) if float(args.max_epochs).is_integer() else args.max_epochs
+    return TrainConfig(seed=seed, epochs=epochs, logging_steps=10_000, bf16=args.bf16)
+
+
 def check_finished_run(run_dir: Path, variant: str) -> None:
     """Refuse a finished run whose saved model is not what ``variant`` now means (for example a run made
     before a default changed): its metrics would be reported under the wrong name."""
@@ -309,6 +352,11 @@ def parse_args(argv=None):
                         "with the fp32 run of the same variant and seed, where that one is finished")
     p.add_argument("--summary-only", action="store_true",
                    help="only summarise finished runs of the work directory (no data preparation, no training)")
+    p.add_argument("--sasrec-runs-from", type=Path,
+                   help="finished SASRec runs to take in instead of training them again: a directory of seed<N>/run "
+                        "(sasrec_parity.py's <workdir>/<dataset>_L<length>/project), each checked to be the run this "
+                        "benchmark would make (data fingerprint, length, model and training settings, item ids); "
+                        "the result names them under runs_taken_in")
     return p.parse_args(argv)
 
 
@@ -341,8 +389,14 @@ def main(argv=None):
             manifest = prepared.manifest
         runs = {}
         for seed in seeds:
+            needs_sasrec = any(v == BASELINE or VARIANTS[v][2] == BASELINE for v in variants)
+            sasrec_dir = runs_dir / f"{BASELINE}-seed{seed}"
+            if args.sasrec_runs_from and needs_sasrec and not sasrec_dir.exists() and not args.summary_only:
+                source = args.sasrec_runs_from / f"seed{seed}" / "run"
+                if import_run(source, sasrec_dir, prepared, BASELINE, train_config(args, seed)):
+                    print(f"{dataset} {BASELINE} seed {seed}: taken in from {source}", flush=True)
             for variant in variants:
-                config = TrainConfig(seed=seed, epochs=args.max_epochs, logging_steps=10_000, bf16=args.bf16)
+                config = train_config(args, seed)
                 run_dir = runs_dir / f"{variant}-seed{seed}"
                 item_table = item_tables.get(VARIANT_TABLES.get(variant, "original"))
                 runs.setdefault(variant, {})[seed] = run_one(prepared, item_table, variant, seed, run_dir, config)
@@ -353,6 +407,8 @@ def main(argv=None):
         baseline = {s: read_json(runs_dir / f"{BASELINE}-seed{s}" / "metrics.json") for s in seeds
                     if (runs_dir / f"{BASELINE}-seed{s}" / "metrics.json").exists()}
         summary = summarise(runs, baseline)
+        taken_in = {f"{v}-seed{s}": imported_source(runs_dir / f"{v}-seed{s}") for v in runs for s in runs[v]
+                    if imported_source(runs_dir / f"{v}-seed{s}")}
         name = f"quality_{dataset.replace('-', '')}{args.suffix}"
         md = markdown(dataset, summary)
         (result_path("quality", f"{name}.md")).write_text(md)
@@ -372,6 +428,7 @@ def main(argv=None):
             "summary": summary,
             **({"bf16_over_fp32": bf16_over_fp32(runs, fp32_runs_dir)} if args.bf16 else {}),
             "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
+            **({"runs_taken_in": taken_in} if taken_in else {}),
             "wall_seconds": time.perf_counter() - start,
         })
         print(md)

@@ -127,6 +127,17 @@ def build_model(kind: str, prepared: PreparedData, model_options: Optional[dict]
     raise ValueError(f"unknown model kind {kind!r}: choose one of {sorted([*ID_MODELS, 'molar'])}")
 
 
+def run_identity(prepared: PreparedData, kind: str, model_options: Optional[dict], train_config: TrainConfig,
+                 item_table_path=None) -> dict:
+    """What :func:`train` records of a run in its output directory's manifest (the data's fingerprint, the
+    model and training settings' hash), computed without building the model: a finished run with this
+    identity is the run these arguments would make."""
+    options = dict(model_options or {})
+    options.setdefault("max_length", prepared.max_length)
+    config = _dataclass_from(ID_MODELS[kind].config if kind in ID_MODELS else MolarConfig, options)
+    return _run_identity(prepared, kind, config, train_config, item_table_path)
+
+
 def _run_identity(prepared: PreparedData, kind: str, config, train_config: TrainConfig, item_table_path) -> dict:
     payload = json.dumps(
         {"model": config.to_dict(), "train": asdict(train_config), "item_table": str(item_table_path)},

@@ -166,3 +166,67 @@ def test_a_finished_pretrained_dueg_run_is_recognised_by_the_name_it_started_fro
     quality.check_finished_run(tmp_path, "molar_dueg_smollm2_l2")
     with pytest.raises(SystemExit, match="is not variant 'molar'.*'llm': \\('smollm2', 'random init'\\)"):
         quality.check_finished_run(tmp_path, "molar")  # the default DUEG's run is another variant
+
+
+@pytest.fixture(scope="module")
+def parity_style_sasrec_runs(tiny_prepared, tmp_path_factory):
+    """Two finished SASRec runs laid out as sasrec_parity.py leaves them (<dir>/seed<N>/run), trained with its
+    config: a TrainConfig given an int epochs, where quality.py's --max-epochs is a float."""
+    from merlin_molar.pipeline import train
+    from merlin_molar.training import TrainConfig
+
+    root = tmp_path_factory.mktemp("parity") / "project"
+    for seed in (0, 1):
+        config = TrainConfig(seed=seed, epochs=2, early_stopping_patience=8, eval_every=5, logging_steps=10_000)
+        train(tiny_prepared, "sasrec", root / f"seed{seed}" / "run", {}, config)
+    return root
+
+
+def test_a_finished_run_of_another_benchmark_is_taken_in_only_if_it_is_the_run_this_one_would_make(
+        quality, tiny_prepared, parity_style_sasrec_runs, tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    args = argparse.Namespace(max_epochs=2.0, bf16=False)
+    source = parity_style_sasrec_runs / "seed0" / "run"
+    run_dir = tmp_path / "runs" / "sasrec-seed0"
+    run_dir.parent.mkdir()
+    assert quality.import_run(source, run_dir, tiny_prepared, "sasrec", quality.train_config(args, 0))
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((source / "metrics.json").read_text())
+    assert (run_dir / "model" / "weights.pt").is_file() and not (run_dir / "checkpoints").exists()
+    assert quality.imported_source(run_dir) == str(source.resolve())
+    assert quality.run_one(tiny_prepared, None, "sasrec", 0, run_dir, None)["test"]  # finished: not trained
+
+    elsewhere = tmp_path / "runs" / "sasrec-seed1"
+    for wrong, match in ((quality.train_config(args, 0), "not the run sasrec-seed0"),  # seed 1's run
+                         (quality.train_config(argparse.Namespace(max_epochs=3.0, bf16=False), 1), "not the run")):
+        with pytest.raises(SystemExit, match=match):
+            quality.import_run(parity_style_sasrec_runs / "seed1" / "run", elsewhere, tiny_prepared, "sasrec",
+                               wrong)
+        assert not elsewhere.exists()
+    with pytest.raises(SystemExit, match="only an ID model"):
+        quality.import_run(source, elsewhere, tiny_prepared, "molar", quality.train_config(args, 0))
+    assert not quality.import_run(tmp_path / "nothing", elsewhere, tiny_prepared, "sasrec",
+                                  quality.train_config(args, 1))
+
+
+def test_quality_trains_no_sasrec_it_has_taken_in_and_its_result_says_where_they_came_from(
+        quality, tiny_prepared, parity_style_sasrec_runs, tmp_path, monkeypatch):
+    import json
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a SASRec run that was taken in was trained again")
+
+    monkeypatch.setitem(quality.DATASETS, "tiny", {"source": "tiny", "max_length": tiny_prepared.max_length,
+                                                   "last_n": None})
+    monkeypatch.setattr(quality, "prepared_dataset", lambda *args: (tiny_prepared, {"original": None}))
+    monkeypatch.setattr(quality, "train", no_training)
+    monkeypatch.setattr(quality, "result_path", lambda benchmark, name: tmp_path / "results" / name)
+    monkeypatch.setattr(quality, "table_record", lambda name, path: {})
+    (tmp_path / "results").mkdir()
+    quality.main(["--datasets", "tiny", "--variants", "sasrec", "--seeds", "0,1", "--max-epochs", "2",
+                  "--workdir", str(tmp_path / "work"), "--sasrec-runs-from", str(parity_style_sasrec_runs)])
+    written = json.loads((tmp_path / "results" / "quality_tiny.json").read_text())
+    assert written["runs_taken_in"] == {f"sasrec-seed{s}": str((parity_style_sasrec_runs / f"seed{s}" / "run")
+                                                                 .resolve()) for s in (0, 1)}
+    assert written["summary"]["sasrec"]["seeds"] == 2
