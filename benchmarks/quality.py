@@ -407,8 +407,8 @@ def main(argv=None):
         baseline = {s: read_json(runs_dir / f"{BASELINE}-seed{s}" / "metrics.json") for s in seeds
                     if (runs_dir / f"{BASELINE}-seed{s}" / "metrics.json").exists()}
         summary = summarise(runs, baseline)
-        taken_in = {f"{v}-seed{s}": imported_source(runs_dir / f"{v}-seed{s}") for v in runs for s in runs[v]
-                    if imported_source(runs_dir / f"{v}-seed{s}")}
+        sources = {f"{v}-seed{s}": imported_source(runs_dir / f"{v}-seed{s}") for v in runs for s in runs[v]}
+        taken_in = {run: source for run, source in sources.items() if source}
         name = f"quality_{dataset.replace('-', '')}{args.suffix}"
         md = markdown(dataset, summary)
         (result_path("quality", f"{name}.md")).write_text(md)

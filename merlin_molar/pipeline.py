@@ -109,22 +109,29 @@ def _dataclass_from(cls, values: Optional[dict]):
     return cls(**values)
 
 
-def build_model(kind: str, prepared: PreparedData, model_options: Optional[dict], item_table_path=None):
-    """``(model, config, item_table)`` for ``kind`` in ``sasrec`` | ``gru4rec`` | ``molar``."""
+def model_config(kind: str, prepared: PreparedData, model_options: Optional[dict]):
+    """The config dataclass of ``kind`` from ``model_options``, its ``max_length`` the prepared data's by default."""
     options = dict(model_options or {})
     options.setdefault("max_length", prepared.max_length)
     if kind in ID_MODELS:
-        config = _dataclass_from(ID_MODELS[kind].config, options)
-        return ID_MODELS[kind].model(prepared.schema, config), config, None
+        return _dataclass_from(ID_MODELS[kind].config, options)
     if kind == "molar":
-        from merlin_molar.items import load_item_table
-
-        if item_table_path is None:
-            raise MolarDataError("train", "a Molar model needs --item-table (run `merlin-molar embed-items` first)")
-        table = load_item_table(item_table_path, prepared)
-        config = _dataclass_from(MolarConfig, options)
-        return molar_model(prepared.schema, table, config), config, table
+        return _dataclass_from(MolarConfig, options)
     raise ValueError(f"unknown model kind {kind!r}: choose one of {sorted([*ID_MODELS, 'molar'])}")
+
+
+def build_model(kind: str, prepared: PreparedData, model_options: Optional[dict], item_table_path=None):
+    """``(model, config, item_table)`` for ``kind`` in ``sasrec`` | ``gru4rec`` | ``molar``."""
+    if kind != "molar":
+        config = model_config(kind, prepared, model_options)  # an unknown kind raises here
+        return ID_MODELS[kind].model(prepared.schema, config), config, None
+    from merlin_molar.items import load_item_table
+
+    if item_table_path is None:
+        raise MolarDataError("train", "a Molar model needs --item-table (run `merlin-molar embed-items` first)")
+    table = load_item_table(item_table_path, prepared)
+    config = model_config(kind, prepared, model_options)
+    return molar_model(prepared.schema, table, config), config, table
 
 
 def run_identity(prepared: PreparedData, kind: str, model_options: Optional[dict], train_config: TrainConfig,
@@ -132,9 +139,7 @@ def run_identity(prepared: PreparedData, kind: str, model_options: Optional[dict
     """What :func:`train` records of a run in its output directory's manifest (the data's fingerprint, the
     model and training settings' hash), computed without building the model: a finished run with this
     identity is the run these arguments would make."""
-    options = dict(model_options or {})
-    options.setdefault("max_length", prepared.max_length)
-    config = _dataclass_from(ID_MODELS[kind].config if kind in ID_MODELS else MolarConfig, options)
+    config = model_config(kind, prepared, model_options)
     return _run_identity(prepared, kind, config, train_config, item_table_path)
 
 
